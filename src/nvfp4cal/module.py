@@ -1,0 +1,44 @@
+"""The LightningModule: owns the model with quantizers and runs max calibration in ``validation_step``."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from .experts import QuantExpertsMixin
+from .quantizers import InputQuantizer, set_mode
+
+
+class CalibrationModule(L.LightningModule):
+    """``Trainer.validate(module, datamodule)`` = one max-calibration pass over the data.
+
+    Run the Trainer with ``inference_mode=False``: the quantizers update their amax buffers.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def on_validation_start(self) -> None:
+        set_mode(self.model, "calib")
+
+    def validation_step(self, batch, batch_idx):
+        with torch.no_grad():
+            self.model(input_ids=batch["input_ids"], use_cache=False)
+
+    def on_validation_epoch_end(self) -> None:
+        set_mode(self.model, "off")
+        sync_statistics(self.model)
+
+
+def sync_statistics(model: torch.nn.Module) -> None:
+    """All-reduce input amaxes with MAX and expert token counts with SUM across ranks."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for m in model.modules():
+        if isinstance(m, InputQuantizer):
+            dist.all_reduce(m.amax, op=dist.ReduceOp.MAX)
+            dist.all_reduce(m.seen, op=dist.ReduceOp.SUM)
+        if isinstance(m, QuantExpertsMixin):
+            dist.all_reduce(m.tokens, op=dist.ReduceOp.SUM)

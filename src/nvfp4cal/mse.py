@@ -1,0 +1,121 @@
+"""FP8-scale MSE sweep: the exact torch reference (and a brute force that guards it).
+
+For a weight viewed as blocks ``x`` [n, 16] with global amax ``g`` and the 126 candidates
+``c_k`` (:func:`nvfp4.fp8_candidates`), candidate ``k`` has::
+
+    amax_k = c_k * g            (fp32)
+    s_k    = amax_k / 6         (fp32)
+    err_k  = tree_sum((|x| - e2m1(|x| / s_k) * s_k) ** 2)      (fp32)
+
+``tree_sum`` is the fixed pairwise sum ((e0+e1)+(e2+e3))+... so every implementation adds in
+the same order. The block's choice is the smallest ``err_k``, ties to the smallest ``k``; the
+result is the block amax ``amax_k`` to hand to :func:`nvfp4.block_scales`.
+
+Two exact pruning facts make the reference fast without changing any choice:
+
+1. Dominance from above: if ``fl(a / s_k) <= 3`` for the block amax ``a`` and ``k >= 15`` (so that
+   ``k - 8`` is the candidate with exactly half the scale), the half-scale grid contains every grid
+   point of scale ``s_k`` up to ``3 s_k``; every element error at ``k - 8`` is no larger, so ``k``
+   never wins. Only ``k <= K_top = max{k : fl(a / s_k) > 3}`` need evaluating (blocks whose window
+   reaches below ``k = 15`` are evaluated over all 126 candidates).
+2. Bound from below: ``err_k >= LB_k = tree_sum(max(0, |x| - 6 s_k) ** 2)`` (the clipped elements
+   alone, computed with the same fp32 ops), and ``LB`` grows as ``k`` falls. After a window of
+   candidates below ``K_top``, every lower ``k`` is excluded once ``LB > best``; blocks where it is
+   not keep evaluating lower candidates one at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .nvfp4 import BLOCK, FP4_MAX, e2m1_round, fp8_candidates
+
+WINDOW = 10
+_FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
+DEFAULT_CHUNK = 1 << 16
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise sum over the last dim (a power of two): ((e0+e1)+(e2+e3))+..."""
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def candidate_scales(g: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(amax_k, s_k) for the 126 candidates of a tensor with global amax ``g`` (fp32)."""
+    amax = fp8_candidates(device) * torch.as_tensor(g, dtype=torch.float32, device=device)
+    return amax, amax / FP4_MAX
+
+
+def block_errors(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]."""
+    sc = s.unsqueeze(-1)
+    d = ax.unsqueeze(1) - e2m1_round(ax.unsqueeze(1) / sc) * sc
+    return tree_sum(d * d)
+
+
+def clip_bound(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Lower bound of err at scale ``s`` [n]: the clipped elements' error alone."""
+    d = (ax - (FP4_MAX * s).unsqueeze(-1)).clamp_min(0.0)
+    return tree_sum(d * d)
+
+
+def brute_force_amax(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """All 126 candidates for every block (fp32, same objective): the unpruned definition."""
+    ax = x.detach().float().abs().reshape(-1, BLOCK)
+    amax_k, s_k = candidate_scales(g, ax.device)
+    if float(g) == 0.0:
+        return torch.zeros(ax.shape[0], device=ax.device)
+    err = block_errors(ax, s_k.expand(ax.shape[0], -1))
+    return amax_k[err.argmin(-1)]
+
+
+def _sweep_chunk(ax: torch.Tensor, amax_k: torch.Tensor, s_k: torch.Tensor) -> torch.Tensor:
+    n, ncand = ax.shape[0], s_k.numel()
+    a = ax.amax(-1)
+    k_top = (a.unsqueeze(-1) / s_k > 3.0).sum(-1) - 1  # fl(a/s) falls as k rises
+    best_k = torch.empty(n, dtype=torch.long, device=ax.device)
+
+    low = k_top - WINDOW + 1 < _FIRST_WITH_HALF
+    if low.any():  # near the subnormal floor: no half-scale shortcut, evaluate everything
+        err = block_errors(ax[low], s_k.expand(int(low.sum()), -1))
+        best_k[low] = err.argmin(-1)
+    hi = (~low).nonzero().squeeze(-1)
+    if hi.numel():
+        axh = ax[hi]
+        ks = k_top[hi].unsqueeze(-1) + torch.arange(-WINDOW + 1, 1, device=ax.device)
+        err = block_errors(axh, s_k[ks])
+        best_err, pos = err.min(-1)  # first minimum = smallest k on ties
+        bk = ks.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
+        nxt = ks[:, 0] - 1
+        open_ = (nxt >= 0) & (clip_bound(axh, s_k[nxt.clamp_min(0)]) <= best_err)
+        while open_.any():
+            idx = open_.nonzero().squeeze(-1)
+            k = nxt[idx]
+            e = block_errors(axh[idx], s_k[k].unsqueeze(-1)).squeeze(-1)
+            take = e <= best_err[idx]  # a lower k wins ties
+            best_err[idx] = torch.where(take, e, best_err[idx])
+            bk[idx] = torch.where(take, k, bk[idx])
+            nxt[idx] = k - 1
+            still = nxt[idx] >= 0
+            still &= clip_bound(axh[idx], s_k[nxt[idx].clamp_min(0)]) <= best_err[idx]
+            open_[idx] = still
+        best_k[hi] = bk
+    assert ncand == 126
+    return amax_k[best_k]
+
+
+def mse_amax_reference(x: torch.Tensor, g: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Best block amax per block of ``x`` (any float dtype, numel a multiple of 16) -> fp32 [n_blocks].
+
+    Works through ``chunk`` blocks at a time, so the extra memory stays bounded.
+    """
+    ax = x.detach().reshape(-1, BLOCK)
+    out = torch.empty(ax.shape[0], dtype=torch.float32, device=ax.device)
+    if float(g) == 0.0:
+        return out.zero_()
+    amax_k, s_k = candidate_scales(g, ax.device)
+    for i in range(0, ax.shape[0], chunk):
+        out[i : i + chunk] = _sweep_chunk(ax[i : i + chunk].float().abs(), amax_k, s_k)
+    return out

@@ -1,0 +1,130 @@
+"""NVFP4 numerics in pure torch: the source of truth for every other path.
+
+Format (per tensor ``w`` of shape [..., in], ``in`` a multiple of 16):
+
+* E2M1 magnitudes ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}``; a nibble is ``sign << 3 | index``.
+  Rounding is to nearest, ties to even, saturating at 6::
+
+      |y| <= 0.25 -> 0,  < 0.75 -> 0.5,  <= 1.25 -> 1,  < 1.75 -> 1.5,
+      <= 2.5 -> 2,  < 3.5 -> 3,  <= 5 -> 4,  else 6
+
+* Global amax ``g = max|w|``; ``scale_2 = g / (6 * 448)`` in fp32 (``weight_scale_2`` /
+  ``input_scale`` in the export). A tensor with ``g == 0`` uses ``g = 1`` so that the
+  scale stays finite and positive; all its blocks are zero anyway.
+* Blocks of 16 consecutive elements along the last dim, block amax ``a_b``:
+  ``scale_b = E4M3_rne(clamp(a_b / 6 / scale_2, 2**-9, 448))`` (an FP8 byte, never NaN).
+* Dequantized value ``= e2m1 * (float(scale_b) * scale_2)``.
+
+Fake quantization (:func:`fake_quantize`) is quantize then dequantize with exactly these
+scales, so a model that runs it sees what the exported checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 16
+FP4_MAX = 6.0
+FP8_MAX = 448.0
+FP8_MIN_SUBNORMAL = 2.0**-9
+FP8 = torch.float8_e4m3fn
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+# ``idx = sum(y > b)`` over these bounds gives the E2M1 index with the tie rules above:
+# ties at 0.25, 1.25, 2.5, 5 round down (to the even code), ties at 0.75, 1.75, 3.5 round up,
+# so those three bounds are moved one fp32 ulp down (``y >= b`` == ``y > prev(b)``).
+_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
+_TIE_UP = (0.75, 1.75, 3.5)
+
+
+def _e2m1_bounds(device: torch.device | str = "cpu") -> torch.Tensor:
+    bounds = torch.tensor(sorted(_TIE_DOWN + _TIE_UP), dtype=torch.float32, device=device)
+    up = torch.isin(bounds, torch.tensor(_TIE_UP, device=device))
+    lower = torch.nextafter(bounds, torch.tensor(float("-inf"), device=device))
+    return torch.where(up, lower, bounds)
+
+
+def e2m1_values(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+def e2m1_index(y: torch.Tensor) -> torch.Tensor:
+    """Index (0..7) of the E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even."""
+    return torch.bucketize(y, _e2m1_bounds(y.device), right=False).to(torch.uint8)
+
+
+def e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """E2M1 magnitude nearest to ``y >= 0`` as fp32."""
+    return e2m1_values(y.device)[e2m1_index(y).long()]
+
+
+def scale_2(amax: torch.Tensor) -> torch.Tensor:
+    """Per-tensor second-level scale ``amax / (6 * 448)`` (fp32, finite, > 0)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return (amax / (FP4_MAX * FP8_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def block_amax(w: torch.Tensor) -> torch.Tensor:
+    """Per-block max |w| over blocks of 16 along the last dim: [..., in] -> [..., in/16] fp32."""
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"last dim {w.shape[-1]} is not a multiple of {BLOCK}")
+    return w.detach().float().abs().unflatten(-1, (-1, BLOCK)).amax(-1)
+
+
+def block_scales(blk_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 block scale bytes: ``E4M3(clamp(a_b / 6 / s2, 2^-9, 448))``."""
+    ratio = blk_amax.float() / FP4_MAX / s2.float()
+    return ratio.clamp(FP8_MIN_SUBNORMAL, FP8_MAX).to(FP8)
+
+
+def quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w`` [..., in] to signed E2M1 nibbles (uint8, one per element) and FP8 block scales."""
+    scales = block_scales(blk_amax, s2)
+    step = (scales.float() * s2.float()).unsqueeze(-1)
+    wb = w.detach().float().unflatten(-1, (-1, BLOCK))
+    idx = e2m1_index(wb.abs() / step)
+    sign = (wb < 0).to(torch.uint8) << 3
+    return (sign | idx).flatten(-2), scales
+
+
+def dequantize(nibbles: torch.Tensor, scales: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """fp32 values ``e2m1 * (float(scale_b) * s2)`` of unpacked nibbles [..., in]."""
+    mag = e2m1_values(nibbles.device)[(nibbles & 7).long()]
+    val = torch.where((nibbles >> 3).bool(), -mag, mag).unflatten(-1, (-1, BLOCK))
+    step = (scales.float() * s2.float()).unsqueeze(-1)
+    return (val * step).flatten(-2)
+
+
+def fake_quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize ``w`` with the given block amaxes and scale_2, in ``w``'s dtype."""
+    nib, scales = quantize(w, blk_amax, s2)
+    return dequantize(nib, scales, s2).to(w.dtype)
+
+
+def fake_quantize_dynamic(x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Activation fake quant: static per-tensor ``s2``, block amaxes taken from ``x`` itself."""
+    return fake_quantize(x, block_amax(x), s2)
+
+
+def pack(nibbles: torch.Tensor) -> torch.Tensor:
+    """Two nibbles per byte along the last dim; the low nibble holds the even column."""
+    n = nibbles.to(torch.uint8)
+    return n[..., 0::2] | (n[..., 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def fp8_candidates(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 126 finite positive E4M3 values divided by 448, ascending (fp32).
+
+    Candidate ``k`` proposes the block amax ``c_k * g``; its block scale byte is then exactly
+    that E4M3 value. Index 0..6 are the subnormals ``m * 2^-9``; index ``7 + 8*(e-1) + m``
+    is the normal ``2^(e-7) * (1 + m/8)``.
+    """
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+    vals = codes[torch.isfinite(codes) & (codes > 0)].unique()
+    return (vals / FP8_MAX).to(device)

@@ -1,0 +1,164 @@
+"""Quantizer modules and the quantized Linear.
+
+Every quantizer runs in one of three modes, set model-wide with :func:`set_mode`:
+
+* ``off``   - identity (the original model);
+* ``calib`` - identity, recording statistics (input amax by max calibration);
+* ``quant`` - fake quantization with exactly the scales the export writes.
+
+Weight quantizers are static: their amaxes come from the weight itself
+(:meth:`WeightQuantizer.calibrate`), then optionally from the MSE sweep.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nvfp4
+
+MODES = ("off", "calib", "quant")
+
+
+class InputQuantizer(nn.Module):
+    """Per-tensor static NVFP4 activation quantizer; block scales are taken at run time.
+
+    ``amax`` has shape ``[n]`` (one per expert for fused experts, ``n = 1`` otherwise).
+    ``input_scale = amax / (6 * 448)``.
+    """
+
+    def __init__(self, n: int = 1):
+        super().__init__()
+        self.mode = "off"
+        self.register_buffer("amax", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("seen", torch.zeros(n, dtype=torch.int64))  # rows observed
+        self.fixed_scale: torch.Tensor | None = None  # set when rebuilt from an export
+
+    def observe(self, x: torch.Tensor, i: int = 0) -> None:
+        if x.numel():
+            self.amax[i] = torch.maximum(self.amax[i], x.detach().abs().amax().float())
+            self.seen[i] += x.numel() // max(x.shape[-1], 1)
+
+    def input_scale(self) -> torch.Tensor:
+        """``amax / (6 * 448)`` with the max over all rows of ``amax`` (one scale per tensor/layer)."""
+        if self.fixed_scale is not None:
+            return self.fixed_scale
+        return nvfp4.scale_2(self.amax.amax())
+
+    def forward(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
+        if self.mode == "calib":
+            self.observe(x, i)
+        elif self.mode == "quant":
+            return nvfp4.fake_quantize_dynamic(x, self.input_scale().to(x.device))
+        return x
+
+
+class WeightQuantizer(nn.Module):
+    """Static NVFP4 weight quantizer for a weight ``[*lead, out, in]``.
+
+    ``global_amax`` has shape ``lead`` (``[E]`` for fused experts, ``[]`` for a Linear);
+    ``block_amax`` has shape ``[*lead, out, in/16]``. ``weight_scale_2 = global_amax / (6 * 448)``.
+    """
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.mode = "off"
+        *lead, out, inp = shape
+        self.register_buffer("global_amax", torch.zeros(lead, dtype=torch.float32))
+        self.register_buffer("block_amax", torch.zeros(*lead, out, inp // nvfp4.BLOCK, dtype=torch.float32))
+        self.swept = False
+        self._cache: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def calibrate(self, w: torch.Tensor) -> None:
+        """Max calibration from the weight itself."""
+        blk = nvfp4.block_amax(w)
+        self.block_amax.copy_(blk)
+        self.global_amax.copy_(blk.flatten(-2).amax(-1))
+        self._cache = None
+
+    def scale_2(self) -> torch.Tensor:
+        return nvfp4.scale_2(self.global_amax)
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        s2 = self.scale_2().to(w.device)[(...,) + (None,) * 2]
+        return nvfp4.fake_quantize(w, self.block_amax.to(w.device), s2)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.mode != "quant":
+            return w
+        if self._cache is None or self._cache.device != w.device:
+            self._cache = self.fake_quant(w)
+        return self._cache
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+
+class KVCastQuantizer(nn.Module):
+    """FP8 E4M3 KV-cache quantizer, "cast" flavor: constant amax 448, so the scale is 1.0.
+
+    Applied to the k_proj / v_proj outputs (before RoPE for K: an approximation of the cache).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.mode = "off"
+        self.register_buffer("amax", torch.tensor(nvfp4.FP8_MAX))
+
+    def kv_scale(self) -> torch.Tensor:
+        return self.amax / nvfp4.FP8_MAX
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.mode != "quant":
+            return y
+        s = self.kv_scale().to(y.device)
+        q = (y.float() / s).clamp(-nvfp4.FP8_MAX, nvfp4.FP8_MAX).to(nvfp4.FP8)
+        return (q.float() * s).to(y.dtype)
+
+
+class QuantLinear(nn.Linear):
+    """An ``nn.Linear`` whose class was swapped in place, so names and state-dict keys stay.
+
+    Holds any of ``input_quantizer``, ``weight_quantizer`` (NVFP4) and ``output_quantizer`` (KV cast).
+    """
+
+    input_quantizer: InputQuantizer | None
+    weight_quantizer: WeightQuantizer | None
+    output_quantizer: KVCastQuantizer | None
+
+    @classmethod
+    def convert(cls, linear: nn.Linear, nvfp4_on: bool, kv: bool, weights: bool = True) -> QuantLinear:
+        """Swap the class in place; ``weights=False`` adds only the input quantizer (for rebuilt exports)."""
+        if not isinstance(linear, QuantLinear):
+            linear.__class__ = cls
+            linear.input_quantizer = linear.weight_quantizer = linear.output_quantizer = None
+        if nvfp4_on:
+            linear.input_quantizer = InputQuantizer().to(linear.weight.device)
+        if nvfp4_on and weights:
+            linear.weight_quantizer = WeightQuantizer(linear.weight.shape).to(linear.weight.device)
+            linear.weight_quantizer.calibrate(linear.weight)
+        if kv:
+            linear.output_quantizer = KVCastQuantizer().to(linear.weight.device)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        y = F.linear(x, w, self.bias)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put every quantizer of ``model`` into ``mode`` (off | calib | quant)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantizer mode {mode!r}; use one of {MODES}")
+    for m in model.modules():
+        if isinstance(m, (InputQuantizer, WeightQuantizer, KVCastQuantizer)):
+            m.mode = mode
+            if isinstance(m, WeightQuantizer):
+                m.clear_cache()

@@ -1,0 +1,108 @@
+"""Typed recipes: ordered rules that choose what is quantized, plus the calibration algorithm.
+
+A rule ``{pattern, enable, format}`` matches quantizable names with ``fnmatch``; for each name the
+last matching rule decides (later rules override earlier ones). Quantizable names are the
+``nn.Linear`` module names (``model.layers.0.mlp.gate_proj``) and, for fused experts, the
+projection parameters (``model.layers.0.mlp.experts.gate_up_proj``, ``...experts.down_proj``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, fields
+
+from .errors import UserError
+
+FORMATS = ("nvfp4",)
+METHODS = ("max", "mse")
+KERNELS = ("auto", "reference", "triton")
+KV_FORMATS = ("fp8_cast",)
+
+
+class RecipeError(UserError):
+    pass
+
+
+def _check_keys(what: str, given: dict, cls) -> None:
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise RecipeError(f"unknown key(s) {unknown} in {what}; valid keys: {valid}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    enable: bool = True
+    format: str = "nvfp4"
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise RecipeError(f"rule pattern must be a non-empty string, got {self.pattern!r}")
+        if self.format not in FORMATS:
+            raise RecipeError(f"rule {self.pattern!r}: unknown format {self.format!r}; valid: {list(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    method: str = "max"
+    fp8_scale_sweep: bool = False
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RecipeError(f"algorithm.method {self.method!r} unknown; valid: {list(METHODS)}")
+        if self.kernel not in KERNELS:
+            raise RecipeError(f"algorithm.kernel {self.kernel!r} unknown; valid: {list(KERNELS)}")
+        if self.fp8_scale_sweep and self.method != "mse":
+            raise RecipeError("algorithm.fp8_scale_sweep needs algorithm.method: mse")
+
+    @property
+    def sweep(self) -> bool:
+        return self.method == "mse" and self.fp8_scale_sweep
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+    algorithm: Algorithm = field(default_factory=Algorithm)
+    kv_cache: str | None = None
+
+    def decide(self, name: str) -> Rule | None:
+        """The last rule matching ``name`` (None when no rule matches: not quantized)."""
+        hit = None
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                hit = rule
+        return hit
+
+    def quantizes(self, name: str) -> bool:
+        rule = self.decide(name)
+        return rule is not None and rule.enable
+
+    def unused_rules(self, names: list[str]) -> list[Rule]:
+        return [r for r in self.rules if not any(fnmatch.fnmatchcase(n, r.pattern) for n in names)]
+
+
+def build_recipe(name: str = "custom", rules=(), algorithm=None, kv_cache=None, **unknown) -> Recipe:
+    """Build and validate a recipe from plain data (what a Hydra config holds)."""
+    if unknown:
+        raise RecipeError(
+            f"unknown key(s) {sorted(unknown)} in recipe {name!r}; valid keys: ['name', 'rules', 'algorithm', 'kv_cache']"
+        )
+    parsed = []
+    for i, r in enumerate(rules or ()):
+        if isinstance(r, str):
+            r = {"pattern": r}
+        if not isinstance(r, dict):
+            raise RecipeError(f"recipe {name!r} rule {i} must be a mapping {{pattern, enable, format}}, got {r!r}")
+        _check_keys(f"recipe {name!r} rule {i}", r, Rule)
+        parsed.append(Rule(**r))
+    if not parsed:
+        raise RecipeError(f"recipe {name!r} has no rules; add at least one {{pattern, enable}}")
+    algorithm = dict(algorithm or {})
+    _check_keys(f"recipe {name!r} algorithm", algorithm, Algorithm)
+    if kv_cache is not None and kv_cache not in KV_FORMATS:
+        raise RecipeError(f"recipe {name!r}: kv_cache {kv_cache!r} unknown; valid: {list(KV_FORMATS)} or null")
+    return Recipe(name=name, rules=tuple(parsed), algorithm=Algorithm(**algorithm), kv_cache=kv_cache)

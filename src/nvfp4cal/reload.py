@@ -1,0 +1,95 @@
+"""Read an exported modelopt-layout checkpoint back: dequantized tensors and a W4A4 model.
+
+Used by the tests (export round trips) and by anyone who wants to evaluate an export on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import nvfp4
+
+
+def read_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    ckpt = Path(ckpt)
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def dequantized(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(saved name -> tensor with NVFP4 weights dequantized to fp32, module -> input_scale, module -> kv scales)."""
+    weights, inputs, kv = {}, {}, {}
+    for k, v in tensors.items():
+        mod, _, leaf = k.rpartition(".")
+        if leaf in ("weight_scale", "weight_scale_2"):
+            continue
+        if leaf == "input_scale":
+            inputs[mod] = v
+        elif leaf in ("k_scale", "v_scale"):
+            kv[mod] = v
+        elif leaf == "weight" and f"{mod}.weight_scale" in tensors:
+            nib = nvfp4.unpack(v)
+            weights[k] = nvfp4.dequantize(nib, tensors[f"{mod}.weight_scale"], tensors[f"{mod}.weight_scale_2"])
+        else:
+            weights[k] = v
+    return weights, inputs, kv
+
+
+def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
+    """A transformers model with the export's dequantized weights, its inputs fake-quantized with
+    the exported ``input_scale`` and its k/v outputs cast to FP8: what an engine computes, emulated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .experts import QuantExpertsMixin, convert
+    from .export.common import model_tensors, saved_layout
+    from .quantizers import KVCastQuantizer, QuantLinear, set_mode
+
+    ckpt = Path(ckpt)
+    weights, inputs, kv = dequantized(read_tensors(ckpt))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        config = AutoConfig.from_pretrained(tmp)
+        dtype = dtype or getattr(config, "dtype", None) or torch.float32
+        weights = {k: (v.to(dtype) if v.is_floating_point() and v.dtype == torch.float32 else v) for k, v in weights.items()}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
+    model.eval()
+    layout = saved_layout(model, model_tensors(model))
+    modules = dict(model.named_modules())
+    for out_name, s in layout.items():
+        mod = out_name[: -len(".weight")] if out_name.endswith(".weight") else None
+        owner_name, _, pname = s.param.rpartition(".")
+        owner = modules[owner_name]
+        if mod in inputs:
+            scale = inputs[mod].float().reshape(())
+            if pname == "weight":
+                QuantLinear.convert(owner, nvfp4_on=True, kv=False, weights=False)
+                owner.input_quantizer.fixed_scale = scale
+            else:
+                if not isinstance(owner, QuantExpertsMixin):
+                    convert(owner_name, owner, True, True, weights=False)
+                q = owner.gate_up_input if pname == "gate_up_proj" else owner.down_input
+                if q.fixed_scale is not None and not torch.equal(q.fixed_scale, scale):
+                    raise ValueError(f"{mod}: input_scale differs between experts of {owner_name}")
+                q.fixed_scale = scale
+        if mod in kv and pname == "weight":
+            QuantLinear.convert(owner, nvfp4_on=False, kv=True)
+            owner.output_quantizer = KVCastQuantizer().to(owner.weight.device)
+            owner.output_quantizer.amax.fill_(float(kv[mod]) * nvfp4.FP8_MAX)
+    for m in model.modules():
+        if isinstance(m, QuantExpertsMixin):
+            m.inputs_on = (m.gate_up_input.fixed_scale is not None, m.down_input.fixed_scale is not None)
+    set_mode(model, "quant")
+    return model

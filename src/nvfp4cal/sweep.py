@@ -1,0 +1,73 @@
+"""MSE sweep driver: walks every NVFP4 weight quantizer and replaces its block amaxes.
+
+For each weight (each expert of fused experts separately) with global amax ``g``, the block amax
+becomes the best of the 126 FP8 candidates ``c_k * g`` (see :mod:`nvfp4cal.mse`). On CUDA tensors
+the Triton kernel is used when available; elsewhere, or with ``kernel=reference`` or the env var
+``NVFP4CAL_KERNEL=reference``, the torch reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .mse import mse_amax_reference
+from .quantizers import WeightQuantizer
+
+log = logging.getLogger("nvfp4cal")
+SweepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
+    """(name, fn) of the implementation for weights on ``device``."""
+    kernel = os.environ.get("NVFP4CAL_KERNEL", kernel)
+    if kernel == "reference" or (kernel == "auto" and device.type != "cuda"):
+        return "reference", mse_amax_reference
+    try:
+        from .kernels.fp8_sweep import mse_amax_triton
+    except ImportError as err:  # the kernel module is added by its own issue
+        if kernel == "triton":
+            raise UserError(f"kernel=triton asked for but unavailable: {err}") from err
+        return "reference", mse_amax_reference
+    return "triton", mse_amax_triton
+
+
+def weight_quantizers(model: nn.Module) -> list[tuple[str, WeightQuantizer, torch.Tensor]]:
+    """(name, quantizer, weight) for every enabled NVFP4 weight quantizer."""
+    found = []
+    for name, m in model.named_modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if isinstance(wq, WeightQuantizer):
+            found.append((name, wq, m.weight))
+        for attr, param in (("gate_up_weight", "gate_up_proj"), ("down_weight", "down_proj")):
+            wq = getattr(m, attr, None)
+            if isinstance(wq, WeightQuantizer):
+                found.append((f"{name}.{param}", wq, getattr(m, param)))
+    return found
+
+
+@torch.no_grad()
+def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> dict:
+    """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}."""
+    items = weight_quantizers(model)
+    used, blocks = set(), 0
+    for name, wq, w in tqdm(items, desc="MSE sweep", unit="weight", disable=not progress):
+        impl, fn = choose_sweep(kernel, w.device)
+        used.add(impl)
+        lead = w.shape[:-2]
+        flat_w = w.detach().reshape(-1, *w.shape[-2:])
+        g = wq.global_amax.reshape(-1)
+        out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
+        for e in range(flat_w.shape[0]):
+            out[e] = fn(flat_w[e], g[e])
+        wq.block_amax.copy_(out.reshape(*lead, *wq.block_amax.shape[-2:]))
+        wq.swept = True
+        wq.clear_cache()
+        blocks += out.numel()
+    return {"kernel": sorted(used), "weights": len(items), "blocks": blocks}
