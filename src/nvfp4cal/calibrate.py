@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -23,17 +24,30 @@ log = logging.getLogger("nvfp4cal")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Calibrate and export as ``cfg`` says; returns the report dict (also written to run_dir)."""
+@dataclass
+class RunResult:
+    report: dict
+    model: object  # the calibrated model, quantizers attached (mode "off")
+    tokenizer: object
+    data: object
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
+    """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.accelerators import CPUAccelerator
 
     from .callback import ExportConfig, PostCalibration
     from .data import CalibrationData
     from .export.common import check_target
     from .insert import insert_quantizers
+    from .models import upcast_for_cpu
     from .module import CalibrationModule
 
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     export = ExportConfig(**OmegaConf.to_container(cfg.export, resolve=True))
@@ -56,11 +70,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     d = cfg.data
     data = CalibrationData(
-        instantiate(d.source, _convert_="all"), loaded.tokenizer, num_samples=d.num_samples, seq_len=d.seq_len,
-        batch_size=d.batch_size, seed=d.seed, eval_samples=d.eval_samples,
+        instantiate(d.source, _convert_="all"),
+        loaded.tokenizer,
+        num_samples=d.num_samples,
+        seq_len=d.seq_len,
+        batch_size=d.batch_size,
+        seed=d.seed,
+        eval_samples=d.eval_samples,
     )
     post = PostCalibration(export=export, algorithm=recipe.algorithm, tokenizer=loaded.tokenizer)
     trainer = instantiate(cfg.trainer, callbacks=[post])
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        post.dtypes = upcast_for_cpu(loaded.model)
     t0 = time.perf_counter()
     trainer.validate(CalibrationModule(loaded.model), datamodule=data, verbose=False)
     times["calibration"] = time.perf_counter() - t0 - sum(post.times.values())
@@ -81,7 +102,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if trainer.is_global_zero:
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         print_summary(report)
-    return report
+    return RunResult(report, loaded.model, loaded.tokenizer, data)
 
 
 def print_summary(report: dict) -> None:
@@ -105,8 +126,7 @@ def _user_error(err: BaseException) -> str | None:
     """A one-line message for a user's mistake, or None for a bug (which keeps its traceback)."""
     while err is not None:
         if isinstance(err, MissingMandatoryValue):
-            key = getattr(err, "full_key", "") or str(err).split("'")[1] if "'" in str(err) else ""
-            return f"missing value for {key}: pass {key}=... on the command line"
+            return f"missing value: {str(err).splitlines()[0]}; pass it on the command line as key=value"
         if isinstance(err, (UserError, OmegaConfBaseException)):
             return str(err).splitlines()[0]
         err = err.__cause__ or err.__context__

@@ -42,6 +42,7 @@ class PostCalibration(L.Callback):
     def __init__(self, export: ExportConfig, algorithm: Algorithm, tokenizer=None):
         super().__init__()
         self.export, self.algorithm, self.tokenizer = export, algorithm, tokenizer
+        self.dtypes: dict | None = None  # original dtypes when the model was upcast for CPU
         self.times: dict[str, float] = {}
         self.results: dict = {}
 
@@ -60,7 +61,13 @@ class PostCalibration(L.Callback):
         t0 = time.perf_counter()
         if trainer.is_global_zero:
             self.results["export"] = export_modelopt(
-                model, self.export.dir, self.tokenizer, self.export.overwrite, self.export.max_shard_size_gb, progress
+                model,
+                self.export.dir,
+                self.tokenizer,
+                self.export.overwrite,
+                self.export.max_shard_size_gb,
+                progress,
+                dtypes=self.dtypes,
             )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             trainer.strategy.barrier("nvfp4cal-export")

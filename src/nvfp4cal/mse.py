@@ -5,7 +5,12 @@ For a weight viewed as blocks ``x`` [n, 16] with global amax ``g`` and the 126 c
 
     amax_k = c_k * g            (fp32)
     s_k    = amax_k / 6         (fp32)
-    err_k  = tree_sum((|x| - e2m1(|x| / s_k) * s_k) ** 2)      (fp32)
+    r_k    = 1 / s_k            (fp32, once per candidate)
+    err_k  = tree_sum((|x| - e2m1(|x| * r_k) * s_k) ** 2)      (fp32, no fused multiply-add)
+
+``|x| * r_k`` stands for ``|x| / s_k``: one multiply instead of a correctly rounded divide per
+element and candidate (the Triton kernel's budget is ~20 instructions per element-candidate), and
+exact in every place the facts below need (``r`` of half the scale is exactly ``2 r``).
 
 ``tree_sum`` is the fixed pairwise sum ((e0+e1)+(e2+e3))+... so every implementation adds in
 the same order. The block's choice is the smallest ``err_k``, ties to the smallest ``k``; the
@@ -13,10 +18,10 @@ result is the block amax ``amax_k`` to hand to :func:`nvfp4.block_scales`.
 
 Two exact pruning facts make the reference fast without changing any choice:
 
-1. Dominance from above: if ``fl(a / s_k) <= 3`` for the block amax ``a`` and ``k >= 15`` (so that
+1. Dominance from above: if ``fl(a * r_k) <= 3`` for the block amax ``a`` and ``k >= 15`` (so that
    ``k - 8`` is the candidate with exactly half the scale), the half-scale grid contains every grid
    point of scale ``s_k`` up to ``3 s_k``; every element error at ``k - 8`` is no larger, so ``k``
-   never wins. Only ``k <= K_top = max{k : fl(a / s_k) > 3}`` need evaluating (blocks whose window
+   never wins. Only ``k <= K_top = max{k : fl(a * r_k) > 3}`` need evaluating (blocks whose window
    reaches below ``k = 15`` are evaluated over all 126 candidates).
 2. Bound from below: ``err_k >= LB_k = tree_sum(max(0, |x| - 6 s_k) ** 2)`` (the clipped elements
    alone, computed with the same fp32 ops), and ``LB`` grows as ``k`` falls. After a window of
@@ -51,7 +56,7 @@ def candidate_scales(g: torch.Tensor, device: torch.device | str = "cpu") -> tup
 def block_errors(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]."""
     sc = s.unsqueeze(-1)
-    d = ax.unsqueeze(1) - e2m1_round(ax.unsqueeze(1) / sc) * sc
+    d = ax.unsqueeze(1) - e2m1_round(ax.unsqueeze(1) * (1.0 / sc)) * sc
     return tree_sum(d * d)
 
 
@@ -74,7 +79,7 @@ def brute_force_amax(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _sweep_chunk(ax: torch.Tensor, amax_k: torch.Tensor, s_k: torch.Tensor) -> torch.Tensor:
     n, ncand = ax.shape[0], s_k.numel()
     a = ax.amax(-1)
-    k_top = (a.unsqueeze(-1) / s_k > 3.0).sum(-1) - 1  # fl(a/s) falls as k rises
+    k_top = (a.unsqueeze(-1) * (1.0 / s_k) > 3.0).sum(-1) - 1  # fl(a*r) falls as k rises
     best_k = torch.empty(n, dtype=torch.long, device=ax.device)
 
     low = k_top - WINDOW + 1 < _FIRST_WITH_HALF

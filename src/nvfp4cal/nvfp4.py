@@ -2,7 +2,7 @@
 
 Format (per tensor ``w`` of shape [..., in], ``in`` a multiple of 16):
 
-* E2M1 magnitudes ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}``; a nibble is ``sign << 3 | index``.
+* E2M1 magnitudes ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}``; a nibble is ``sign << 3 | index`` (zero is +0).
   Rounding is to nearest, ties to even, saturating at 6::
 
       |y| <= 0.25 -> 0,  < 0.75 -> 0.5,  <= 1.25 -> 1,  < 1.75 -> 1.5,
@@ -84,7 +84,7 @@ def quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tuple
     step = (scales.float() * s2.float()).unsqueeze(-1)
     wb = w.detach().float().unflatten(-1, (-1, BLOCK))
     idx = e2m1_index(wb.abs() / step)
-    sign = (wb < 0).to(torch.uint8) << 3
+    sign = ((wb < 0) & (idx > 0)).to(torch.uint8) << 3  # zero is always +0 (nibble 0)
     return (sign | idx).flatten(-2), scales
 
 

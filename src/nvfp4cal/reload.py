@@ -62,7 +62,9 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
         config = AutoConfig.from_pretrained(tmp)
         dtype = dtype or getattr(config, "dtype", None) or torch.float32
-        weights = {k: (v.to(dtype) if v.is_floating_point() and v.dtype == torch.float32 else v) for k, v in weights.items()}
+        weights = {
+            k: (v.to(dtype) if v.is_floating_point() and v.dtype == torch.float32 else v) for k, v in weights.items()
+        }
         save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"))
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
     model.eval()

@@ -57,7 +57,7 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}."""
     items = weight_quantizers(model)
     used, blocks = set(), 0
-    for name, wq, w in tqdm(items, desc="MSE sweep", unit="weight", disable=not progress):
+    for _name, wq, w in tqdm(items, desc="MSE sweep", unit="weight", disable=not progress):
         impl, fn = choose_sweep(kernel, w.device)
         used.add(impl)
         lead = w.shape[:-2]

@@ -23,7 +23,11 @@ def _mlp_input_means(dense, tokenizer, n_tokens: int = 2048) -> list[torch.Tenso
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
     means, hooks = [], []
     for layer in dense.model.layers:
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: means.append(out.float().mean((0, 1)))))
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_hook(
+                lambda m, a, out: means.append(out.float().mean((0, 1)))
+            )
+        )
     try:
         dense(input_ids=ids)
     finally:
@@ -68,7 +72,7 @@ def upcycle_llama_to_mixtral(
     moe.model.norm.weight.copy_(dense.model.norm.weight)
     if not c.tie_word_embeddings:
         moe.lm_head.weight.copy_(dense.lm_head.weight)
-    for i, (src, dst) in enumerate(zip(dense.model.layers, moe.model.layers)):
+    for i, (src, dst) in enumerate(zip(dense.model.layers, moe.model.layers, strict=True)):
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(dst.self_attn, p).weight.copy_(getattr(src.self_attn, p).weight)
         dst.input_layernorm.weight.copy_(src.input_layernorm.weight)

@@ -91,7 +91,9 @@ def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
             rows, e, per = rel, None, (t.shape[0] if t.dim() else 1)
         start, stop = int(rows[0]), int(rows[-1]) + 1
         if not torch.equal(rows, torch.arange(start, stop)):
-            raise ExportError(f"{out_name}: saved tensor is not a contiguous row slice of {pname}; layout not supported")
+            raise ExportError(
+                f"{out_name}: saved tensor is not a contiguous row slice of {pname}; layout not supported"
+            )
         layout[out_name] = Slice(pname, e, start, stop, start == 0 and stop == per)
     return layout
 
@@ -148,7 +150,9 @@ def check_target(target: Path, overwrite: bool) -> None:
     """Fail before any work when the export would need to overwrite an existing result."""
     target = Path(target)
     if target.exists() and not overwrite:
-        raise ExportError(f"export dir {target} already exists; choose another export.dir or pass export.overwrite=true")
+        raise ExportError(
+            f"export dir {target} already exists; choose another export.dir or pass export.overwrite=true"
+        )
     if target.exists() and not target.is_dir():
         raise ExportError(f"export dir {target} exists and is not a directory")
 

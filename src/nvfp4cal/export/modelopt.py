@@ -79,8 +79,12 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
                 raise ExportError(f"{k} = {v.tolist()} is not finite and > 0; refusing to write")
 
 
-def plan_export(model: nn.Module) -> tuple[list, list[str], int]:
-    """(items for :func:`write_shards`, excluded module names, number of quantized tensors)."""
+def plan_export(model: nn.Module, dtypes: dict[str, torch.dtype] | None = None) -> tuple[list, list[str], int]:
+    """(items for :func:`write_shards`, excluded module names, number of quantized tensors).
+
+    ``dtypes`` maps parameter names to the dtype to write unquantized tensors in (default: as they are).
+    """
+    dtypes = dtypes or {}
     tensors = model_tensors(model)
     layout = saved_layout(model, tensors)
     quant, kv = quant_sources(model)
@@ -94,11 +98,15 @@ def plan_export(model: nn.Module) -> tuple[list, list[str], int]:
             prefix = out_name[: -len(".weight")]
             src = quant[s.param]
             numel = take(t, s).numel()
-            items.append((numel // 2 + numel // 16 + 8, lambda t=t, s=s, p=prefix, q=src: quantized_tensors(p, take(t, s), q, s)))
+            items.append(
+                (numel // 2 + numel // 16 + 8, lambda t=t, s=s, p=prefix, q=src: quantized_tensors(p, take(t, s), q, s))
+            )
             n_quant += 1
         else:
             part = take(t, s)
-            items.append((part.numel() * part.element_size(), lambda n=out_name, t=t, s=s: {n: take(t, s).clone()}))
+            dt = dtypes.get(s.param, t.dtype)
+            nbytes = part.numel() * (torch.finfo(dt).bits // 8 if dt.is_floating_point else part.element_size())
+            items.append((nbytes, lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to(dt, copy=True)}))
             owner = modules.get(s.param.rsplit(".", 1)[0])
             if out_name.endswith(".weight") and t.dim() == 2 and not isinstance(owner, nn.Embedding):
                 excluded.append(out_name[: -len(".weight")])
@@ -130,17 +138,22 @@ def export_modelopt(
     overwrite: bool = False,
     max_shard_size_gb: float = 5.0,
     progress: bool = True,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> dict:
     """Write the checkpoint into ``out_dir`` atomically; returns a summary dict."""
     _, kv = quant_sources(model)
-    items, excluded, n_quant = plan_export(model)
+    items, excluded, n_quant = plan_export(model, dtypes)
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         weight_map = write_shards(tmp, items, int(max_shard_size_gb * 2**30), check_tensors, progress)
         hf_quant = quant_config(bool(kv), excluded)
         (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
-        cfg["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"], "producer": hf_quant["producer"]}
+        cfg["quantization_config"] = {
+            "quant_method": "modelopt",
+            **hf_quant["quantization"],
+            "producer": hf_quant["producer"],
+        }
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

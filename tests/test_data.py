@@ -1,0 +1,55 @@
+"""The LightningDataModule: deterministic, held-out split, clear errors."""
+
+import pytest
+import torch
+
+from nvfp4cal.data import CalibrationData, DataError, local_texts, pydoc_texts
+from nvfp4cal.models import byte_tokenizer
+
+
+def _dm(source, **kw):
+    args = dict(num_samples=4, seq_len=32, batch_size=2, seed=0, eval_samples=2) | kw
+    dm = CalibrationData(source, byte_tokenizer(), **args)
+    dm.setup()
+    return dm
+
+
+def test_pydoc_is_deterministic_with_held_out_split():
+    src = pydoc_texts()
+    a, b, c = _dm(src), _dm(src), _dm(src, seed=1)
+    assert torch.equal(a.calib, b.calib) and not torch.equal(a.calib, c.calib)
+    assert a.calib.shape == (4, 32) and a.held_out.shape == (2, 32)
+    held = {tuple(r.tolist()) for r in a.held_out}
+    assert not any(tuple(r.tolist()) in held for r in a.calib)
+    batches = list(a.val_dataloader())
+    assert len(batches) == 2 and batches[0]["input_ids"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
+def test_local_files(tmp_path, suffix):
+    import datasets
+
+    rows = [{"text": f"line {i} " * 20} for i in range(30)]
+    f = tmp_path / f"d{suffix}"
+    ds = datasets.Dataset.from_list(rows)
+    if suffix == ".txt":
+        f.write_text("\n".join(r["text"] for r in rows))
+    elif suffix == ".jsonl":
+        ds.to_json(str(f))
+    else:
+        ds.to_parquet(str(f))
+    dm = _dm(local_texts(str(tmp_path / f"*{suffix}"), cache_dir=str(tmp_path / "cache")))
+    assert dm.calib.shape == (4, 32)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DataError, match="matches no file"):
+        local_texts(str(tmp_path / "missing*.txt"))
+    (tmp_path / "e.txt").write_text("hi")
+    with pytest.raises(DataError, match="fewer than data.seq_len"):
+        _dm(local_texts(str(tmp_path / "e.txt"), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match="num_samples must be >= 1"):
+        CalibrationData(pydoc_texts(), byte_tokenizer(), num_samples=0)
+    (tmp_path / "x.jsonl").write_text('{"body": "abc"}\n')
+    with pytest.raises(DataError, match="no 'text' column"):
+        local_texts(str(tmp_path / "x.jsonl"), cache_dir=str(tmp_path / "c"))

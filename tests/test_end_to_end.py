@@ -1,0 +1,180 @@
+"""Tiny models through the whole pipeline; the export reloads bit-exactly and runs like the fake-quant model."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import RECIPES, run_calibrate
+from nvfp4cal import nvfp4
+from nvfp4cal.errors import UserError
+from nvfp4cal.experts import QuantExpertsMixin
+from nvfp4cal.quantizers import QuantLinear, set_mode
+from nvfp4cal.reload import rebuild_model
+
+SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
+
+
+def _fake_quant_weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+            out[f"{name}.weight"] = m.weight_quantizer.fake_quant(m.weight)
+        if isinstance(m, QuantExpertsMixin):
+            for wq, p in ((m.gate_up_weight, "gate_up_proj"), (m.down_weight, "down_proj")):
+                if wq is not None:
+                    out[f"{name}.{p}"] = wq.fake_quant(getattr(m, p))
+    return out
+
+
+def _check_round_trip(res, ckpt):
+    fq = _fake_quant_weights(res.model)
+    assert fq, "nothing was quantized"
+    rebuilt = rebuild_model(ckpt, dtype=next(res.model.parameters()).dtype)
+    params = dict(rebuilt.named_parameters())
+    for name, w in fq.items():
+        assert torch.equal(params[name], w), f"{name} differs after export and reload"
+    set_mode(res.model, "quant")
+    batch = next(iter(res.data.eval_dataloader()))["input_ids"]
+    with torch.no_grad():
+        want = res.model(input_ids=batch).logits
+        got = rebuilt(input_ids=batch).logits
+    assert torch.isfinite(want).all()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
+def test_calibrate_export_reload(tmp_path, model, recipe):
+    if model == "tiny_llama" and recipe.startswith("nvfp4_experts_only"):
+        with pytest.raises(UserError, match="matches no quantizable module"):
+            run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *SMALL])
+        return
+    res = run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *SMALL])
+    ckpt = tmp_path / "ckpt"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    hq = json.loads((ckpt / "hf_quant_config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "modelopt"
+    assert hq["quantization"]["quant_algo"] == "NVFP4" and hq["quantization"]["group_size"] == 16
+    assert "lm_head" in hq["quantization"]["exclude_modules"]
+    assert (hq["quantization"]["kv_cache_quant_algo"] == "FP8") == recipe.endswith("fp8_cast_kv")
+    assert (tmp_path / "run" / "report.json").is_file()
+    assert res.report["quantized"] > 0
+    _check_round_trip(res, ckpt)
+
+
+def test_export_tensors_layout(tmp_path):
+    run_calibrate(tmp_path, ["model=tiny_mixtral", "recipe=nvfp4_mse", *SMALL])
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        p = "model.layers.0.block_sparse_moe.experts.3"
+        w1, s1 = f.get_tensor(f"{p}.w1.weight"), f.get_tensor(f"{p}.w1.weight_scale")
+        assert w1.dtype == torch.uint8 and w1.shape == (32, 32)  # [I, H/2]
+        assert s1.dtype == torch.float8_e4m3fn and s1.shape == (32, 4)  # [I, H/16]
+        for leaf in ("weight_scale_2", "input_scale"):
+            t = f.get_tensor(f"{p}.w1.{leaf}")
+            assert t.dtype == torch.float32 and t.shape == () and torch.isfinite(t) and t > 0
+        # gate (w1) and up (w3) share weight_scale_2; q/k/v share theirs
+        assert torch.equal(f.get_tensor(f"{p}.w1.weight_scale_2"), f.get_tensor(f"{p}.w3.weight_scale_2"))
+        q = "model.layers.1.self_attn"
+        s2 = [f.get_tensor(f"{q}.{x}_proj.weight_scale_2") for x in "qkv"]
+        assert torch.equal(s2[0], s2[1]) and torch.equal(s2[1], s2[2])
+        assert f.get_tensor("model.layers.0.block_sparse_moe.gate.weight").dtype == torch.float32
+        assert "lm_head.weight" in keys and f.get_tensor("lm_head.weight").dtype == torch.float32
+        for k in keys:
+            if k.endswith("weight_scale"):
+                assert ((f.get_tensor(k).view(torch.uint8) & 0x7F) != 0x7F).all()
+
+
+def test_fp8_kv_scales_written(tmp_path):
+    run_calibrate(tmp_path, ["model=tiny_qwen3_moe", "recipe=nvfp4_experts_only_mse_fp8_cast_kv", *SMALL])
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.k_scale").item() == 1.0
+        assert f.get_tensor("model.layers.0.self_attn.v_proj.v_scale").item() == 1.0
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float32  # attention not NVFP4
+
+
+def test_calibration_does_not_change_outputs(tmp_path):
+    """During max calibration (mode calib) the model computes exactly the unquantized logits."""
+    from hydra.utils import instantiate
+
+    from conftest import compose
+    from nvfp4cal.insert import insert_quantizers
+
+    cfg = compose(["model=tiny_qwen3_moe", "recipe=nvfp4_mse"])
+    ref = instantiate(cfg.model, _convert_="all").model
+    ref.set_experts_implementation("eager")
+    m = instantiate(cfg.model, _convert_="all").model
+    insert_quantizers(m, instantiate(cfg.recipe, _convert_="all"))
+    set_mode(m, "calib")
+    ids = torch.randint(0, 200, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert all(float(mod.gate_up_input.amax.max()) > 0 for mod in m.modules() if isinstance(mod, QuantExpertsMixin))
+
+
+def test_dead_experts_are_bootstrapped(tmp_path):
+    """More experts than routed token slots: every expert still ends calibrated."""
+    over = [
+        "model=tiny_qwen3_moe",
+        "model.config.num_experts=32",
+        "recipe=nvfp4_mlp_only_mse_fp8_cast_kv",
+        "data.num_samples=1",
+        "data.seq_len=8",
+        "data.batch_size=1",
+        "data.eval_samples=1",
+    ]
+    res = run_calibrate(tmp_path, over)
+    dead = [e for layer in res.report["experts"] for e in layer["experts"]]
+    assert len(dead) >= 16  # 8 tokens x top-2 reach at most 16 of 32 experts per layer
+    for m in res.model.modules():
+        if isinstance(m, QuantExpertsMixin):
+            for q in (m.gate_up_input, m.down_input):
+                assert (q.amax > 0).all() and torch.isfinite(q.amax).all()
+            for wq in (m.gate_up_weight, m.down_weight):
+                assert (wq.global_amax > 0).all() and (wq.block_amax > 0).any(-1).all()
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        for layer in res.report["experts"]:
+            base = layer["module"]
+            for e in layer["experts"]:
+                g = f.get_tensor(f"{base}.{e}.gate_proj.weight_scale_2")
+                assert torch.equal(g, f.get_tensor(f"{base}.{e}.up_proj.weight_scale_2"))
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    s = f.get_tensor(f"{base}.{e}.{p}.input_scale")
+                    assert torch.isfinite(s) and s > 0
+    _check_round_trip(res, tmp_path / "ckpt")
+
+
+def test_mse_sweep_lowers_weight_error(tmp_path):
+    res_max = run_calibrate(tmp_path / "a", ["model=tiny_llama", "recipe=nvfp4_max", *SMALL])
+    res_mse = run_calibrate(tmp_path / "b", ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL])
+
+    def err(model):
+        tot = 0.0
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+                tot += (m.weight_quantizer.fake_quant(m.weight) - m.weight).pow(2).sum().item()
+        return tot
+
+    assert err(res_mse.model) < err(res_max.model)
+    assert res_mse.report["sweep"]["kernel"] == ["reference"]
+
+
+def test_odd_in_features_stay_unquantized(tmp_path):
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "model.config.intermediate_size=72", "recipe=nvfp4_max", *SMALL])
+    assert res.report["excluded_shape"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    hq = json.loads((tmp_path / "ckpt" / "hf_quant_config.json").read_text())
+    assert "model.layers.0.mlp.down_proj" in hq["quantization"]["exclude_modules"]
+    _check_round_trip(res, tmp_path / "ckpt")
+
+
+def test_scale_bytes_match_fake_quant(tmp_path):
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL])
+    m = res.model.model.layers[0].mlp.down_proj
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        sc = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+        s2 = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale_2")
+    want = nvfp4.block_scales(m.weight_quantizer.block_amax, m.weight_quantizer.scale_2())
+    assert torch.equal(sc.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(s2, m.weight_quantizer.scale_2())

@@ -1,0 +1,66 @@
+"""Triton FP8-scale sweep kernels: bit-exact parity with the torch reference (CPU, TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+
+from nvfp4cal import mse
+
+kern = pytest.importorskip("nvfp4cal.kernels.fp8_sweep")
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+BIG = 1024  # many blocks per program: the interpreter costs ~0.6 ms per program
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    n = 2 * BIG + 37  # odd block count: masking of the last program
+    tiny = torch.randn(n, 16, generator=g) * torch.logspace(-7, 0, n).unsqueeze(-1)
+    tiny[5, 3] = 80.0  # subnormal-range scales beside a large global amax
+    special = torch.randn(n, 16, generator=g)
+    special[:40] = 0.0
+    special[40:80] = -2.25
+    special[80:120] = 0.0
+    special[80:120, 7] = 3.0
+    ties = torch.tensor([0.5, 1, 1.5, 2, 3, 4, 6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 0, 6])
+    special[120:200] = ties * torch.linspace(0.1, 2, 80).unsqueeze(-1)
+    return {
+        "normal": torch.randn(n, 16, generator=g),
+        "heavy": torch.distributions.StudentT(3.0).sample((n, 16)),
+        "tiny_beside_outlier": tiny,
+        "special": special,
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_kernel_matches_reference(kind, dtype):
+    x = CASES[kind].to(dtype)
+    g = x.float().abs().max()
+    want = mse.mse_amax_reference(x, g)
+    got = kern.mse_amax_triton(x.to(DEV), g, block_b=BIG).cpu()
+    assert torch.equal(got, want), f"{(got != want).sum().item()} blocks differ"
+
+
+@pytest.mark.parametrize("window", [2, 6])
+def test_fast_kernel_small_windows_walk_down_exactly(window):
+    """A small window forces the walk below it in most blocks; the choices must not change."""
+    x = CASES["heavy"]
+    g = x.abs().max()
+    got = kern.mse_amax_triton(x.to(DEV), g, block_b=BIG, window=window).cpu()
+    assert torch.equal(got, mse.mse_amax_reference(x, g))
+
+
+def test_baseline_kernel_matches_brute_force():
+    x = CASES["special"][: BIG + 5]
+    g = x.abs().max()
+    got = kern.mse_amax_baseline(x.to(DEV), g, block_b=BIG).cpu()
+    assert torch.equal(got, mse.brute_force_amax(x, g))
+
+
+def test_zero_global_amax():
+    x = torch.zeros(BIG + 3, 16)
+    assert (kern.mse_amax_triton(x.to(DEV), torch.tensor(0.0), block_b=BIG) == 0).all()
