@@ -29,11 +29,13 @@ def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
     kernel = os.environ.get("NVFP4CAL_KERNEL", kernel)
     if kernel == "reference" or (kernel == "auto" and device.type != "cuda"):
         return "reference", mse_amax_reference
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("recipe.algorithm.kernel=triton needs the weights on a CUDA device (trainer=gpu)")
     try:
         from .kernels.fp8_sweep import mse_amax_triton
-    except ImportError as err:  # the kernel module is added by its own issue
+    except ImportError as err:  # no usable triton: the reference computes the same choices
         if kernel == "triton":
-            raise UserError(f"kernel=triton asked for but unavailable: {err}") from err
+            raise UserError(f"recipe.algorithm.kernel=triton asked for but Triton is unavailable: {err}") from err
         return "reference", mse_amax_reference
     return "triton", mse_amax_triton
 

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..mse import WINDOW, candidate_scales
+from ..mse import WINDOW
+from ..nvfp4 import FP4_MAX, fp8_candidates
 
 NCAND = 126
 FIRST_WITH_HALF = 15
@@ -89,44 +90,166 @@ def mse_sweep_baseline_kernel(x_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, n_blocks, 
 
 
 @triton.jit
+def _sq(x, s, r):
+    """(x - e2m1(x * r) * s)^2 for one element per lane (the same ops as :func:`_err`)."""
+    y = x * r
+    m = tl.where(y < 2.0, 6291456.0, tl.where(y < 4.0, 12582912.0, 25165824.0))
+    d = x - tl.minimum((y + m) - m, 6.0) * s
+    return d * d
+
+
+@triton.jit
+def _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, s, r):
+    """err of a block held as 16 per-lane values, summed in the pairwise tree."""
+    a = (_sq(x0, s, r) + _sq(x1, s, r)) + (_sq(x2, s, r) + _sq(x3, s, r))
+    b = (_sq(x4, s, r) + _sq(x5, s, r)) + (_sq(x6, s, r) + _sq(x7, s, r))
+    c = (_sq(x8, s, r) + _sq(x9, s, r)) + (_sq(x10, s, r) + _sq(x11, s, r))
+    d = (_sq(x12, s, r) + _sq(x13, s, r)) + (_sq(x14, s, r) + _sq(x15, s, r))
+    return (a + b) + (c + d)
+
+
+@triton.jit
+def _cl(x, c6):
+    d = tl.maximum(x - c6, 0.0)
+    return d * d
+
+
+@triton.jit
+def _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, s):
+    """Clipping lower bound at scale s: the tree sum of max(0, x - 6 s)^2."""
+    c6 = 6.0 * s
+    a = (_cl(x0, c6) + _cl(x1, c6)) + (_cl(x2, c6) + _cl(x3, c6))
+    b = (_cl(x4, c6) + _cl(x5, c6)) + (_cl(x6, c6) + _cl(x7, c6))
+    c = (_cl(x8, c6) + _cl(x9, c6)) + (_cl(x10, c6) + _cl(x11, c6))
+    d = (_cl(x12, c6) + _cl(x13, c6)) + (_cl(x14, c6) + _cl(x15, c6))
+    return (a + b) + (c + d)
+
+
+@triton.jit
+def _col(x_ptr, rows, mask, j: tl.constexpr):
+    return tl.abs(tl.load(x_ptr + rows * 16 + j, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _above(a, r_ptr, k):
+    """P(k) = fl(a * r_k) > 3, with P = true below k = 0 and false above k = 125."""
+    p = a * tl.load(r_ptr + tl.minimum(tl.maximum(k, 0), 125)) > 3.0
+    return tl.where(k < 0, True, tl.where(k > 125, False, p))
+
+
+@triton.jit
 def mse_sweep_fast_kernel(
-    x_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, n_blocks, BLOCK_B: tl.constexpr, WINDOW: tl.constexpr
+    x_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, inv_ptr, n_blocks, BLOCK_B: tl.constexpr, WINDOW: tl.constexpr
 ):
-    """Pruned sweep: window below K_top, then a bounded walk down where the clip bound allows."""
-    rows, mask, ax = _load(x_ptr, n_blocks, BLOCK_B)
-    a = tl.max(ax, axis=1)
-    count = tl.zeros((BLOCK_B,), tl.int32)
-    for k in range(0, 126):  # K_top + 1 = #{k : fl(a * r_k) > 3}
-        count += (a * tl.load(r_ptr + k) > 3.0).to(tl.int32)
-    k_top = count - 1
-    low = k_top - WINDOW + 1 < 15  # no half-scale shortcut near the subnormal floor
+    """Pruned sweep, one block of 16 per lane: window below K_top, then a walk down while the bound allows."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = rows < n_blocks
+    x0, x1, x2, x3 = (
+        _col(x_ptr, rows, mask, 0),
+        _col(x_ptr, rows, mask, 1),
+        _col(x_ptr, rows, mask, 2),
+        _col(x_ptr, rows, mask, 3),
+    )
+    x4, x5, x6, x7 = (
+        _col(x_ptr, rows, mask, 4),
+        _col(x_ptr, rows, mask, 5),
+        _col(x_ptr, rows, mask, 6),
+        _col(x_ptr, rows, mask, 7),
+    )
+    x8, x9, x10, x11 = (
+        _col(x_ptr, rows, mask, 8),
+        _col(x_ptr, rows, mask, 9),
+        _col(x_ptr, rows, mask, 10),
+        _col(x_ptr, rows, mask, 11),
+    )
+    x12, x13, x14, x15 = (
+        _col(x_ptr, rows, mask, 12),
+        _col(x_ptr, rows, mask, 13),
+        _col(x_ptr, rows, mask, 14),
+        _col(x_ptr, rows, mask, 15),
+    )
+    a = tl.maximum(
+        tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), tl.maximum(tl.maximum(x4, x5), tl.maximum(x6, x7))
+    )
+    a = tl.maximum(
+        a,
+        tl.maximum(
+            tl.maximum(tl.maximum(x8, x9), tl.maximum(x10, x11)), tl.maximum(tl.maximum(x12, x13), tl.maximum(x14, x15))
+        ),
+    )
+    # K_top = max{k : fl(a * r_k) > 3}: estimate from the bits of t = a * 896 / g (candidate index of the
+    # largest E4M3 value <= t), then settle it exactly on k_est - 2 .. k_est + 2.
+    t = tl.minimum(a * tl.load(inv_ptr), 448.0)
+    bits = t.to(tl.int32, bitcast=True)
+    k_est = tl.where(t > 0.0, ((bits >> 23) - 120) * 8 + ((bits >> 20) & 7) - 1, -1)
+    k_est = tl.minimum(tl.maximum(k_est, -1), 125)
+    p0 = _above(a, r_ptr, k_est - 2)
+    p4 = _above(a, r_ptr, k_est + 2)
+    n_true = p0.to(tl.int32) + _above(a, r_ptr, k_est - 1).to(tl.int32) + _above(a, r_ptr, k_est).to(tl.int32)
+    k_top = k_est - 3 + n_true + _above(a, r_ptr, k_est + 1).to(tl.int32) + p4.to(tl.int32)
+    if tl.max((mask & (~p0 | p4)).to(tl.int32), axis=0) > 0:  # estimate off by more than 2: count exactly
+        count = tl.zeros((BLOCK_B,), tl.int32)
+        for k in range(0, 126):
+            count += (a * tl.load(r_ptr + k) > 3.0).to(tl.int32)
+        k_top = count - 1
+    low = k_top - WINDOW + 1 < 15  # no half-scale shortcut near the subnormal floor: start at the top
     k = tl.where(low, 125, k_top)
     best = tl.full((BLOCK_B,), float("inf"), tl.float32)
     best_k = k
     for _ in range(0, WINDOW):  # going down: a later (lower) k wins ties
-        s = tl.load(s_ptr + k)
-        e = _err(ax, s, tl.load(r_ptr + k), BLOCK_B)
+        e = _err16(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, tl.load(s_ptr + k), tl.load(r_ptr + k)
+        )
         take = e <= best
         best = tl.where(take, e, best)
         best_k = tl.where(take, k, best_k)
         k -= 1
     kc = tl.maximum(k, 0)
-    active = mask & (k >= 0) & (_bound(ax, tl.load(s_ptr + kc), BLOCK_B) <= best)
+    bound = _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, tl.load(s_ptr + kc))
+    active = mask & (k >= 0) & (bound <= best)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         kc = tl.maximum(k, 0)
-        e = _err(ax, tl.load(s_ptr + kc), tl.load(r_ptr + kc), BLOCK_B)
+        e = _err16(
+            x0,
+            x1,
+            x2,
+            x3,
+            x4,
+            x5,
+            x6,
+            x7,
+            x8,
+            x9,
+            x10,
+            x11,
+            x12,
+            x13,
+            x14,
+            x15,
+            tl.load(s_ptr + kc),
+            tl.load(r_ptr + kc),
+        )
         take = active & (e <= best)
         best = tl.where(take, e, best)
         best_k = tl.where(take, k, best_k)
         k = tl.where(active, k - 1, k)
         kc = tl.maximum(k, 0)
-        active = active & (k >= 0) & (_bound(ax, tl.load(s_ptr + kc), BLOCK_B) <= best)
+        bound = _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, tl.load(s_ptr + kc))
+        active = active & (k >= 0) & (bound <= best)
     tl.store(out_ptr + rows, tl.load(amax_ptr + best_k), mask=mask)
 
 
-def _tables(g: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    amax_k, s_k = candidate_scales(g.float(), device)
-    return amax_k.contiguous(), s_k.contiguous(), (1.0 / s_k).contiguous()
+_CANDIDATES: dict[torch.device, torch.Tensor] = {}
+
+
+def _tables(g: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+    """amax_k, s_k, r_k (126 each) and 896 / g, computed on the device with torch's fp32 ops."""
+    c = _CANDIDATES.get(device)
+    if c is None:
+        c = _CANDIDATES[device] = fp8_candidates(device)
+    amax_k = c * g
+    s_k = amax_k / FP4_MAX
+    return amax_k, s_k, 1.0 / s_k, (896.0 / g).reshape(1)
 
 
 def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> torch.Tensor:
@@ -138,9 +261,11 @@ def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> tor
     if n == 0:
         return out
     g = torch.as_tensor(g, dtype=torch.float32, device=xb.device).reshape(())
-    amax_k, s_k, r_k = _tables(g, xb.device)
+    tables = _tables(g, xb.device)
+    if kernel is mse_sweep_baseline_kernel:
+        tables = tables[:3]
     grid = (triton.cdiv(n, block_b),)
-    kernel[grid](xb, out, amax_k, s_k, r_k, n, BLOCK_B=block_b, enable_fp_fusion=False, **kw)
+    kernel[grid](xb, out, *tables, n, BLOCK_B=block_b, enable_fp_fusion=False, **kw)
     # g == 0: every candidate amax is 0, and so is the answer (all blocks are zero)
     return out
 
@@ -150,6 +275,8 @@ def mse_amax_baseline(x: torch.Tensor, g: torch.Tensor, block_b: int = 128) -> t
     return _launch(mse_sweep_baseline_kernel, x, g, block_b)
 
 
-def mse_amax_triton(x: torch.Tensor, g: torch.Tensor, block_b: int = 128, window: int = WINDOW) -> torch.Tensor:
+def mse_amax_triton(
+    x: torch.Tensor, g: torch.Tensor, block_b: int = 256, window: int = WINDOW, num_warps: int = 4
+) -> torch.Tensor:
     """Best block amax per block of 16 (fp32 [n_blocks]); same choices as :func:`mse.mse_amax_reference`."""
-    return _launch(mse_sweep_fast_kernel, x, g, block_b, WINDOW=window)
+    return _launch(mse_sweep_fast_kernel, x, g, block_b, WINDOW=window, num_warps=num_warps)
