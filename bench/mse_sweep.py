@@ -34,6 +34,17 @@ def make(shape: tuple[int, int], dist: str, dtype: torch.dtype, device: str, see
     return (x * 0.02).to(dtype).to(device)
 
 
+def rotating(fn, args_list):
+    """A no-argument callable that calls ``fn(*args)`` on the next argument set each time."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(args_list)
+        fn(*args_list[state["i"]])
+
+    return call
+
+
 def bench_cuda(args) -> None:
     import triton.testing
 
@@ -57,44 +68,44 @@ def bench_cuda(args) -> None:
                 "baseline": int((mse_amax_baseline(xs[0], gs[0]) != want).sum()),
                 "fast": int((mse_amax_triton(xs[0], gs[0]) != want).sum()),
             }
-            it = {"i": 0}
-
-            def rotating(fn):
-                def call():
-                    i = it["i"] = (it["i"] + 1) % pool
-                    fn(xs[i], gs[i])
-
-                return call
-
-            t_base = triton.testing.do_bench(rotating(mse_amax_baseline), warmup=50, rep=300, return_mode="median")
+            inputs = list(zip(xs, gs, strict=True))
+            t_base = triton.testing.do_bench(
+                rotating(mse_amax_baseline, inputs), warmup=50, rep=300, return_mode="median"
+            )
             t_cfg = {}
             for bb, nw in CONFIGS:
-                fn = rotating(lambda x, g, bb=bb, nw=nw: mse_amax_triton(x, g, block_b=bb, num_warps=nw))
+                fn = rotating(lambda x, g, bb=bb, nw=nw: mse_amax_triton(x, g, block_b=bb, num_warps=nw), inputs)
                 t_cfg[(bb, nw)] = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-            print(f"{spec} {dist}: fast kernel by (block_b, num_warps): "
-                  + ", ".join(f"{k}: {v:.3f}" for k, v in t_cfg.items()), flush=True)
+            print(
+                f"{spec} {dist}: fast kernel by (block_b, num_warps): "
+                + ", ".join(f"{k}: {v:.3f}" for k, v in t_cfg.items()),
+                flush=True,
+            )
             t_fast = t_cfg[(256, 4)]
             t_ref = None
             if args.reference:
-                t_ref = triton.testing.do_bench(rotating(mse_amax_reference), warmup=5, rep=50, return_mode="median")
+                t_ref = triton.testing.do_bench(
+                    rotating(mse_amax_reference, inputs), warmup=5, rep=50, return_mode="median"
+                )
             moved = nbytes + n_blocks * 4
-            dst = [torch.empty(moved // 2 + 1, dtype=torch.int16, device="cuda") for _ in range(pool)]
-            src = [torch.empty_like(d) for d in dst]
-
-            def copy():
-                i = it["i"] = (it["i"] + 1) % pool
-                dst[i].copy_(src[i])
-
-            t_copy = triton.testing.do_bench(copy, warmup=50, rep=300, return_mode="median")
+            bufs = [(torch.empty(moved // 2 + 1, dtype=torch.int16, device="cuda"),) * 2 for _ in range(pool)]
+            bufs = [(torch.empty_like(d), torch.empty_like(d)) for d, _ in bufs]
+            t_copy = triton.testing.do_bench(
+                rotating(lambda d, s: d.copy_(s), bufs), warmup=50, rep=300, return_mode="median"
+            )
             rows.append((spec, dist, t_ref, t_base, t_fast, t_copy, moved, diffs))
-            del xs, dst, src
+            del xs, gs, inputs, bufs
             torch.cuda.empty_cache()
-    print(f"{'shape':>11} {'dist':>10} {'ref ms':>8} {'base ms':>8} {'fast ms':>8} {'speedup':>7} "
-          f"{'fast GB/s':>9} {'copy GB/s':>9} {'diff base':>9} {'diff fast':>9}")
+    print(
+        f"{'shape':>11} {'dist':>10} {'ref ms':>8} {'base ms':>8} {'fast ms':>8} {'speedup':>7} "
+        f"{'fast GB/s':>9} {'copy GB/s':>9} {'diff base':>9} {'diff fast':>9}"
+    )
     for spec, dist, t_ref, t_base, t_fast, t_copy, moved, d in rows:
         ref = f"{t_ref:8.3f}" if t_ref is not None else f"{'-':>8}"
-        print(f"{spec:>11} {dist:>10} {ref} {t_base:8.3f} {t_fast:8.3f} {t_base / t_fast:7.1f} "
-              f"{moved / t_fast / 1e6:9.0f} {2 * moved / t_copy / 1e6:9.0f} {d['baseline']:>9} {d['fast']:>9}")
+        print(
+            f"{spec:>11} {dist:>10} {ref} {t_base:8.3f} {t_fast:8.3f} {t_base / t_fast:7.1f} "
+            f"{moved / t_fast / 1e6:9.0f} {2 * moved / t_copy / 1e6:9.0f} {d['baseline']:>9} {d['fast']:>9}"
+        )
 
 
 def check_cpu() -> None:
