@@ -88,8 +88,8 @@ def bench_cuda(args) -> None:
                     rotating(mse_amax_reference, inputs), warmup=5, rep=50, return_mode="median"
                 )
             moved = nbytes + n_blocks * 4
-            bufs = [(torch.empty(moved // 2 + 1, dtype=torch.int16, device="cuda"),) * 2 for _ in range(pool)]
-            bufs = [(torch.empty_like(d), torch.empty_like(d)) for d, _ in bufs]
+            half = moved // 2 + 1  # int16 elements: read `moved` bytes, write `moved` bytes
+            bufs = [tuple(torch.empty(half, dtype=torch.int16, device="cuda") for _ in range(2)) for _ in range(pool)]
             t_copy = triton.testing.do_bench(
                 rotating(lambda d, s: d.copy_(s), bufs), warmup=50, rep=300, return_mode="median"
             )
