@@ -276,7 +276,7 @@ def mse_amax_baseline(x: torch.Tensor, g: torch.Tensor, block_b: int = 128) -> t
 
 
 def mse_amax_triton(
-    x: torch.Tensor, g: torch.Tensor, block_b: int = 256, window: int = WINDOW, num_warps: int = 4
+    x: torch.Tensor, g: torch.Tensor, block_b: int = 128, window: int = WINDOW, num_warps: int = 4
 ) -> torch.Tensor:
     """Best block amax per block of 16 (fp32 [n_blocks]); same choices as :func:`mse.mse_amax_reference`."""
     return _launch(mse_sweep_fast_kernel, x, g, block_b, WINDOW=window, num_warps=num_warps)
