@@ -73,8 +73,16 @@ def test_pipeline_sweep_with_kernel_equals_reference():
     from nvfp4cal.recipe import build_recipe
     from nvfp4cal.sweep import mse_sweep, weight_quantizers
 
-    cfg = {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2}
+    cfg = {
+        "hidden_size": 64,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
     models = [build_tiny("MixtralConfig", cfg, seed=3).model for _ in range(2)]
     for m in models:
         insert_quantizers(m, build_recipe("t", rules=["*"]))

@@ -8,8 +8,8 @@ import filecmp
 
 import pytest
 import torch
-from conftest import run_calibrate
 
+from conftest import run_calibrate
 from nvfp4cal import mse
 
 pytestmark = [
@@ -41,10 +41,18 @@ def test_compiled_kernels_match_reference(dtype, dist):
 
 def test_pipeline_same_bytes_with_kernel_and_reference(tmp_path):
     common = [
-        "model=tiny_mixtral", "model.dtype=bfloat16", "model.config.hidden_size=576",
-        "model.config.intermediate_size=1536", "model.config.num_hidden_layers=4", "model.config.head_dim=64",
-        "model.config.num_attention_heads=9", "model.config.num_key_value_heads=3", "recipe=nvfp4_mse",
-        "trainer=gpu", "data.num_samples=32", "data.seq_len=128",
+        "model=tiny_mixtral",
+        "model.dtype=bfloat16",
+        "model.config.hidden_size=576",
+        "model.config.intermediate_size=1536",
+        "model.config.num_hidden_layers=4",
+        "model.config.head_dim=64",
+        "model.config.num_attention_heads=9",
+        "model.config.num_key_value_heads=3",
+        "recipe=nvfp4_mse",
+        "trainer=gpu",
+        "data.num_samples=32",
+        "data.seq_len=128",
     ]
     a = run_calibrate(tmp_path / "triton", [*common, "recipe.algorithm.kernel=triton"])
     b = run_calibrate(tmp_path / "reference", [*common, "recipe.algorithm.kernel=reference"])
