@@ -93,3 +93,10 @@ def test_candidate_amax_gives_that_scale_byte():
     c = nvfp4.fp8_candidates()
     sc = nvfp4.block_scales(c * g, nvfp4.scale_2(g))
     assert torch.equal(sc.float(), c * 448)
+
+
+def test_fast_round_equals_index_rounding():
+    """e2m1_round (magic numbers) and e2m1_index (thresholds) agree on a dense grid and every tie +-1 ulp."""
+    vals = torch.cat([torch.linspace(0, 10, 1_000_001), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])])
+    vals = torch.cat([vals, torch.nextafter(vals, torch.tensor(0.0)), torch.nextafter(vals, torch.tensor(20.0))])
+    assert torch.equal(nvfp4.e2m1_round(vals), nvfp4.e2m1_values()[nvfp4.e2m1_index(vals).long()])

@@ -37,7 +37,7 @@ from .nvfp4 import BLOCK, FP4_MAX, e2m1_round, fp8_candidates
 
 WINDOW = 10
 _FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
-DEFAULT_CHUNK = 1 << 16
+DEFAULT_CHUNK = 1 << 14  # ~10 MB of temporaries per candidate window: stays in cache
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,9 @@ def candidate_scales(g: torch.Tensor, device: torch.device | str = "cpu") -> tup
 def block_errors(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]."""
     sc = s.unsqueeze(-1)
-    d = ax.unsqueeze(1) - e2m1_round(ax.unsqueeze(1) * (1.0 / sc)) * sc
-    return tree_sum(d * d)
+    q = e2m1_round(ax.unsqueeze(1) * (1.0 / sc)).mul_(sc)
+    d = torch.sub(ax.unsqueeze(1), q, out=q)
+    return tree_sum(d.mul_(d))
 
 
 def clip_bound(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,15 @@ def e2m1_index(y: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_round(y: torch.Tensor) -> torch.Tensor:
-    """E2M1 magnitude nearest to ``y >= 0`` as fp32."""
-    return e2m1_values(y.device)[e2m1_index(y).long()]
+    """E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even: the same values as ``e2m1_index``.
+
+    Magic-number rounding: ``(y + M) - M`` rounds to a multiple of the grid spacing ``h`` of y's
+    binade (0.5 below 2, 1 below 4, else 2) with fp32's round-half-even, ``M = 1.5 * 2^23 * h``;
+    even multiples are even codes, so ties land where the E2M1 rule wants them; then ``min(., 6)``.
+    """
+    m = torch.full_like(y, 6291456.0)
+    m.masked_fill_(y >= 2.0, 12582912.0).masked_fill_(y >= 4.0, 25165824.0)
+    return y.add(m).sub_(m).clamp_max_(FP4_MAX)
 
 
 def scale_2(amax: torch.Tensor) -> torch.Tensor:
