@@ -33,32 +33,51 @@ def is_fused_experts(module: nn.Module) -> bool:
     return any(p.dim() == 3 for p in module.parameters(recurse=False))
 
 
+def first_proj_name(module: nn.Module) -> str:
+    """The first projection: ``gate_up_proj`` (gated experts) or ``up_proj`` (``has_gate=False``)."""
+    return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+
+
+def logical(p: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The [E, out, in] view of an expert weight stored [E, out, in] or, transposed, [E, in, out]."""
+    return p.transpose(-1, -2) if transposed else p
+
+
 def check_layout(name: str, module: nn.Module) -> None:
-    """Accept the concatenated, untransposed gate_up/down layout; name anything else."""
-    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    ok = (
-        isinstance(gu, nn.Parameter)
-        and isinstance(dn, nn.Parameter)
-        and gu.dim() == 3
-        and dn.dim() == 3
-        and getattr(module, "has_gate", True)
-        and not getattr(module, "is_transposed", False)
-        and getattr(module, "is_concatenated", True)
-        and not getattr(module, "has_post_expert_norm", False)
-        and gu.shape[0] == dn.shape[0]
-        and gu.shape[1] == 2 * dn.shape[2]
-        and gu.shape[2] == dn.shape[1]
-    )
-    if not ok:
+    """Accept the layouts transformers' experts decorator describes; name anything else.
+
+    ``gate_up_proj`` [E, 2I, H] (gate rows then up rows, or interleaved with ``is_concatenated=False``)
+    or ``up_proj`` [E, I, H] without a gate, ``down_proj`` [E, H, I]; each transposed
+    ([E, in, out]) with ``is_transposed``; optional ``*_bias`` [E, out] and ``post_expert_norm``.
+    """
+    first = getattr(module, first_proj_name(module), None)
+    dn = getattr(module, "down_proj", None)
+    tr = bool(getattr(module, "is_transposed", False))
+    ok = isinstance(first, nn.Parameter) and isinstance(dn, nn.Parameter) and first.dim() == 3 and dn.dim() == 3
+    if ok:
+        (e1, o1, i1), (e2, o2, i2) = logical(first, tr).shape, logical(dn, tr).shape
+        inter = o1 // 2 if getattr(module, "has_gate", True) else o1
+        ok = e1 == e2 and i1 == o2 and i2 == inter and callable(getattr(module, "act_fn", None) or module._apply_gate)
+    extra = [
+        n
+        for n, p in module.named_parameters(recurse=False)
+        if p.dim() == 3 and n not in (first_proj_name(module), "down_proj")
+    ]
+    if not ok or extra:
         raise UnsupportedExpertsError(
             f"{name}: fused-experts class {type(module).__name__} has a layout nvfp4cal does not know "
-            "(expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], concatenated, untransposed); "
-            "exclude it with a recipe rule {pattern: '" + name + "*', enable: false} or report the model"
+            "(expected gate_up_proj [E, 2I, H] or up_proj [E, I, H] and down_proj [E, H, I], transposed or not); "
+            "exclude it with a recipe rule {pattern: '" + name + ".*', enable: false} or report the model"
         )
 
 
 class QuantExpertsMixin:
-    """Mixed into a fused-experts class: per-expert calibration and W4A4 forward."""
+    """Mixed into a fused-experts class: per-expert calibration and W4A4 forward.
+
+    ``gate_up_*`` quantizers belong to the first projection (``gate_up_proj``, or ``up_proj`` for
+    experts without a gate), ``down_*`` to ``down_proj``. Weight quantizers see the logical
+    [E, out, in] view, so NVFP4 blocks always run along each expert's input dim.
+    """
 
     gate_up_input: InputQuantizer
     down_input: InputQuantizer
@@ -66,19 +85,24 @@ class QuantExpertsMixin:
     down_weight: WeightQuantizer | None
 
     def init_quant(self, gate_up_on: bool, down_on: bool, weights: bool = True) -> None:
-        n = self.gate_up_proj.shape[0]
-        dev = self.gate_up_proj.device
+        self.first_proj = first_proj_name(self)
+        self.transposed = bool(getattr(self, "is_transposed", False))
+        first = getattr(self, self.first_proj)
+        n, dev = first.shape[0], first.device
         self.gate_up_input = InputQuantizer(n).to(dev)
         self.down_input = InputQuantizer(n).to(dev)
         self.register_buffer("tokens", torch.zeros(n, dtype=torch.int64, device=dev))
         self.gate_up_weight = self.down_weight = None
         self.inputs_on = (gate_up_on, down_on)
-        if gate_up_on and weights:
-            self.gate_up_weight = WeightQuantizer(self.gate_up_proj.shape).to(dev)
-            self.gate_up_weight.calibrate(self.gate_up_proj)
-        if down_on and weights:
-            self.down_weight = WeightQuantizer(self.down_proj.shape).to(dev)
-            self.down_weight.calibrate(self.down_proj)
+        for on, attr, pname in ((gate_up_on, "gate_up_weight", self.first_proj), (down_on, "down_weight", "down_proj")):
+            if on and weights:
+                w = self.logical_weight(pname)
+                wq = WeightQuantizer(w.shape).to(dev)
+                wq.calibrate(w)
+                setattr(self, attr, wq)
+
+    def logical_weight(self, pname: str) -> torch.Tensor:
+        return logical(getattr(self, pname), self.transposed)
 
     @property
     def quant_on(self) -> bool:
@@ -92,25 +116,38 @@ class QuantExpertsMixin:
             return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
         return x
 
+    def _weight(self, pname: str, wq: WeightQuantizer | None) -> torch.Tensor:
+        """Stored layout of the weight to compute with: the parameter, or its fake-quant."""
+        if wq is None or wq.mode != "quant":
+            return getattr(self, pname)
+        return logical(wq(self.logical_weight(pname)), self.transposed)
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The same ops as transformers' eager experts: ``x @ w + b`` when transposed, else ``F.linear``."""
+        if self.transposed:
+            y = x @ w
+            return y if b is None else y + b
+        return F.linear(x, w, b)
+
     def forward(self, hidden_states, top_k_index, top_k_weights):  # noqa: D102 (transformers' signature)
-        n = self.gate_up_proj.shape[0]
+        n = self.tokens.numel()
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             valid = (top_k_index >= 0) & (top_k_index < n)
             counts = torch.bincount(top_k_index[valid].flatten(), minlength=n)
         if self.gate_up_input.mode == "calib":
             self.tokens += counts.to(self.tokens.device)
-        gu_w = self.gate_up_proj if self.gate_up_weight is None else self.gate_up_weight(self.gate_up_proj)
-        dn_w = self.down_proj if self.down_weight is None else self.down_weight(self.down_proj)
-        gu_b = getattr(self, "gate_up_proj_bias", None)
-        dn_b = getattr(self, "down_proj_bias", None)
+        w1, w2 = self._weight(self.first_proj, self.gate_up_weight), self._weight("down_proj", self.down_weight)
+        b1, b2 = getattr(self, f"{self.first_proj}_bias", None), getattr(self, "down_proj_bias", None)
         for e in counts.nonzero().flatten().tolist():
             pos, tok = torch.where(top_k_index.T == e)  # the order of transformers' eager loop
             x = self._input(self.gate_up_input, hidden_states[tok], e, self.inputs_on[0])
-            h = F.linear(x, gu_w[e], None if gu_b is None else gu_b[e])
-            h = self._apply_gate(h)
+            h = self._linear(x, w1[e], None if b1 is None else b1[e])
+            h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
             h = self._input(self.down_input, h, e, self.inputs_on[1])
-            y = F.linear(h, dn_w[e], None if dn_b is None else dn_b[e])
+            y = self._linear(h, w2[e], None if b2 is None else b2[e])
+            if getattr(self, "has_post_expert_norm", False):
+                y = self.post_expert_norm(y)
             y = y * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out

@@ -19,7 +19,12 @@ from .recipe import Recipe
 log = logging.getLogger("nvfp4cal")
 
 # Sibling projections that engines fuse and that must share one weight_scale_2.
-SHARED_SCALE_GROUPS = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"))
+SHARED_SCALE_GROUPS = (
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA: engines fuse these two
+)
 KV_PROJ = {"k_proj", "v_proj"}
 
 
@@ -50,7 +55,7 @@ def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
         if isinstance(m, nn.Linear):
             out[name] = ("linear", m)
         elif experts_mod.is_fused_experts(m):
-            out[f"{name}.gate_up_proj"] = ("gate_up", m)
+            out[f"{name}.{experts_mod.first_proj_name(m)}"] = ("gate_up", m)
             out[f"{name}.down_proj"] = ("down", m)
     return out
 
@@ -94,7 +99,23 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
         if d.get("gate_up") or d.get("down"):
             experts_mod.convert(mod_name, d["module"], bool(d.get("gate_up")), bool(d.get("down")))
     share_global_amax(model)
+    check_quantized(model, plan.quantized)
     return plan
+
+
+def check_quantized(model: nn.Module, names: list[str]) -> None:
+    """Nothing a rule enabled may silently stay unquantized: every such name must hold a weight quantizer."""
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules.get(name)
+        if isinstance(m, nn.Linear):
+            ok = getattr(m, "weight_quantizer", None) is not None
+        else:
+            owner = modules[name.rsplit(".", 1)[0]]
+            attr = "down_weight" if name.endswith(".down_proj") else "gate_up_weight"
+            ok = getattr(owner, attr, None) is not None
+        if not ok:
+            raise UserError(f"{name} was selected by the recipe but holds no quantizer; report this model's layout")
 
 
 def share_global_amax(model: nn.Module) -> None:

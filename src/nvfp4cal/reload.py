@@ -31,15 +31,20 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     weights, inputs, kv = {}, {}, {}
     for k, v in tensors.items():
         mod, _, leaf = k.rpartition(".")
-        if leaf in ("weight_scale", "weight_scale_2"):
+        if leaf in ("weight_scale", "weight_scale_2") or k.endswith(("_weight_scale", "_weight_scale_2")):
             continue
         if leaf == "input_scale":
             inputs[mod] = v
+        elif k.endswith("_input_scale"):  # fused experts: inputs keyed by the parameter's name
+            inputs[k[: -len("_input_scale")]] = v
         elif leaf in ("k_scale", "v_scale"):
             kv[mod] = v
         elif leaf == "weight" and f"{mod}.weight_scale" in tensors:
             nib = nvfp4.unpack(v)
             weights[k] = nvfp4.dequantize(nib, tensors[f"{mod}.weight_scale"], tensors[f"{mod}.weight_scale_2"])
+        elif f"{k}_weight_scale" in tensors:  # fused experts [E, out, in/2], one scale_2 per expert
+            s2 = tensors[f"{k}_weight_scale_2"][:, None, None]
+            weights[k] = nvfp4.dequantize(nvfp4.unpack(v), tensors[f"{k}_weight_scale"], s2)
         else:
             weights[k] = v
     return weights, inputs, kv
@@ -49,6 +54,7 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     """A transformers model with the export's dequantized weights, its inputs fake-quantized with
     the exported ``input_scale`` and its k/v outputs cast to FP8: what an engine computes, emulated."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from .experts import QuantExpertsMixin, convert
     from .export.common import model_tensors, saved_layout
@@ -65,13 +71,21 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
         weights = {
             k: (v.to(dtype) if v.is_floating_point() and v.dtype == torch.float32 else v) for k, v in weights.items()
         }
+        with no_init_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+        for name, m in skeleton.named_modules():  # fused experts were written untransposed
+            for p in ("gate_up_proj", "up_proj", "down_proj"):
+                key = f"{name}.{p}"
+                if key in weights and key in inputs and getattr(m, "is_transposed", False):
+                    weights[key] = weights[key].transpose(-1, -2).contiguous()
+        del skeleton
         save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(tmp) / "model.safetensors"))
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
     model.eval()
     layout = saved_layout(model, model_tensors(model))
     modules = dict(model.named_modules())
     for out_name, s in layout.items():
-        mod = out_name[: -len(".weight")] if out_name.endswith(".weight") else None
+        mod = out_name[: -len(".weight")] if out_name.endswith(".weight") else out_name
         owner_name, _, pname = s.param.rpartition(".")
         owner = modules[owner_name]
         if mod in inputs:
@@ -82,7 +96,7 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
             else:
                 if not isinstance(owner, QuantExpertsMixin):
                     convert(owner_name, owner, True, True, weights=False)
-                q = owner.gate_up_input if pname == "gate_up_proj" else owner.down_input
+                q = owner.down_input if pname == "down_proj" else owner.gate_up_input
                 if q.fixed_scale is not None and not torch.equal(q.fixed_scale, scale):
                     raise ValueError(f"{mod}: input_scale differs between experts of {owner_name}")
                 q.fixed_scale = scale

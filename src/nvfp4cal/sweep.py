@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .experts import QuantExpertsMixin
 from .mse import mse_amax_reference
 from .quantizers import WeightQuantizer
 
@@ -47,10 +48,10 @@ def weight_quantizers(model: nn.Module) -> list[tuple[str, WeightQuantizer, torc
         wq = getattr(m, "weight_quantizer", None)
         if isinstance(wq, WeightQuantizer):
             found.append((name, wq, m.weight))
-        for attr, param in (("gate_up_weight", "gate_up_proj"), ("down_weight", "down_proj")):
-            wq = getattr(m, attr, None)
-            if isinstance(wq, WeightQuantizer):
-                found.append((f"{name}.{param}", wq, getattr(m, param)))
+        if isinstance(m, QuantExpertsMixin):
+            for wq, param in ((m.gate_up_weight, m.first_proj), (m.down_weight, "down_proj")):
+                if wq is not None:
+                    found.append((f"{name}.{param}", wq, m.logical_weight(param)))
     return found
 
 

@@ -80,6 +80,9 @@ def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
         first = int(ids[0])
         b, pname, t = max((x for x in bases if x[0] <= first), key=lambda x: x[0])
         rel = ids - b
+        if t.dim() == 3 and torch.equal(rel, torch.arange(t.shape[0] * t.shape[1])):
+            layout[out_name] = Slice(pname, None, 0, t.shape[1], True)  # saved fused, as stored (GPT-OSS)
+            continue
         if t.dim() == 3:
             per = t.shape[1]
             experts = (rel // per).unique()

@@ -7,6 +7,11 @@ Per quantized Linear ``X`` (fused experts: per expert, under ``save_pretrained``
     X.weight_scale_2  float32 []                   global_amax / (6 * 448)
     X.input_scale     float32 []                   input_amax / (6 * 448)
 
+Experts that ``save_pretrained`` keeps fused (GPT-OSS's ``mlp.experts.gate_up_proj``) are written
+fused, with ModelOpt's underscore names: ``P`` uint8 [E, out, in/2] (the logical, untransposed
+layout; GPT-OSS's gate/up rows stay interleaved), ``P_weight_scale`` [E, out, in/16],
+``P_weight_scale_2`` float32 [E] (one per expert) and ``P_input_scale`` float32 [].
+
 FP8 KV cache adds ``k_proj.k_scale`` / ``v_proj.v_scale`` (float32 []). Every other tensor keeps
 its dtype. ``hf_quant_config.json`` and config.json's ``quantization_config`` describe it.
 """
@@ -33,7 +38,7 @@ log = logging.getLogger("nvfp4cal")
 class QuantSource:
     weight: WeightQuantizer
     inputs: InputQuantizer
-    kv: str | None = None  # "k" or "v" for an FP8 KV-cache projection
+    transposed: bool = False  # stored [E, in, out]
 
 
 def quant_sources(model: nn.Module) -> tuple[dict[str, QuantSource], dict[str, str]]:
@@ -47,24 +52,22 @@ def quant_sources(model: nn.Module) -> tuple[dict[str, QuantSource], dict[str, s
                 kv[f"{name}.weight"] = name.rsplit(".", 1)[-1][0]
         elif isinstance(m, QuantExpertsMixin):
             if m.gate_up_weight is not None:
-                quant[f"{name}.gate_up_proj"] = QuantSource(m.gate_up_weight, m.gate_up_input)
+                quant[f"{name}.{m.first_proj}"] = QuantSource(m.gate_up_weight, m.gate_up_input, m.transposed)
             if m.down_weight is not None:
-                quant[f"{name}.down_proj"] = QuantSource(m.down_weight, m.down_input)
+                quant[f"{name}.down_proj"] = QuantSource(m.down_weight, m.down_input, m.transposed)
     return quant, kv
 
 
-def quantized_tensors(prefix: str, w: torch.Tensor, src: QuantSource, s: Slice) -> dict[str, torch.Tensor]:
-    """The four tensors of one quantized weight slice (one expert, or gate/up rows of it)."""
+def quantized_tensors(names: tuple[str, str, str, str], t: torch.Tensor, src: QuantSource, s: Slice) -> dict:
+    """(weight, weight_scale, weight_scale_2, input_scale) of one slice: a Linear, an expert's rows,
+    or all experts of a fused parameter (then weight_scale_2 has one entry per expert)."""
+    w = take(t.transpose(-1, -2) if src.transposed else t, s)
     blk = take(src.weight.block_amax, s)
     g = src.weight.global_amax if s.expert is None else src.weight.global_amax[s.expert]
-    s2 = nvfp4.scale_2(g).reshape(())
-    nib, scales = nvfp4.quantize(w, blk.to(w.device), s2.to(w.device))
-    return {
-        f"{prefix}.weight": nvfp4.pack(nib),
-        f"{prefix}.weight_scale": scales,
-        f"{prefix}.weight_scale_2": s2.clone(),
-        f"{prefix}.input_scale": src.inputs.input_scale().reshape(()).float().clone(),
-    }
+    s2 = nvfp4.scale_2(g)
+    nib, scales = nvfp4.quantize(w, blk.to(w.device), s2.to(w.device)[(...,) + (None,) * 2])
+    in_scale = src.inputs.input_scale().reshape(()).float().clone()
+    return dict(zip(names, (nvfp4.pack(nib), scales, s2.clone(), in_scale), strict=True))
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
@@ -74,7 +77,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
             bad = (v.view(torch.uint8) & 0x7F) == 0x7F
             if bad.any():
                 raise ExportError(f"{k}: {int(bad.sum())} NaN E4M3 scale byte(s); refusing to write")
-        elif k.endswith(("weight_scale_2", "input_scale", "k_scale", "v_scale")):
+        elif k.endswith(("_scale_2", "input_scale", "k_scale", "v_scale")):
             if not (torch.isfinite(v).all() and (v > 0).all()):
                 raise ExportError(f"{k} = {v.tolist()} is not finite and > 0; refusing to write")
 
@@ -93,14 +96,18 @@ def plan_export(model: nn.Module, dtypes: dict[str, torch.dtype] | None = None) 
     for out_name, s in layout.items():
         t = tensors[s.param]
         if s.param in quant:
-            if not out_name.endswith(".weight"):
-                raise ExportError(f"{out_name}: a quantized weight must be saved under a '.weight' name")
-            prefix = out_name[: -len(".weight")]
             src = quant[s.param]
+            if out_name.endswith(".weight"):
+                p = out_name[: -len(".weight")]
+                names = (f"{p}.weight", f"{p}.weight_scale", f"{p}.weight_scale_2", f"{p}.input_scale")
+            elif s.expert is None and t.dim() == 3:
+                names = (out_name, f"{out_name}_weight_scale", f"{out_name}_weight_scale_2", f"{out_name}_input_scale")
+            else:
+                raise ExportError(f"{out_name}: a quantized weight must be saved under a '.weight' name")
+            if src.transposed and not s.full:
+                raise ExportError(f"{out_name}: row slices of transposed experts are not supported")
             numel = take(t, s).numel()
-            items.append(
-                (numel // 2 + numel // 16 + 8, lambda t=t, s=s, p=prefix, q=src: quantized_tensors(p, take(t, s), q, s))
-            )
+            items.append((numel // 2 + numel // 16 + 8, lambda t=t, s=s, n=names, q=src: quantized_tensors(n, t, q, s)))
             n_quant += 1
         else:
             part = take(t, s)
