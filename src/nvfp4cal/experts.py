@@ -29,7 +29,9 @@ class UnsupportedExpertsError(UserError):
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A module holding 3-D expert parameters (the transformers 5.x fused layout or another)."""
+    """A module holding 3-D expert parameters (the transformers 5.x fused layout or another); not a conv."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return False
     return any(p.dim() == 3 for p in module.parameters(recurse=False))
 
 

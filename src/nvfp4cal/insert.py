@@ -98,6 +98,12 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
     for mod_name, d in fused.items():
         if d.get("gate_up") or d.get("down"):
             experts_mod.convert(mod_name, d["module"], bool(d.get("gate_up")), bool(d.get("down")))
+    if recipe.kv_cache and not plan.kv_cache:
+        log.warning(
+            "recipe %s asks for an FP8 KV cache but the model has no attention k_proj/v_proj "
+            "(e.g. MLA); the KV cache stays unquantized",
+            recipe.name,
+        )
     share_global_amax(model)
     check_quantized(model, plan.quantized)
     return plan
