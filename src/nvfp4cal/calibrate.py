@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +39,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
 
     from .callback import ExportConfig, PostCalibration
     from .data import CalibrationData
+    from .evaluate import stage
     from .export.common import check_target
     from .insert import insert_quantizers
     from .models import upcast_for_cpu
     from .module import CalibrationModule
+    from .report import OBJECTIVES, objective, write_report
 
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
@@ -53,12 +54,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     export = ExportConfig(**OmegaConf.to_container(cfg.export, resolve=True))
     check_target(Path(export.dir), export.overwrite)  # before any work
     L.seed_everything(cfg.seed, verbose=False)
-    times = {}
+    rep = cfg.get("report", {})
+    objective_name = rep.get("objective", "quantized_ppl")
+    if objective_name not in OBJECTIVES:
+        raise UserError(f"report.objective={objective_name!r} unknown; use one of {list(OBJECTIVES)}")
+    stages = {}
 
-    t0 = time.perf_counter()
-    recipe = instantiate(cfg.recipe, _convert_="all")
-    loaded = instantiate(cfg.model, _convert_="all")
-    times["load"] = time.perf_counter() - t0
+    with stage(stages, "load"):
+        recipe = instantiate(cfg.recipe, _convert_="all")
+        loaded = instantiate(cfg.model, _convert_="all")
 
     plan = insert_quantizers(loaded.model, recipe)
     log.info("recipe %s quantizes %d weights in NVFP4:\n%s", recipe.name, len(plan.quantized), plan.summary())
@@ -78,35 +82,50 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         seed=d.seed,
         eval_samples=d.eval_samples,
     )
-    post = PostCalibration(export=export, algorithm=recipe.algorithm, tokenizer=loaded.tokenizer)
+    eval_batches = data.eval_dataloader if rep.get("perplexity", True) else None
+    post = PostCalibration(export, recipe.algorithm, loaded.tokenizer, eval_batches)
     trainer = instantiate(cfg.trainer, callbacks=[post])
     if isinstance(trainer.accelerator, CPUAccelerator):
         post.dtypes = upcast_for_cpu(loaded.model)
-    t0 = time.perf_counter()
     trainer.validate(CalibrationModule(loaded.model), datamodule=data, verbose=False)
-    times["calibration"] = time.perf_counter() - t0 - sum(post.times.values())
-    times.update(post.times)
 
     report = {
         "model": loaded.name,
         "recipe": recipe.name,
         "calibration_samples": len(data.calib),
+        "held_out_samples": len(data.held_out),
         "seq_len": data.seq_len,
         "quantized": len(plan.quantized),
         "excluded_shape": plan.skipped_shape,
         "kv_cache": plan.kv_cache,
-        "times_s": {k: round(v, 3) for k, v in times.items()},
+        "stages": {**stages, **post.stages},
         **post.results,
+        "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    report["objective"] = {"name": objective_name, "value": objective(report, objective_name)}
     if trainer.is_global_zero:
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        print_summary(report)
+        write_report(run_dir, report)
+        print_summary(report, run_dir)
     return RunResult(report, loaded.model, loaded.tokenizer, data)
 
 
-def print_summary(report: dict) -> None:
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("nvfp4cal", "torch", "triton", "transformers", "lightning", "datasets", "hydra-core"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def print_summary(report: dict, run_dir: Path) -> None:
     exp = report.get("export", {})
+    ppl = report.get("perplexity", {})
+    ppl_line = " -> ".join(f"{k} {ppl[k]:.2f}" for k in ("original", "max_calibrated", "quantized") if k in ppl)
     dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
     lines = [
         "",
@@ -117,7 +136,9 @@ def print_summary(report: dict) -> None:
         f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"
         + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
         + (f"\n    ... {len(dead) - 10} more layers" if len(dead) > 10 else ""),
-        "  stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["times_s"].items()),
+        f"  perplexity : {ppl_line or 'not measured'} (held-out, {report['held_out_samples']} samples)",
+        "  stage times: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items()),
+        f"  report     : {run_dir.resolve() / 'report.md'} (+ report.json, {', '.join(report.get('plots', []))})",
     ]
     print("\n".join(lines), flush=True)
 
@@ -145,14 +166,13 @@ def main(cfg: DictConfig) -> float | None:
         log.propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        return run(cfg, HydraConfig.get().runtime.output_dir).report["objective"]["value"]
     except Exception as err:  # noqa: BLE001
         msg = _user_error(err)
         if msg is None:
             raise
         print(f"nvfp4cal: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return None
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ dead-expert bootstrap -> MSE sweep -> export (global rank 0). Each step is a pla
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 
 from .errors import UserError
+from .evaluate import perplexity, stage, weight_errors
 from .experts import bootstrap_dead_experts, check_inputs_calibrated
 from .export.modelopt import export_modelopt
 from .recipe import Algorithm
@@ -37,38 +37,61 @@ class ExportConfig:
 
 
 class PostCalibration(L.Callback):
-    """Runs after ``Trainer.validate``'s calibration pass; fills ``times`` and ``results``."""
+    """Runs after ``Trainer.validate``'s calibration pass; fills ``stages`` and ``results``.
 
-    def __init__(self, export: ExportConfig, algorithm: Algorithm, tokenizer=None):
+    Order: bootstrap dead experts -> (measure max calibration) -> MSE sweep -> export (rank 0)
+    -> held-out perplexity of the original and the quantized model.
+    """
+
+    def __init__(self, export: ExportConfig, algorithm: Algorithm, tokenizer=None, eval_batches=None):
         super().__init__()
         self.export, self.algorithm, self.tokenizer = export, algorithm, tokenizer
+        self.eval_batches = eval_batches  # callable -> iterable of held-out batches, or None to skip perplexity
         self.dtypes: dict | None = None  # original dtypes when the model was upcast for CPU
-        self.times: dict[str, float] = {}
+        self.stages: dict[str, dict] = {}
         self.results: dict = {}
+        self._calib = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._calib = stage(self.stages, "calibration", pl_module.device)
+        self._calib.__enter__()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._calib is not None:
+            self._calib.__exit__(None, None, None)
+            self._calib = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
+        model, dev = pl_module.model, pl_module.device
         progress = trainer.is_global_zero
-        t0 = time.perf_counter()
-        check_inputs_calibrated(model)
-        dead = bootstrap_dead_experts(model)
-        self.results["experts"] = [vars(d) for d in dead]
-        self.times["bootstrap"] = time.perf_counter() - t0
+        ppl = self.results.setdefault("perplexity", {})
+        with stage(self.stages, "bootstrap", dev):
+            check_inputs_calibrated(model)
+            self.results["experts"] = [vars(d) for d in bootstrap_dead_experts(model)]
+        with stage(self.stages, "measure", dev):
+            weights = {n: {"max": e} for n, e in weight_errors(model).items()}
+            if self.algorithm.sweep and self.eval_batches is not None:
+                ppl["max_calibrated"] = perplexity(model, self.eval_batches(), "quant")
         if self.algorithm.sweep:
-            t0 = time.perf_counter()
-            self.results["sweep"] = mse_sweep(model, self.algorithm.kernel, progress=progress)
-            self.times["sweep"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if trainer.is_global_zero:
-            self.results["export"] = export_modelopt(
-                model,
-                self.export.dir,
-                self.tokenizer,
-                self.export.overwrite,
-                self.export.max_shard_size_gb,
-                progress,
-                dtypes=self.dtypes,
-            )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            trainer.strategy.barrier("nvfp4cal-export")
-        self.times["export"] = time.perf_counter() - t0
+            with stage(self.stages, "sweep", dev):
+                self.results["sweep"] = mse_sweep(model, self.algorithm.kernel, progress=progress)
+            for n, e in weight_errors(model).items():
+                weights[n]["mse"] = e
+        self.results["weights"] = weights
+        with stage(self.stages, "export", dev):
+            if trainer.is_global_zero:
+                self.results["export"] = export_modelopt(
+                    model,
+                    self.export.dir,
+                    self.tokenizer,
+                    self.export.overwrite,
+                    self.export.max_shard_size_gb,
+                    progress,
+                    dtypes=self.dtypes,
+                )
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                trainer.strategy.barrier("nvfp4cal-export")
+        if self.eval_batches is not None:
+            with stage(self.stages, "evaluate", dev):
+                ppl["original"] = perplexity(model, self.eval_batches(), "off")
+                ppl["quantized"] = perplexity(model, self.eval_batches(), "quant")

@@ -1,0 +1,76 @@
+"""Quality measurements: held-out perplexity and per-weight quantization error.
+
+* perplexity = exp(mean next-token cross-entropy) over the held-out batches, with the quantizers
+  in one mode (``off`` = the original model, ``quant`` = what the export computes).
+* weight SQNR (dB) = 10 log10(sum w^2 / sum (w - fq(w))^2); relative MSE = sum (w - fq(w))^2 / sum w^2,
+  for every NVFP4 weight (all experts of a fused parameter together).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .quantizers import set_mode
+from .sweep import weight_quantizers
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable[dict], mode: str) -> float:
+    """Held-out perplexity with every quantizer in ``mode``; the model is left in mode ``off``."""
+    device = next(model.parameters()).device
+    set_mode(model, mode)
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            count += ids[:, 1:].numel()
+    finally:
+        set_mode(model, "off")
+    return math.exp(total / count) if count else float("nan")
+
+
+@torch.no_grad()
+def weight_errors(model: nn.Module) -> dict[str, dict[str, float]]:
+    """{weight name: {sqnr_db, rel_mse}} under the quantizers' current block amaxes."""
+    out = {}
+    for name, wq, w in weight_quantizers(model):
+        w32 = w.detach().float()
+        err = (wq.fake_quant(w).float() - w32).pow(2).sum().item()
+        sig = w32.pow(2).sum().item()
+        rel = err / sig if sig > 0 else 0.0
+        out[name] = {"sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"), "rel_mse": rel}
+    return out
+
+
+def peak_memory_gib(device: torch.device | None = None) -> dict[str, float]:
+    """Peak resident memory of this process so far (CPU) and, on CUDA, the peak allocated since the last reset."""
+    out = {"cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device is not None and device.type == "cuda":
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+@contextmanager
+def stage(stats: dict, name: str, device: torch.device | None = None):
+    """Record a stage's wall time and peak memory into ``stats[name]``."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats[name] = {"seconds": round(time.perf_counter() - t0, 3), **peak_memory_gib(device)}

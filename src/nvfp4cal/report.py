@@ -1,0 +1,122 @@
+"""The run report: report.json (everything), report.md (short tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+OBJECTIVES = ("quantized_ppl", "ppl_increase", "total_seconds")
+
+
+def _layer(name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def objective(report: dict, name: str) -> float:
+    """The scalar a Hydra sweeper ranks (smaller is better)."""
+    ppl = report.get("perplexity", {})
+    if name == "quantized_ppl":
+        return float(ppl.get("quantized", float("nan")))
+    if name == "ppl_increase":
+        return float(ppl.get("quantized", float("nan")) - ppl.get("original", float("nan")))
+    if name == "total_seconds":
+        return float(sum(s["seconds"] for s in report["stages"].values()))
+    raise ValueError(f"report.objective={name!r} unknown; use one of {OBJECTIVES}")
+
+
+def worst_modules(report: dict, n: int = 10) -> list[tuple[str, float, float | None]]:
+    rows = []
+    for name, w in report.get("weights", {}).items():
+        final = w.get("mse", w["max"])
+        rows.append((name, final["sqnr_db"], w["max"]["sqnr_db"] if "mse" in w else None))
+    return sorted(rows, key=lambda r: r[1])[:n]
+
+
+def markdown(report: dict) -> str:
+    ppl = report.get("perplexity", {})
+    lines = [f"# nvfp4cal report: {report['model']} with {report['recipe']}", ""]
+    lines += ["| | value |", "|---|---|"]
+    for k, label in (
+        ("original", "perplexity, original"),
+        ("max_calibrated", "perplexity, max calibration"),
+        ("quantized", "perplexity, quantized (exported)"),
+    ):
+        if k in ppl:
+            lines.append(f"| {label} | {ppl[k]:.3f} |")
+    dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
+    lines.append(f"| quantized weights | {report['quantized']} |")
+    lines.append(f"| dead experts | {sum(len(e) for _, e in dead)} in {len(dead)} layers |")
+    lines.append(f"| checkpoint | `{report.get('export', {}).get('dir')}` |")
+    lines += ["", "## Stages", "", "| stage | seconds | peak CPU RSS GiB | peak GPU GiB |", "|---|---|---|---|"]
+    for name, s in report["stages"].items():
+        gpu = f"{s['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in s else "-"
+        lines.append(f"| {name} | {s['seconds']:.1f} | {s['cpu_peak_rss_gib']:.2f} | {gpu} |")
+    lines += ["", "## Worst 10 weights by SQNR", "", "| weight | SQNR dB | SQNR dB with max only |", "|---|---|---|"]
+    for name, final, mx in worst_modules(report):
+        lines.append(f"| {name} | {final:.2f} | {'-' if mx is None else f'{mx:.2f}'} |")
+    if dead:
+        lines += ["", "## Experts without calibration tokens", ""]
+        lines += [f"- {m}: {e}" for m, e in dead]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, out_dir: Path) -> list[str]:
+    """sqnr_per_layer.png and, for MoE models, expert_tokens.png; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    weights = report.get("weights", {})
+    if weights:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for key, label in (("max", "max calibration"), ("mse", "MSE sweep")):
+            per_layer: dict[int, list[float]] = {}
+            for name, w in weights.items():
+                layer = _layer(name)
+                if key in w and layer is not None and math.isfinite(w[key]["sqnr_db"]):
+                    per_layer.setdefault(layer, []).append(w[key]["sqnr_db"])
+            if per_layer:
+                xs = sorted(per_layer)
+                ax.plot(xs, [sum(per_layer[x]) / len(per_layer[x]) for x in xs], marker="o", label=label)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean weight SQNR (dB)")
+        ax.set_title(f"{report['model']}: NVFP4 weight SQNR per layer")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "sqnr_per_layer.png", dpi=100)
+        plt.close(fig)
+        written.append("sqnr_per_layer.png")
+    experts = report.get("experts", [])
+    if experts:
+        tokens = [e["tokens"] for e in experts]
+        fig, ax = plt.subplots(figsize=(max(4, len(tokens[0]) * 0.5), max(3, len(tokens) * 0.25)))
+        im = ax.imshow(tokens, aspect="auto", cmap="viridis")
+        for i, row in enumerate(tokens):
+            for j, t in enumerate(row):
+                if t == 0:
+                    ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=8)
+        ax.set_yticks(range(len(tokens)), [str(_layer(e["module"] + ".") or i) for i, e in enumerate(experts)])
+        ax.set_xticks(range(len(tokens[0])))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title("calibration tokens per expert (x: none)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out_dir / "expert_tokens.png", dpi=100)
+        plt.close(fig)
+        written.append("expert_tokens.png")
+    return written
+
+
+def write_report(run_dir: Path, report: dict) -> list[str]:
+    run_dir = Path(run_dir)
+    report["plots"] = plots(report, run_dir)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "report.md").write_text(markdown(report))
+    return ["report.json", "report.md", *report["plots"]]
