@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     export = ExportConfig(**OmegaConf.to_container(cfg.export, resolve=True))
     check_target(Path(export.dir), export.overwrite)  # before any work
     L.seed_everything(cfg.seed, verbose=False)
@@ -68,7 +71,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     log.info("recipe %s quantizes %d weights in NVFP4:\n%s", recipe.name, len(plan.quantized), plan.summary())
     if plan.kv_cache:
         log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))
-    (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
+    if rank0:
+        (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
     if not plan.quantized:
         raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
 
@@ -152,6 +156,26 @@ def _user_error(err: BaseException) -> str | None:
             return str(err).splitlines()[0]
         err = err.__cause__ or err.__context__
     return None
+
+
+def launch_id() -> str:
+    """The same run-directory name on every rank of one launch (``${now:}`` differs between ranks).
+
+    torchrun with a rendezvous id (multi-node) -> that id; single-node torchrun -> the launcher's pid;
+    SLURM -> the job id; otherwise the local time.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return f"run-{run_id}"
+    if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"torchrun-{os.getppid()}"
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    return time.strftime("%H-%M-%S")
+
+
+if not OmegaConf.has_resolver("nvfp4cal_launch_id"):
+    OmegaConf.register_new_resolver("nvfp4cal_launch_id", launch_id, use_cache=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="calibrate")

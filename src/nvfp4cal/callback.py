@@ -68,9 +68,10 @@ class PostCalibration(L.Callback):
         with stage(self.stages, "bootstrap", dev):
             check_inputs_calibrated(model)
             self.results["experts"] = [vars(d) for d in bootstrap_dead_experts(model)]
+        evaluate = self.eval_batches is not None and trainer.is_global_zero
         with stage(self.stages, "measure", dev):
             weights = {n: {"max": e} for n, e in weight_errors(model).items()}
-            if self.algorithm.sweep and self.eval_batches is not None:
+            if self.algorithm.sweep and evaluate:
                 ppl["max_calibrated"] = perplexity(model, self.eval_batches(), "quant")
         if self.algorithm.sweep:
             with stage(self.stages, "sweep", dev):
@@ -91,7 +92,7 @@ class PostCalibration(L.Callback):
                 )
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 trainer.strategy.barrier("nvfp4cal-export")
-        if self.eval_batches is not None:
+        if evaluate:
             with stage(self.stages, "evaluate", dev):
                 ppl["original"] = perplexity(model, self.eval_batches(), "off")
                 ppl["quantized"] = perplexity(model, self.eval_batches(), "quant")

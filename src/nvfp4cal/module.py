@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -21,6 +23,9 @@ class CalibrationModule(L.LightningModule):
         self.model = model
 
     def on_validation_start(self) -> None:
+        fail = os.environ.get("NVFP4CAL_FAIL_ON_RANK")  # fault injection for the distributed tests
+        if fail is not None and int(fail) == self.global_rank:
+            raise RuntimeError(f"NVFP4CAL_FAIL_ON_RANK={fail}: rank {self.global_rank} fails on purpose")
         set_mode(self.model, "calib")
 
     def validation_step(self, batch, batch_idx):

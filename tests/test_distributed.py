@@ -1,0 +1,99 @@
+"""Data-parallel calibration with torchrun on CPU (gloo): same checkpoint bytes as one process."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+COMMON = [
+    "model=tiny_qwen3_moe",
+    "recipe=nvfp4_mlp_only_mse_fp8_cast_kv",
+    "data.num_samples=4",
+    "data.seq_len=16",
+    "data.batch_size=1",
+    "data.eval_samples=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def _env(tmp_path, **extra):
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        NVFP4CAL_CACHE=str(tmp_path / "cache"),
+        **extra,
+    )
+
+
+def _torchrun(tmp_path, args, **env):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "nvfp4cal.calibrate",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True, text=True, timeout=300)
+
+
+def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nvfp4cal.calibrate",
+            *COMMON,
+            f"export.dir={tmp_path}/one",
+            f"hydra.run.dir={tmp_path}/run1",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    # every rank used one run directory (named for the launch, not the clock)
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "report.json").is_file(), runs
+    assert two.stdout.count("nvfp4cal: tiny_qwen3_moe") == 1  # only rank 0 summarizes
+
+
+def test_a_failing_rank_fails_the_run(tmp_path):
+    t0 = time.monotonic()
+    r = _torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/x"], NVFP4CAL_FAIL_ON_RANK="1")
+    assert r.returncode != 0
+    assert "rank 1 fails on purpose" in r.stderr
+    assert time.monotonic() - t0 < 240
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "var, value, want",
+    [
+        ("TORCHELASTIC_RUN_ID", "abc", "run-abc"),
+        ("SLURM_JOB_ID", "77", "slurm-77-0"),
+    ],
+)
+def test_launch_id(monkeypatch, var, value, want):
+    from nvfp4cal.calibrate import launch_id
+
+    for v in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, value)
+    assert launch_id() == want
