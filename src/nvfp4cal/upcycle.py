@@ -71,11 +71,14 @@ def upcycle_llama_to_mixtral(
     )
     with no_init_weights():  # every weight is copied below; skip the random init of ~0.7B parameters
         moe = MixtralForCausalLM(cfg)
+    moe.tie_weights()  # no_init_weights skips the tying done at init
     moe = moe.to(dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     moe.model.embed_tokens.weight.copy_(dense.model.embed_tokens.weight)
     moe.model.norm.weight.copy_(dense.model.norm.weight)
-    if not c.tie_word_embeddings:
+    if c.tie_word_embeddings:
+        assert moe.lm_head.weight is moe.model.embed_tokens.weight
+    else:
         moe.lm_head.weight.copy_(dense.lm_head.weight)
     for i, (src, dst) in enumerate(zip(dense.model.layers, moe.model.layers, strict=True)):
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
