@@ -166,5 +166,12 @@ def export_modelopt(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        from ..verify import verify  # a checkpoint that fails verification never reaches out_dir
+
+        verdict = verify(tmp)
+        if not verdict.ok:
+            raise ExportError(
+                f"the export failed verification ({len(verdict.problems)} problems): " + "; ".join(verdict.problems[:3])
+            )
     files = sorted(set(weight_map.values()))
     return {"dir": str(Path(out_dir).resolve()), "quantized_tensors": n_quant, "excluded": excluded, "files": files}

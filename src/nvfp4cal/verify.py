@@ -1,0 +1,202 @@
+"""Check an NVFP4 checkpoint in the modelopt layout, ours or not: ``python -m nvfp4cal.verify DIR``.
+
+Checks: every packed weight has its scales with the right dtypes and shapes; no NaN E4M3 scale byte;
+global and input scales finite and > 0; gate/up (w1/w3), q/k/v and q_a/kv_a share weight_scale_2;
+every expert of every MoE layer is present and quantized alike; the config's ``exclude_modules``
+agrees with the tensors (no quantized module excluded, no plain Linear weight left unlisted); FP8
+KV scales finite and > 0. Prints a short table and exits 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+FP8 = torch.float8_e4m3fn
+SHARED = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
+EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+
+
+@dataclass
+class Verdict:
+    quantized: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
+    experts: dict[str, int] = field(default_factory=dict)  # experts module -> number of experts
+    excluded: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def table(self) -> str:
+        n_exp = sum(self.experts.values())
+        rows = [
+            ("quantized modules", len(self.quantized) + len(self.fused)),
+            ("MoE layers / experts", f"{len(self.experts)} / {n_exp}"),
+            ("excluded modules", len(self.excluded)),
+            ("problems", len(self.problems)),
+        ]
+        out = [f"{k:<22} {v}" for k, v in rows]
+        out += [f"  - {p}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            out.append(f"  ... and {len(self.problems) - 50} more")
+        return "\n".join(out)
+
+
+class _Tensors:
+    """Lazy access to every tensor of a sharded safetensors checkpoint."""
+
+    def __init__(self, ckpt: Path):
+        self.where: dict[str, Path] = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():
+                    self.where[k] = f
+
+    def __contains__(self, k: str) -> bool:
+        return k in self.where
+
+    def get(self, k: str) -> torch.Tensor:
+        with safe_open(str(self.where[k]), "pt") as fh:
+            return fh.get_tensor(k)
+
+    def meta(self, k: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype string such as 'U8', 'BF16') without reading the data."""
+        with safe_open(str(self.where[k]), "pt") as fh:
+            sl = fh.get_slice(k)
+            return tuple(sl.get_shape()), sl.get_dtype()
+
+
+def _positive(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and bool(torch.isfinite(t).all()) and bool((t > 0).all())
+
+
+def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: bool, v: Verdict) -> None:
+    name = w if fused else w.removesuffix(".weight")
+    for k in (ws, ws2, inp):
+        if k not in ts:
+            v.problems.append(f"{name}: missing {k}")
+    shape, dtype = ts.meta(w)
+    if dtype != "U8":
+        v.problems.append(f"{name}: packed weight has dtype {dtype}, expected uint8")
+    if ws in ts:
+        scale = ts.get(ws)
+        if scale.dtype != FP8:
+            v.problems.append(f"{name}: weight_scale has dtype {scale.dtype}, expected float8_e4m3fn")
+        elif shape[:-1] != tuple(scale.shape[:-1]) or shape[-1] != 8 * scale.shape[-1]:
+            v.problems.append(f"{name}: weight_scale shape {tuple(scale.shape)} does not fit weight {shape}")
+        else:
+            nan = int(((scale.view(torch.uint8) & 0x7F) == 0x7F).sum())
+            if nan:
+                v.problems.append(f"{name}: {nan} NaN E4M3 byte(s) in weight_scale")
+    for k in (ws2, inp):
+        if k in ts and not _positive(ts.get(k)):
+            v.problems.append(f"{k} is not finite float32 > 0: {ts.get(k).flatten()[:4].tolist()}")
+
+
+def verify(ckpt: str | Path) -> Verdict:
+    ckpt = Path(ckpt)
+    v = Verdict()
+    if not (ckpt / "config.json").is_file():
+        v.problems.append(f"{ckpt}: no config.json")
+        return v
+    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    if (ckpt / "hf_quant_config.json").is_file():
+        qc = {**qc, **json.loads((ckpt / "hf_quant_config.json").read_text()).get("quantization", {})}
+    if qc.get("quant_algo") != "NVFP4":
+        v.problems.append(f"quantization config says quant_algo={qc.get('quant_algo')!r}, expected 'NVFP4'")
+    exclude = list(qc.get("exclude_modules") or [])
+    v.excluded = exclude
+    ts = _Tensors(ckpt)
+    if not ts.where:
+        v.problems.append(f"{ckpt}: no safetensors file")
+        return v
+    # packed weights: X.weight + X.weight_scale, or fused P + P_weight_scale
+    for k in sorted(ts.where):
+        if k.endswith(".weight_scale") and f"{k[: -len('_scale')]}" not in ts:
+            v.problems.append(f"{k}: scale without its packed weight")
+        if k.endswith(".weight") and f"{k}_scale" in ts:
+            m = k.removesuffix(".weight")
+            v.quantized.append(m)
+            _check_quantized(ts, k, f"{m}.weight_scale", f"{m}.weight_scale_2", f"{m}.input_scale", False, v)
+        elif f"{k}_weight_scale" in ts:
+            v.fused.append(k)
+            _check_quantized(ts, k, f"{k}_weight_scale", f"{k}_weight_scale_2", f"{k}_input_scale", True, v)
+        elif k.endswith(".weight") and ts.meta(k)[1] == "U8":
+            v.problems.append(f"{k.removesuffix('.weight')}: packed uint8 weight without weight_scale")
+    quantized = set(v.quantized)
+    for m in sorted(quantized):
+        if any(fnmatch.fnmatchcase(m, p) or m == p for p in exclude):
+            v.problems.append(f"{m}: quantized but listed in exclude_modules")
+    # plain Linear weights must be excluded in the config
+    for k in sorted(ts.where):
+        m = k.removesuffix(".weight")
+        if not k.endswith(".weight") or m in quantized or "embed" in m or "norm" in m:
+            continue
+        shape, dtype = ts.meta(k)
+        if len(shape) == 2 and dtype != "U8" and not any(fnmatch.fnmatchcase(m, p) for p in exclude):
+            v.problems.append(f"{m}: unquantized weight not listed in exclude_modules")
+    # shared global scales
+    for m in sorted(quantized):
+        parent, _, short = m.rpartition(".")
+        for group in SHARED:
+            if short != group[0]:
+                continue
+            members = [f"{parent}.{g}" for g in group if f"{parent}.{g}" in quantized]
+            if len(members) > 1:
+                vals = [ts.get(f"{x}.weight_scale_2") for x in members if f"{x}.weight_scale_2" in ts]
+                if any(not torch.equal(vals[0], x) for x in vals[1:]):
+                    v.problems.append(f"{parent}: {'/'.join(group)} do not share weight_scale_2")
+    # experts: all present, all quantized alike
+    layers: dict[str, dict[int, dict[str, bool]]] = defaultdict(dict)
+    for k in ts.where:
+        if k.endswith(".weight"):
+            hit = EXPERT.match(k.removesuffix(".weight"))
+            if hit:
+                d = layers[hit["layer"]].setdefault(int(hit["e"]), {})
+                d[hit["proj"]] = k.removesuffix(".weight") in quantized
+    for layer, experts in sorted(layers.items()):
+        v.experts[layer] = len(experts)
+        missing = sorted(set(range(max(experts) + 1)) - set(experts))
+        if missing:
+            v.problems.append(f"{layer}: expert(s) {missing} missing")
+        shapes = {tuple(sorted(d.items())) for d in experts.values()}
+        if len(shapes) > 1:
+            v.problems.append(f"{layer}: experts are not quantized alike ({len(shapes)} different sets of projections)")
+    if qc.get("kv_cache_quant_algo") == "FP8":
+        kv = [k for k in ts.where if k.endswith((".k_scale", ".v_scale"))]
+        if not kv:
+            v.problems.append("kv_cache_quant_algo is FP8 but no k_scale/v_scale tensor is present")
+        for k in kv:
+            if not _positive(ts.get(k)):
+                v.problems.append(f"{k} is not finite float32 > 0")
+    if not quantized and not v.fused:
+        v.problems.append("no NVFP4 weight found")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m nvfp4cal.verify CHECKPOINT_DIR", file=sys.stderr)
+        return 2
+    if not Path(argv[0]).is_dir():
+        print(f"nvfp4cal.verify: error: {argv[0]} is not a directory", file=sys.stderr)
+        return 2
+    verdict = verify(argv[0])
+    print(f"{argv[0]}: {'OK' if verdict.ok else 'PROBLEMS'}")
+    print(verdict.table())
+    return 0 if verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
