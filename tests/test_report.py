@@ -38,6 +38,9 @@ def test_report_fields_and_plots(tmp_path):
         assert math.isfinite(w["max"]["sqnr_db"]) and math.isfinite(w["mse"]["sqnr_db"])
         assert w["mse"]["rel_mse"] <= w["max"]["rel_mse"] + 1e-12  # the sweep never loses to max
     assert any(e["experts"] for e in r["experts"]) and all(len(e["tokens"]) == 8 for e in r["experts"])
+    for e in r["experts"]:  # per-expert input amaxes as calibrated: zero exactly for the dead experts
+        amax = e["input_amax"]["gate_up_proj"]
+        assert len(amax) == 8 and all((a == 0) == (i in e["experts"]) for i, a in enumerate(amax))
     assert r["versions"]["torch"] and r["config"]["recipe"]["name"] == "nvfp4_mse"
     md = (run / "report.md").read_text()
     assert "perplexity, quantized" in md and "Worst 10 weights" in md and "Experts without calibration tokens" in md

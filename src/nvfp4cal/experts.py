@@ -179,6 +179,7 @@ class DeadExperts:
     module: str
     experts: list[int]
     tokens: list[int]
+    input_amax: dict[str, list[float]]  # per expert, as calibrated (before the shared value is applied)
 
 
 def bootstrap_dead_experts(model: nn.Module) -> list[DeadExperts]:
@@ -195,11 +196,12 @@ def bootstrap_dead_experts(model: nn.Module) -> list[DeadExperts]:
         dead = (m.tokens == 0).nonzero().flatten().tolist()
         if len(dead) == m.tokens.numel() and m.quant_on:
             raise UserError(f"{name}: no expert received a calibration token; raise data.num_samples or data.seq_len")
+        amaxes = {m.first_proj: m.gate_up_input.amax.tolist(), "down_proj": m.down_input.amax.tolist()}
         for q in (m.gate_up_input, m.down_input):
             shared = shared_input_amax(q)
             for e in dead:
                 q.amax[e] = shared
-        report.append(DeadExperts(name, dead, m.tokens.tolist()))
+        report.append(DeadExperts(name, dead, m.tokens.tolist(), amaxes))
     return report
 
 
