@@ -3,8 +3,8 @@
 import math
 
 import pytest
-from conftest import run_calibrate
 
+from conftest import run_calibrate
 from nvfp4cal.verify import verify
 
 pytestmark = pytest.mark.slow
