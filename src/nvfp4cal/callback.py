@@ -16,6 +16,7 @@ from .errors import UserError
 from .evaluate import perplexity, stage, weight_errors
 from .experts import bootstrap_dead_experts, check_inputs_calibrated
 from .export.modelopt import export_modelopt
+from .quantizers import clear_caches
 from .recipe import Algorithm
 from .sweep import mse_sweep
 
@@ -70,13 +71,14 @@ class PostCalibration(L.Callback):
             self.results["experts"] = [vars(d) for d in bootstrap_dead_experts(model)]
         evaluate = self.eval_batches is not None and trainer.is_global_zero
         with stage(self.stages, "measure", dev):
-            weights = {n: {"max": e} for n, e in weight_errors(model).items()}
+            # keep the fake-quant weights for the quant-mode perplexity that follows (the sweep drops them)
+            weights = {n: {"max": e} for n, e in weight_errors(model, keep=evaluate).items()}
             if self.algorithm.sweep and evaluate:
                 ppl["max_calibrated"] = perplexity(model, self.eval_batches(), "quant")
         if self.algorithm.sweep:
             with stage(self.stages, "sweep", dev):
                 self.results["sweep"] = mse_sweep(model, self.algorithm.kernel, progress=progress)
-            for n, e in weight_errors(model).items():
+            for n, e in weight_errors(model, keep=evaluate).items():
                 weights[n]["mse"] = e
         self.results["weights"] = weights
         with stage(self.stages, "export", dev):
@@ -96,3 +98,4 @@ class PostCalibration(L.Callback):
             with stage(self.stages, "evaluate", dev):
                 ppl["original"] = perplexity(model, self.eval_batches(), "off")
                 ppl["quantized"] = perplexity(model, self.eval_batches(), "quant")
+        clear_caches(model)

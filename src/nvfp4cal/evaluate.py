@@ -42,12 +42,16 @@ def perplexity(model: nn.Module, batches: Iterable[dict], mode: str) -> float:
 
 
 @torch.no_grad()
-def weight_errors(model: nn.Module) -> dict[str, dict[str, float]]:
-    """{weight name: {sqnr_db, rel_mse}} under the quantizers' current block amaxes."""
+def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, float]]:
+    """{weight name: {sqnr_db, rel_mse}} under the quantizers' current block amaxes.
+
+    ``keep=True`` leaves each fake-quant weight cached for a following ``quant``-mode forward.
+    """
     out = {}
     for name, wq, w in weight_quantizers(model):
         w32 = w.detach().float()
-        err = (wq.fake_quant(w).float() - w32).pow(2).sum().item()
+        fq = wq.quantized(w) if keep else wq.fake_quant(w)
+        err = (fq.float() - w32).pow(2).sum().item()
         sig = w32.pow(2).sum().item()
         rel = err / sig if sig > 0 else 0.0
         out[name] = {"sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"), "rel_mse": rel}

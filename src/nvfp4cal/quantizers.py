@@ -85,12 +85,14 @@ class WeightQuantizer(nn.Module):
         s2 = self.scale_2().to(w.device)[(...,) + (None,) * 2]
         return nvfp4.fake_quantize(w, self.block_amax.to(w.device), s2)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quant":
-            return w
+    def quantized(self, w: torch.Tensor) -> torch.Tensor:
+        """``fake_quant(w)``, kept until the amaxes change (calibrate, shared scales, the sweep)."""
         if self._cache is None or self._cache.device != w.device:
             self._cache = self.fake_quant(w)
         return self._cache
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantized(w) if self.mode == "quant" else w
 
     def clear_cache(self) -> None:
         self._cache = None
@@ -160,5 +162,10 @@ def set_mode(model: nn.Module, mode: str) -> None:
     for m in model.modules():
         if isinstance(m, (InputQuantizer, WeightQuantizer, KVCastQuantizer)):
             m.mode = mode
-            if isinstance(m, WeightQuantizer):
-                m.clear_cache()
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drop every weight quantizer's cached fake-quant weight (frees a model-sized copy)."""
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer):
+            m.clear_cache()
