@@ -56,24 +56,22 @@ class _Tensors:
     """Lazy access to every tensor of a sharded safetensors checkpoint."""
 
     def __init__(self, ckpt: Path):
-        self.where: dict[str, Path] = {}
+        self.where = {}  # tensor name -> open file handle (one per shard, kept for the whole check)
         for f in sorted(ckpt.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as fh:
-                for k in fh.keys():
-                    self.where[k] = f
+            fh = safe_open(str(f), "pt")
+            for k in fh.keys():
+                self.where[k] = fh
 
     def __contains__(self, k: str) -> bool:
         return k in self.where
 
     def get(self, k: str) -> torch.Tensor:
-        with safe_open(str(self.where[k]), "pt") as fh:
-            return fh.get_tensor(k)
+        return self.where[k].get_tensor(k)
 
     def meta(self, k: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string such as 'U8', 'BF16') without reading the data."""
-        with safe_open(str(self.where[k]), "pt") as fh:
-            sl = fh.get_slice(k)
-            return tuple(sl.get_shape()), sl.get_dtype()
+        sl = self.where[k].get_slice(k)
+        return tuple(sl.get_shape()), sl.get_dtype()
 
 
 def _positive(t: torch.Tensor) -> bool:
