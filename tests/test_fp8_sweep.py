@@ -90,3 +90,14 @@ def test_pipeline_sweep_with_kernel_equals_reference():
     assert mse_sweep(models[1], "reference", progress=False)["kernel"] == ["reference"]
     for (_, a, _), (_, b, _) in zip(weight_quantizers(models[0]), weight_quantizers(models[1]), strict=True):
         assert torch.equal(a.block_amax, b.block_amax)
+
+
+def test_fast_kernel_one_launch_for_all_experts():
+    """x [E, ...] with one global amax per expert: every expert's blocks as the reference chooses them."""
+    torch.manual_seed(5)
+    x = torch.distributions.StudentT(3.0).sample((3, 347, 16)) * torch.tensor([1e-3, 1.0, 30.0]).view(3, 1, 1)
+    x[1, :40] *= 1e-5  # subnormal-range blocks inside one expert
+    gs = x.abs().flatten(1).amax(1)
+    got = kern.mse_amax_triton(x.to(DEV), gs.to(DEV), block_b=BIG).cpu().view(3, -1)
+    for e in range(3):
+        assert torch.equal(got[e], mse.mse_amax_reference(x[e], gs[e])), f"expert {e}"

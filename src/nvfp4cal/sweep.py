@@ -79,9 +79,12 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
         lead = w.shape[:-2]
         flat_w = w.detach().reshape(-1, *w.shape[-2:])
         g = wq.global_amax.reshape(-1)
-        out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
-        for e in range(flat_w.shape[0]):
-            out[e] = fn(flat_w[e], g[e])
+        if impl == "triton":  # one launch for all experts of the weight
+            out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
+        else:
+            out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
+            for e in range(flat_w.shape[0]):
+                out[e] = fn(flat_w[e], g[e])
         wq.block_amax.copy_(out.reshape(*lead, *wq.block_amax.shape[-2:]))
         wq.swept = True
         wq.clear_cache()

@@ -139,11 +139,25 @@ def _above(a, r_ptr, k):
 
 @triton.jit
 def mse_sweep_fast_kernel(
-    x_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, inv_ptr, n_blocks, BLOCK_B: tl.constexpr, WINDOW: tl.constexpr
+    x_ptr,
+    out_ptr,
+    amax_ptr,
+    s_ptr,
+    r_ptr,
+    inv_ptr,
+    n_blocks,
+    blocks_per_expert,
+    n_experts,
+    BLOCK_B: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Pruned sweep, one block of 16 per lane: window below K_top, then a walk down while the bound allows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < n_blocks
+    expert = tl.minimum(rows // blocks_per_expert, n_experts - 1)  # each expert has its own g and tables
+    amax_ptr += expert * 126
+    s_ptr += expert * 126
+    r_ptr += expert * 126
     x0, x1, x2, x3 = (
         _col(x_ptr, rows, mask, 0),
         _col(x_ptr, rows, mask, 1),
@@ -179,7 +193,7 @@ def mse_sweep_fast_kernel(
     )
     # K_top = max{k : fl(a * r_k) > 3}: estimate from the bits of t = a * 896 / g (candidate index of the
     # largest E4M3 value <= t), then settle it exactly on k_est - 2 .. k_est + 2.
-    t = tl.minimum(a * tl.load(inv_ptr), 448.0)
+    t = tl.minimum(a * tl.load(inv_ptr + expert), 448.0)
     bits = t.to(tl.int32, bitcast=True)
     k_est = tl.where(t > 0.0, ((bits >> 23) - 120) * 8 + ((bits >> 20) & 7) - 1, -1)
     k_est = tl.minimum(tl.maximum(k_est, -1), 125)
@@ -190,7 +204,7 @@ def mse_sweep_fast_kernel(
     if tl.max((mask & (~p0 | p4)).to(tl.int32), axis=0) > 0:  # estimate off by more than 2: count exactly
         count = tl.zeros((BLOCK_B,), tl.int32)
         for k in range(0, 126):
-            count += (a * tl.load(r_ptr + k) > 3.0).to(tl.int32)
+            count += (a * tl.load(r_ptr + k) > 3.0).to(tl.int32)  # r_ptr is per lane
         k_top = count - 1
     low = k_top - WINDOW + 1 < 15  # no half-scale shortcut near the subnormal floor: start at the top
     k = tl.where(low, 125, k_top)
@@ -243,16 +257,18 @@ _CANDIDATES: dict[torch.device, torch.Tensor] = {}
 
 
 def _tables(g: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
-    """amax_k, s_k, r_k (126 each) and 896 / g, computed on the device with torch's fp32 ops."""
+    """amax_k, s_k, r_k ([E, 126] for E global amaxes) and 896 / g [E], with torch's fp32 ops on the device."""
     c = _CANDIDATES.get(device)
     if c is None:
         c = _CANDIDATES[device] = fp8_candidates(device)
+    g = g.reshape(-1, 1)
     amax_k = c * g
     s_k = amax_k / FP4_MAX
-    return amax_k, s_k, 1.0 / s_k, (896.0 / g).reshape(1)
+    return amax_k.contiguous(), s_k.contiguous(), (1.0 / s_k).contiguous(), (896.0 / g).reshape(-1)
 
 
 def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> torch.Tensor:
+    g = torch.as_tensor(g, dtype=torch.float32, device=x.device).reshape(-1)
     xb = x.detach().reshape(-1, 16)
     if not xb.is_contiguous():
         xb = xb.contiguous()
@@ -260,12 +276,16 @@ def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> tor
     out = torch.empty(n, dtype=torch.float32, device=xb.device)
     if n == 0:
         return out
-    g = torch.as_tensor(g, dtype=torch.float32, device=xb.device).reshape(())
+    if n % g.numel():
+        raise ValueError(f"{n} blocks do not split evenly over {g.numel()} global amaxes")
     tables = _tables(g, xb.device)
-    if kernel is mse_sweep_baseline_kernel:
-        tables = tables[:3]
     grid = (triton.cdiv(n, block_b),)
-    kernel[grid](xb, out, *tables, n, BLOCK_B=block_b, enable_fp_fusion=False, **kw)
+    if kernel is mse_sweep_baseline_kernel:
+        if g.numel() != 1:
+            raise ValueError("the baseline kernel takes one global amax")
+        kernel[grid](xb, out, *tables[:3], n, BLOCK_B=block_b, enable_fp_fusion=False, **kw)
+    else:
+        kernel[grid](xb, out, *tables, n, n // g.numel(), g.numel(), BLOCK_B=block_b, enable_fp_fusion=False, **kw)
     # g == 0: every candidate amax is 0, and so is the answer (all blocks are zero)
     return out
 
@@ -278,5 +298,9 @@ def mse_amax_baseline(x: torch.Tensor, g: torch.Tensor, block_b: int = 128) -> t
 def mse_amax_triton(
     x: torch.Tensor, g: torch.Tensor, block_b: int = 128, window: int = WINDOW, num_warps: int = 4
 ) -> torch.Tensor:
-    """Best block amax per block of 16 (fp32 [n_blocks]); same choices as :func:`mse.mse_amax_reference`."""
+    """Best block amax per block of 16 (fp32 [n_blocks]); same choices as :func:`mse.mse_amax_reference`.
+
+    ``g`` may hold one global amax per expert ([E]); then ``x`` is [E, ...] (all experts of a fused
+    weight in one launch, no host synchronisation per expert) and expert ``e`` uses ``g[e]``.
+    """
     return _launch(mse_sweep_fast_kernel, x, g, block_b, WINDOW=window, num_warps=num_warps)
