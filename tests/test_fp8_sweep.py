@@ -66,6 +66,7 @@ def test_zero_global_amax():
     assert (kern.mse_amax_triton(x.to(DEV), torch.tensor(0.0), block_b=64) == 0).all()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="builds CPU models: interpreter only")
 def test_pipeline_sweep_with_kernel_equals_reference():
     """The sweep driver through the (interpreted) kernel gives the reference's block amaxes."""
     from nvfp4cal.insert import insert_quantizers

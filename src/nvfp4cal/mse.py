@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .nvfp4 import BLOCK, FP4_MAX, e2m1_round, fp8_candidates
+from .nvfp4 import BLOCK, FP4_MAX, div, e2m1_round, fp8_candidates, rdiv
 
 WINDOW = 10
 _FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
@@ -50,13 +50,13 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
 def candidate_scales(g: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(amax_k, s_k) for the 126 candidates of a tensor with global amax ``g`` (fp32)."""
     amax = fp8_candidates(device) * torch.as_tensor(g, dtype=torch.float32, device=device)
-    return amax, amax / FP4_MAX
+    return amax, div(amax, FP4_MAX)
 
 
 def block_errors(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]."""
     sc = s.unsqueeze(-1)
-    q = e2m1_round(ax.unsqueeze(1) * (1.0 / sc)).mul_(sc)
+    q = e2m1_round(ax.unsqueeze(1) * rdiv(1.0, sc)).mul_(sc)
     d = torch.sub(ax.unsqueeze(1), q, out=q)
     return tree_sum(d.mul_(d))
 
@@ -80,7 +80,7 @@ def brute_force_amax(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _sweep_chunk(ax: torch.Tensor, amax_k: torch.Tensor, s_k: torch.Tensor) -> torch.Tensor:
     n, ncand = ax.shape[0], s_k.numel()
     a = ax.amax(-1)
-    k_top = (a.unsqueeze(-1) * (1.0 / s_k) > 3.0).sum(-1) - 1  # fl(a*r) falls as k rises
+    k_top = (a.unsqueeze(-1) * rdiv(1.0, s_k) > 3.0).sum(-1) - 1  # fl(a*r) falls as k rises
     best_k = torch.empty(n, dtype=torch.long, device=ax.device)
 
     low = k_top - WINDOW + 1 < _FIRST_WITH_HALF

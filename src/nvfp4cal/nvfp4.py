@@ -37,6 +37,21 @@ _TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
 _TIE_UP = (0.75, 1.75, 3.5)
 
 
+def div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """``a / b`` correctly rounded on every device.
+
+    On CUDA, torch turns division by a Python scalar into multiplication by its reciprocal (not
+    always the same fp32 result); dividing by a tensor on ``a``'s device keeps IEEE division, so CPU
+    and GPU runs write the same bytes.
+    """
+    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+
+
+def rdiv(b: float, a: torch.Tensor) -> torch.Tensor:
+    """``b / a`` correctly rounded on every device (see :func:`div`)."""
+    return torch.full_like(a, b) / a
+
+
 def _e2m1_bounds(device: torch.device | str = "cpu") -> torch.Tensor:
     bounds = torch.tensor(sorted(_TIE_DOWN + _TIE_UP), dtype=torch.float32, device=device)
     up = torch.isin(bounds, torch.tensor(_TIE_UP, device=device))
@@ -69,7 +84,7 @@ def scale_2(amax: torch.Tensor) -> torch.Tensor:
     """Per-tensor second-level scale ``amax / (6 * 448)`` (fp32, finite, > 0)."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    return (amax / (FP4_MAX * FP8_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
+    return div(amax, FP4_MAX * FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def block_amax(w: torch.Tensor) -> torch.Tensor:
@@ -81,7 +96,7 @@ def block_amax(w: torch.Tensor) -> torch.Tensor:
 
 def block_scales(blk_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """FP8 E4M3 block scale bytes: ``E4M3(clamp(a_b / 6 / s2, 2^-9, 448))``."""
-    ratio = blk_amax.float() / FP4_MAX / s2.float()
+    ratio = div(blk_amax.float(), FP4_MAX) / s2.float()
     return ratio.clamp(FP8_MIN_SUBNORMAL, FP8_MAX).to(FP8)
 
 

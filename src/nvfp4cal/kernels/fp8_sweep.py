@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..mse import WINDOW
-from ..nvfp4 import FP4_MAX, fp8_candidates
+from ..nvfp4 import FP4_MAX, div, fp8_candidates, rdiv
 
 NCAND = 126
 FIRST_WITH_HALF = 15
@@ -263,8 +263,8 @@ def _tables(g: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
         c = _CANDIDATES[device] = fp8_candidates(device)
     g = g.reshape(-1, 1)
     amax_k = c * g
-    s_k = amax_k / FP4_MAX
-    return amax_k.contiguous(), s_k.contiguous(), (1.0 / s_k).contiguous(), (896.0 / g).reshape(-1)
+    s_k = div(amax_k, FP4_MAX)  # the reference's ops, IEEE on every device
+    return amax_k.contiguous(), s_k.contiguous(), rdiv(1.0, s_k).contiguous(), rdiv(896.0, g).reshape(-1)
 
 
 def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> torch.Tensor:
