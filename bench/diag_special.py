@@ -6,10 +6,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
-from test_fp8_sweep import CASES  # noqa: E402
 
 from nvfp4cal import mse  # noqa: E402
 from nvfp4cal.kernels.fp8_sweep import mse_amax_baseline, mse_amax_triton  # noqa: E402
+from test_fp8_sweep import CASES  # noqa: E402
 
 for kind in CASES:
     for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -26,4 +26,6 @@ for kind in CASES:
             err = mse.block_errors(ax, s_k.unsqueeze(0))[0]
             kw, kf = int((amax_k == want[i]).nonzero()), int((amax_k == fast[i]).nonzero())
             print(f"  block {i}: x={x[i].float().tolist()}")
-            print(f"    ref k={kw} err={err[kw].item():.9e}  fast k={kf} err={err[kf].item():.9e} base={base[i].item()}")
+            print(
+                f"    ref k={kw} err={err[kw].item():.9e}  fast k={kf} err={err[kf].item():.9e} base={base[i].item()}"
+            )
