@@ -8,7 +8,7 @@ per-expert loop (the same math as transformers' ``eager`` implementation, whatev
 to gate_up and to down, counts its tokens, and in ``quant`` mode runs it W4A4.
 
 Input amaxes are recorded per expert; engines consume one input scale per layer and projection,
-the max over the layer's experts (:func:`shared_input_amax`), and so does ``quant`` mode.
+the max over the layer's experts (``InputQuantizer.shared_amax``), and so does ``quant`` mode.
 """
 
 from __future__ import annotations
@@ -167,11 +167,6 @@ def convert(name: str, module: nn.Module, gate_up_on: bool, down_on: bool, weigh
     return module
 
 
-def shared_input_amax(q: InputQuantizer) -> torch.Tensor:
-    """The layer's input amax for one projection: the max over its experts."""
-    return q.amax.amax()
-
-
 @dataclass
 class DeadExperts:
     """Experts of one layer that received no calibration tokens."""
@@ -198,7 +193,7 @@ def bootstrap_dead_experts(model: nn.Module) -> list[DeadExperts]:
             raise UserError(f"{name}: no expert received a calibration token; raise data.num_samples or data.seq_len")
         amaxes = {m.first_proj: m.gate_up_input.amax.tolist(), "down_proj": m.down_input.amax.tolist()}
         for q in (m.gate_up_input, m.down_input):
-            shared = shared_input_amax(q)
+            shared = q.shared_amax()
             for e in dead:
                 q.amax[e] = shared
         report.append(DeadExperts(name, dead, m.tokens.tolist(), amaxes))

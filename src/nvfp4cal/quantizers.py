@@ -44,7 +44,11 @@ class InputQuantizer(nn.Module):
         """``amax / (6 * 448)`` with the max over all rows of ``amax`` (one scale per tensor/layer)."""
         if self.fixed_scale is not None:
             return self.fixed_scale
-        return nvfp4.scale_2(self.amax.amax())
+        return nvfp4.scale_2(self.shared_amax())
+
+    def shared_amax(self) -> torch.Tensor:
+        """The max over all rows: for fused experts, the layer's one input amax per projection."""
+        return self.amax.amax()
 
     def forward(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         if self.mode == "calib":
@@ -67,7 +71,6 @@ class WeightQuantizer(nn.Module):
         *lead, out, inp = shape
         self.register_buffer("global_amax", torch.zeros(lead, dtype=torch.float32))
         self.register_buffer("block_amax", torch.zeros(*lead, out, inp // nvfp4.BLOCK, dtype=torch.float32))
-        self.swept = False
         self._cache: torch.Tensor | None = None
 
     @torch.no_grad()

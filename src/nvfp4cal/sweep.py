@@ -72,8 +72,7 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
     items = weight_quantizers(model)
     rank, world = _dist()
     used, blocks = set(), 0
-    mine = [(i, it) for i, it in enumerate(items) if i % world == rank]
-    for _i, (_name, wq, w) in tqdm(mine, desc="MSE sweep", unit="weight", disable=not progress):
+    for _name, wq, w in tqdm(items[rank::world], desc="MSE sweep", unit="weight", disable=not progress):
         impl, fn = choose_sweep(kernel, w.device)
         used.add(impl)
         lead = w.shape[:-2]
@@ -86,13 +85,11 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
             for e in range(flat_w.shape[0]):
                 out[e] = fn(flat_w[e], g[e])
         wq.block_amax.copy_(out.reshape(*lead, *wq.block_amax.shape[-2:]))
-        wq.swept = True
         wq.clear_cache()
         blocks += out.numel()
     if world > 1:
         for i, (_name, wq, _w) in enumerate(items):
             dist.broadcast(wq.block_amax, src=i % world)
-            wq.swept = True
             wq.clear_cache()
         gathered = [None] * world
         dist.all_gather_object(gathered, (sorted(used), blocks))
