@@ -24,6 +24,11 @@ def _cli(tmp_path, *args):
         (["model=tiny_llama", "recipe=nvfp4_max", "data.num_samples=0"], "data.num_samples must be >= 1"),
         (["model=tiny_llama", "recipe.algorithm.method=awq"], "algorithm.method 'awq' unknown"),
         (["model=tiny_llama", "+recipe.rules.0.enabled=true"], "unknown key(s) ['enabled']"),
+        (["model=tiny_llama", "export.format=gguf"], "export.format='gguf' unknown"),
+        (
+            ["model=tiny_gpt_oss", "recipe=nvfp4_max", "export.format=both"],
+            "experts saved fused (GPT-OSS) have no compressed_tensors layout",
+        ),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from nvfp4cal.export.common import ExportError, atomic_dir, model_tensors, saved_layout, write_shards
-from nvfp4cal.export.modelopt import check_tensors
+from nvfp4cal.export.plan import check_tensors
 from nvfp4cal.insert import BadWeightError, insert_quantizers
 from nvfp4cal.models import build_tiny
 from nvfp4cal.recipe import build_recipe

@@ -55,7 +55,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     export = ExportConfig(**OmegaConf.to_container(cfg.export, resolve=True))
-    check_target(Path(export.dir), export.overwrite)  # before any work
+    for _, target in export.targets():
+        check_target(target, export.overwrite)  # before any work
     L.seed_everything(cfg.seed, verbose=False)
     rep = cfg.get("report", {})
     objective_name = rep.get("objective", "quantized_ppl")
@@ -75,6 +76,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
     if not plan.quantized:
         raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
+    export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
 
     d = cfg.data
     data = CalibrationData(
@@ -134,7 +136,7 @@ def print_summary(report: dict, run_dir: Path) -> None:
     lines = [
         "",
         f"nvfp4cal: {report['model']} with {report['recipe']}",
-        f"  checkpoint : {exp.get('dir')}",
+        *(f"  checkpoint : {e.get('dir')} ({e.get('format')} layout)" for e in report.get("exports", [exp])),
         f"  quantized  : {report['quantized']} weights ({exp.get('quantized_tensors')} tensors in the export)",
         f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
         f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"

@@ -1,13 +1,15 @@
 """PostCalibration: the one callback that orders the post-calibration steps.
 
 dead-expert bootstrap -> MSE sweep -> export (global rank 0). Each step is a plain function
-(:func:`experts.bootstrap_dead_experts`, :func:`sweep.mse_sweep`, :func:`export.modelopt.export_modelopt`).
+(:func:`experts.bootstrap_dead_experts`, :func:`sweep.mse_sweep`, :func:`export.modelopt.export_modelopt`,
+:func:`export.compressed_tensors.export_compressed_tensors`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,7 +17,9 @@ import torch
 from .errors import UserError
 from .evaluate import perplexity, stage, weight_errors
 from .experts import bootstrap_dead_experts, check_inputs_calibrated
-from .export.modelopt import export_modelopt
+from .export.compressed_tensors import COMPRESSED_TENSORS, export_compressed_tensors
+from .export.modelopt import MODELOPT, export_modelopt
+from .export.plan import plan_export
 from .quantizers import clear_caches
 from .recipe import Algorithm
 from .sweep import mse_sweep
@@ -23,18 +27,35 @@ from .sweep import mse_sweep
 log = logging.getLogger("nvfp4cal")
 
 
+EXPORTERS = {"modelopt": export_modelopt, "compressed_tensors": export_compressed_tensors}
+LAYOUTS = {"modelopt": MODELOPT, "compressed_tensors": COMPRESSED_TENSORS}
+
+
 @dataclass
 class ExportConfig:
+    """``format``: modelopt | compressed_tensors | both (then ``dir/modelopt`` and ``dir/compressed_tensors``)."""
+
     dir: str
     overwrite: bool = False
     format: str = "modelopt"
     max_shard_size_gb: float = 5.0
 
     def __post_init__(self):
-        if self.format != "modelopt":
-            raise UserError(f"export.format={self.format!r} is not supported yet; use modelopt")
+        if self.format not in (*EXPORTERS, "both"):
+            raise UserError(f"export.format={self.format!r} unknown; use one of {[*EXPORTERS, 'both']}")
         if not self.max_shard_size_gb > 0:
             raise UserError("export.max_shard_size_gb must be > 0")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Plan every export now (cheap: names and slices only) so that an impossible layout fails early."""
+        for fmt, _ in self.targets():
+            plan_export(model, LAYOUTS[fmt])
+
+    def targets(self) -> list[tuple[str, Path]]:
+        """(layout, directory) of every checkpoint this export writes."""
+        if self.format == "both":
+            return [(f, Path(self.dir) / f) for f in EXPORTERS]
+        return [(self.format, Path(self.dir))]
 
 
 class PostCalibration(L.Callback):
@@ -83,15 +104,19 @@ class PostCalibration(L.Callback):
         self.results["weights"] = weights
         with stage(self.stages, "export", dev):
             if trainer.is_global_zero:
-                self.results["export"] = export_modelopt(
-                    model,
-                    self.export.dir,
-                    self.tokenizer,
-                    self.export.overwrite,
-                    self.export.max_shard_size_gb,
-                    progress,
-                    dtypes=self.dtypes,
-                )
+                done = [
+                    EXPORTERS[fmt](
+                        model,
+                        out,
+                        self.tokenizer,
+                        overwrite=self.export.overwrite,
+                        max_shard_size_gb=self.export.max_shard_size_gb,
+                        progress=progress,
+                        dtypes=self.dtypes,
+                    )
+                    for fmt, out in self.export.targets()
+                ]
+                self.results["export"], self.results["exports"] = done[0], done
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 trainer.strategy.barrier("nvfp4cal-export")
         if evaluate:

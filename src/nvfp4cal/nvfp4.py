@@ -112,10 +112,14 @@ def quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tuple
 
 def dequantize(nibbles: torch.Tensor, scales: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """fp32 values ``e2m1 * (float(scale_b) * s2)`` of unpacked nibbles [..., in]."""
+    return dequantize_with_step(nibbles, scales.float() * s2.float())
+
+
+def dequantize_with_step(nibbles: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """fp32 values ``e2m1 * step_b`` of unpacked nibbles [..., in], one step per block [..., in/16]."""
     mag = e2m1_values(nibbles.device)[(nibbles & 7).long()]
     val = torch.where((nibbles >> 3).bool(), -mag, mag).unflatten(-1, (-1, BLOCK))
-    step = (scales.float() * s2.float()).unsqueeze(-1)
-    return (val * step).flatten(-2)
+    return (val * step.unsqueeze(-1)).flatten(-2)
 
 
 def fake_quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

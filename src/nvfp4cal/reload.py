@@ -1,4 +1,7 @@
-"""Read an exported modelopt-layout checkpoint back: dequantized tensors and a W4A4 model.
+"""Read an exported checkpoint (modelopt or compressed-tensors layout) back: dequantized tensors and a W4A4 model.
+
+Each layout dequantizes as it defines: modelopt ``e2m1 * (byte * weight_scale_2)``, compressed-tensors
+``e2m1 * (byte / weight_global_scale)`` (the two differ in the last bit of the step for some bytes).
 
 Used by the tests (export round trips) and by anyone who wants to evaluate an export on CPU.
 """
@@ -31,14 +34,23 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     weights, inputs, kv = {}, {}, {}
     for k, v in tensors.items():
         mod, _, leaf = k.rpartition(".")
-        if leaf in ("weight_scale", "weight_scale_2") or k.endswith(("_weight_scale", "_weight_scale_2")):
+        if leaf in ("weight_scale", "weight_scale_2", "weight_global_scale") or k.endswith(
+            ("_weight_scale", "_weight_scale_2")
+        ):
             continue
-        if leaf == "input_scale":
+        if leaf == "weight_packed":  # compressed-tensors: global scales are divisors
+            step = tensors[f"{mod}.weight_scale"].float() / tensors[f"{mod}.weight_global_scale"].float()
+            weights[f"{mod}.weight"] = nvfp4.dequantize_with_step(nvfp4.unpack(v), step)
+        elif leaf == "input_global_scale":
+            inputs[mod] = 1 / v.reshape(())
+        elif leaf == "input_scale":
             inputs[mod] = v
         elif k.endswith("_input_scale"):  # fused experts: inputs keyed by the parameter's name
             inputs[k[: -len("_input_scale")]] = v
-        elif leaf in ("k_scale", "v_scale"):
+        elif leaf in ("k_scale", "v_scale") and mod.endswith(("k_proj", "v_proj")):
             kv[mod] = v
+        elif leaf in ("k_scale", "v_scale"):  # compressed-tensors keeps them on the attention module
+            kv[f"{mod}.{leaf[0]}_proj"] = v
         elif leaf == "weight" and f"{mod}.weight_scale" in tensors:
             nib = nvfp4.unpack(v)
             weights[k] = nvfp4.dequantize(nib, tensors[f"{mod}.weight_scale"], tensors[f"{mod}.weight_scale_2"])

@@ -49,7 +49,8 @@ def markdown(report: dict) -> str:
     dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
     lines.append(f"| quantized weights | {report['quantized']} |")
     lines.append(f"| dead experts | {sum(len(e) for _, e in dead)} in {len(dead)} layers |")
-    lines.append(f"| checkpoint | `{report.get('export', {}).get('dir')}` |")
+    for e in report.get("exports", [report.get("export", {})]):
+        lines.append(f"| checkpoint ({e.get('format', 'modelopt')}) | `{e.get('dir')}` |")
     lines += ["", "## Stages", "", "| stage | seconds | peak CPU RSS GiB | peak GPU GiB |", "|---|---|---|---|"]
     for name, s in report["stages"].items():
         gpu = f"{s['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in s else "-"

@@ -1,10 +1,15 @@
-"""Check an NVFP4 checkpoint in the modelopt layout, ours or not: ``python -m nvfp4cal.verify DIR``.
+"""Check an NVFP4 checkpoint, ours or not: ``python -m nvfp4cal.verify DIR``.
+
+Both layouts: modelopt (``X.weight`` uint8, ``weight_scale``, ``weight_scale_2``, ``input_scale``;
+``exclude_modules``) and compressed-tensors ``nvfp4-pack-quantized`` (``X.weight_packed``,
+``weight_scale``, ``weight_global_scale``, ``input_global_scale``; ``ignore``), told apart by
+config.json's ``quant_method``.
 
 Checks: every packed weight has its scales with the right dtypes and shapes; no NaN E4M3 scale byte;
-global and input scales finite and > 0; gate/up (w1/w3), q/k/v and q_a/kv_a share weight_scale_2;
-every expert of every MoE layer is present and quantized alike; the config's ``exclude_modules``
-agrees with the tensors (no quantized module excluded, no plain Linear weight left unlisted); FP8
-KV scales finite and > 0. Prints a short table and exits 1 on any problem.
+global and input scales finite and > 0; gate/up (w1/w3), q/k/v and q_a/kv_a share their global
+scale; every expert of every MoE layer is present and quantized alike; the config's excluded
+modules agree with the tensors (no quantized module excluded, no plain Linear weight left
+unlisted); FP8 KV scales present, finite and > 0. Prints a short table and exits 1 on any problem.
 """
 
 from __future__ import annotations
@@ -23,6 +28,20 @@ from safetensors import safe_open
 FP8 = torch.float8_e4m3fn
 SHARED = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
 EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+
+
+@dataclass(frozen=True)
+class Names:
+    """Tensor-name suffixes of one layout."""
+
+    packed: str
+    scale: str
+    global_scale: str
+    input_scale: str
+
+
+MODELOPT = Names(".weight", ".weight_scale", ".weight_scale_2", ".input_scale")
+COMPRESSED_TENSORS = Names(".weight_packed", ".weight_scale", ".weight_global_scale", ".input_global_scale")
 
 
 @dataclass
@@ -78,8 +97,38 @@ def _positive(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and bool(torch.isfinite(t).all()) and bool((t > 0).all())
 
 
+def _matches(module: str, patterns: list[str]) -> bool:
+    """compressed-tensors ``re:`` patterns and modelopt's fnmatch wildcards."""
+    for p in patterns:
+        if p.startswith("re:") and re.match(p[3:], module):
+            return True
+        if module == p or fnmatch.fnmatchcase(module, p):
+            return True
+    return False
+
+
+def _read_config(ckpt: Path, v: Verdict) -> tuple[Names, list[str], bool]:
+    """(layout names, excluded-module patterns, FP8 KV cache) from the checkpoint's config files."""
+    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") == "compressed-tensors":
+        if qc.get("format") != "nvfp4-pack-quantized":
+            v.problems.append(f"compressed-tensors format is {qc.get('format')!r}, expected 'nvfp4-pack-quantized'")
+        for gname, group in (qc.get("config_groups") or {}).items():
+            w = group.get("weights") or {}
+            if (w.get("num_bits"), w.get("type"), w.get("group_size")) != (4, "float", 16):
+                v.problems.append(f"config group {gname}: weights are not FP4 with group_size 16")
+        if not qc.get("config_groups"):
+            v.problems.append("compressed-tensors config has no config_groups")
+        return COMPRESSED_TENSORS, list(qc.get("ignore") or []), qc.get("kv_cache_scheme") is not None
+    if (ckpt / "hf_quant_config.json").is_file():
+        qc = {**qc, **json.loads((ckpt / "hf_quant_config.json").read_text()).get("quantization", {})}
+    if qc.get("quant_algo") != "NVFP4":
+        v.problems.append(f"quantization config says quant_algo={qc.get('quant_algo')!r}, expected 'NVFP4'")
+    return MODELOPT, list(qc.get("exclude_modules") or []), qc.get("kv_cache_quant_algo") == "FP8"
+
+
 def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: bool, v: Verdict) -> None:
-    name = w if fused else w.removesuffix(".weight")
+    name = w if fused else re.sub(r"\.weight(_packed)?$", "", w)
     for k in (ws, ws2, inp):
         if k not in ts:
             v.problems.append(f"{name}: missing {k}")
@@ -107,42 +156,38 @@ def verify(ckpt: str | Path) -> Verdict:
     if not (ckpt / "config.json").is_file():
         v.problems.append(f"{ckpt}: no config.json")
         return v
-    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
-    if (ckpt / "hf_quant_config.json").is_file():
-        qc = {**qc, **json.loads((ckpt / "hf_quant_config.json").read_text()).get("quantization", {})}
-    if qc.get("quant_algo") != "NVFP4":
-        v.problems.append(f"quantization config says quant_algo={qc.get('quant_algo')!r}, expected 'NVFP4'")
-    exclude = list(qc.get("exclude_modules") or [])
+    names, exclude, kv_cache = _read_config(ckpt, v)
     v.excluded = exclude
     ts = _Tensors(ckpt)
     if not ts.where:
         v.problems.append(f"{ckpt}: no safetensors file")
         return v
-    # packed weights: X.weight + X.weight_scale, or fused P + P_weight_scale
+    # packed weights: X.<packed> + X.weight_scale, or (modelopt) fused P + P_weight_scale
+    n = names
     for k in sorted(ts.where):
-        if k.endswith(".weight_scale") and f"{k[: -len('_scale')]}" not in ts:
+        if k.endswith(n.scale) and f"{k.removesuffix(n.scale)}{n.packed}" not in ts:
             v.problems.append(f"{k}: scale without its packed weight")
-        if k.endswith(".weight") and f"{k}_scale" in ts:
-            m = k.removesuffix(".weight")
+        m = k.removesuffix(n.packed)
+        if k.endswith(n.packed) and f"{m}{n.scale}" in ts:
             v.quantized.append(m)
-            _check_quantized(ts, k, f"{m}.weight_scale", f"{m}.weight_scale_2", f"{m}.input_scale", False, v)
-        elif f"{k}_weight_scale" in ts:
+            _check_quantized(ts, k, f"{m}{n.scale}", f"{m}{n.global_scale}", f"{m}{n.input_scale}", False, v)
+        elif n is MODELOPT and f"{k}_weight_scale" in ts:
             v.fused.append(k)
             _check_quantized(ts, k, f"{k}_weight_scale", f"{k}_weight_scale_2", f"{k}_input_scale", True, v)
-        elif k.endswith(".weight") and ts.meta(k)[1] == "U8":
-            v.problems.append(f"{k.removesuffix('.weight')}: packed uint8 weight without weight_scale")
+        elif k.endswith(n.packed) and ts.meta(k)[1] == "U8":
+            v.problems.append(f"{m}: packed uint8 weight without weight_scale")
     quantized = set(v.quantized)
     for m in sorted(quantized):
-        if any(fnmatch.fnmatchcase(m, p) or m == p for p in exclude):
-            v.problems.append(f"{m}: quantized but listed in exclude_modules")
+        if _matches(m, exclude):
+            v.problems.append(f"{m}: quantized but listed as excluded in the config")
     # plain Linear weights must be excluded in the config
     for k in sorted(ts.where):
         m = k.removesuffix(".weight")
         if not k.endswith(".weight") or m in quantized or "embed" in m or "norm" in m:
             continue
         shape, dtype = ts.meta(k)
-        if len(shape) == 2 and dtype != "U8" and not any(fnmatch.fnmatchcase(m, p) for p in exclude):
-            v.problems.append(f"{m}: unquantized weight not listed in exclude_modules")
+        if len(shape) == 2 and dtype != "U8" and not _matches(m, exclude):
+            v.problems.append(f"{m}: unquantized weight not listed as excluded in the config")
     # shared global scales
     for m in sorted(quantized):
         parent, _, short = m.rpartition(".")
@@ -151,17 +196,17 @@ def verify(ckpt: str | Path) -> Verdict:
                 continue
             members = [f"{parent}.{g}" for g in group if f"{parent}.{g}" in quantized]
             if len(members) > 1:
-                vals = [ts.get(f"{x}.weight_scale_2") for x in members if f"{x}.weight_scale_2" in ts]
+                vals = [ts.get(f"{x}{n.global_scale}") for x in members if f"{x}{n.global_scale}" in ts]
                 if any(not torch.equal(vals[0], x) for x in vals[1:]):
-                    v.problems.append(f"{parent}: {'/'.join(group)} do not share weight_scale_2")
+                    v.problems.append(f"{parent}: {'/'.join(group)} do not share {n.global_scale[1:]}")
     # experts: all present, all quantized alike
     layers: dict[str, dict[int, dict[str, bool]]] = defaultdict(dict)
     for k in ts.where:
-        if k.endswith(".weight"):
-            hit = EXPERT.match(k.removesuffix(".weight"))
+        for suffix in {".weight", n.packed}:
+            hit = EXPERT.match(k.removesuffix(suffix)) if k.endswith(suffix) else None
             if hit:
                 d = layers[hit["layer"]].setdefault(int(hit["e"]), {})
-                d[hit["proj"]] = k.removesuffix(".weight") in quantized
+                d[hit["proj"]] = k.removesuffix(suffix) in quantized
     for layer, experts in sorted(layers.items()):
         v.experts[layer] = len(experts)
         missing = sorted(set(range(max(experts) + 1)) - set(experts))
@@ -170,10 +215,10 @@ def verify(ckpt: str | Path) -> Verdict:
         shapes = {tuple(sorted(d.items())) for d in experts.values()}
         if len(shapes) > 1:
             v.problems.append(f"{layer}: experts are not quantized alike ({len(shapes)} different sets of projections)")
-    if qc.get("kv_cache_quant_algo") == "FP8":
+    if kv_cache:
         kv = [k for k in ts.where if k.endswith((".k_scale", ".v_scale"))]
         if not kv:
-            v.problems.append("kv_cache_quant_algo is FP8 but no k_scale/v_scale tensor is present")
+            v.problems.append("the config asks for an FP8 KV cache but no k_scale/v_scale tensor is present")
         for k in kv:
             if not _positive(ts.get(k)):
                 v.problems.append(f"{k} is not finite float32 > 0")

@@ -1,0 +1,98 @@
+"""The compressed-tensors ``nvfp4-pack-quantized`` layout (llm-compressor's; vLLM and transformers read it).
+
+Per quantized Linear ``X`` (fused experts: per expert, under ``save_pretrained``'s names)::
+
+    X.weight_packed        uint8 [out, in/2]            two E2M1 nibbles, low nibble = even column
+    X.weight_scale         float8_e4m3fn [out, in/16]   block scales (the same bytes as the modelopt layout)
+    X.weight_global_scale  float32 [1]                  1 / weight_scale_2  (= 448 * 6 / g)
+    X.input_global_scale   float32 [1]                  1 / input_scale     (= 448 * 6 / input_amax)
+
+The global scales are divisors here: a loader dequantizes ``e2m1 * (byte / global_scale)``, which
+equals our ``e2m1 * (byte * scale_2)`` up to the last bit (a quotient by ``fl(1/s2)`` is not always
+the product by ``s2``); the packed nibbles and block-scale bytes are identical in both layouts.
+``1 / s2`` is what compressed-tensors' own ModelOpt converter computes, so both paths agree.
+
+FP8 KV cache adds ``self_attn.k_scale`` / ``self_attn.v_scale`` (float32 [1]) on the attention
+module and config.json's ``kv_cache_scheme``. Experts that ``save_pretrained`` keeps fused
+(GPT-OSS) cannot be written: compressed-tensors schemes target Linear modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__, nvfp4
+from .plan import Layout, update_config, write_checkpoint
+
+
+def _reciprocal(s: torch.Tensor) -> torch.Tensor:
+    return (1 / s.float()).reshape(1)
+
+
+COMPRESSED_TENSORS = Layout(
+    name="compressed_tensors",
+    quant_names=lambda p: (
+        f"{p}.weight_packed",
+        f"{p}.weight_scale",
+        f"{p}.weight_global_scale",
+        f"{p}.input_global_scale",
+    ),
+    fused_names=None,
+    store=lambda packed, scales, s2, in_s2: (packed, scales, _reciprocal(s2), _reciprocal(in_s2)),
+    kv_name=lambda proj, which: f"{proj.rsplit('.', 1)[0]}.{which}_scale",
+    kv_value=lambda: torch.ones(1, dtype=torch.float32),
+)
+
+
+def _fp4_args(dynamic) -> dict:
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "strategy": "tensor_group",
+        "group_size": nvfp4.BLOCK,
+        "symmetric": True,
+        "dynamic": dynamic,
+        "observer": None,
+        "scale_dtype": "float8_e4m3fn",
+        "zp_dtype": None,
+    }
+
+
+def quantization_config(kv_cache: bool, excluded: list[str]) -> dict:
+    """config.json's ``quantization_config`` for an NVFP4 W4A4 checkpoint in this layout."""
+    kv = None
+    if kv_cache:
+        kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "version": None,
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _fp4_args(False),
+                "input_activations": _fp4_args("local"),
+                "output_activations": None,
+                "format": "nvfp4-pack-quantized",
+            }
+        },
+        "ignore": excluded,
+        "kv_cache_scheme": kv,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "producer": {"name": "nvfp4cal", "version": __version__},
+    }
+
+
+def configure(tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
+    update_config(tmp, quantization_config(kv_cache, excluded))
+
+
+def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=None, **kw) -> dict:
+    """Write the compressed-tensors checkpoint into ``out_dir`` atomically (see :func:`plan.write_checkpoint`)."""
+    return write_checkpoint(model, out_dir, COMPRESSED_TENSORS, configure, tokenizer, **kw)
