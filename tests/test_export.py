@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nvfp4cal.export.common import ExportError, atomic_dir, model_tensors, saved_layout, write_shards
+from nvfp4cal.export.common import ExportError, Item, atomic_dir, model_tensors, saved_layout, write_shards
 from nvfp4cal.export.plan import check_tensors
 from nvfp4cal.insert import BadWeightError, insert_quantizers
 from nvfp4cal.models import build_tiny
@@ -36,7 +36,7 @@ def test_atomic_dir_replaces_only_with_overwrite(tmp_path):
 
 
 def test_shards_and_index(tmp_path):
-    items = [(4000, lambda i=i: {f"t{i}": torch.full((1000,), float(i))}) for i in range(5)]
+    items = [Item(4000, (f"t{i}",), lambda i=i: {f"t{i}": torch.full((1000,), float(i))}) for i in range(5)]
     wm = write_shards(tmp_path, items, max_shard_bytes=9000, check=lambda t: None, progress=False)
     files = sorted(set(wm.values()))
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
@@ -44,6 +44,36 @@ def test_shards_and_index(tmp_path):
     assert index["weight_map"] == wm and index["metadata"]["total_size"] == 20000
     with safe_open(str(tmp_path / wm["t4"]), "pt") as f:
         assert f.get_tensor("t4")[0].item() == 4.0
+
+
+def test_streamed_safetensors_read_back_exactly(tmp_path):
+    """Our streaming writer: every dtype we write, 0-d, empty and strided tensors, read by safetensors."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    want = {
+        "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "fp8": torch.randn(4, 2, generator=g).to(torch.float8_e4m3fn),
+        "u8": torch.randint(0, 256, (7,), generator=g, dtype=torch.uint8),
+        "scalar": torch.tensor(0.25),
+        "vec1": torch.tensor([3.0]),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+        "i64": torch.arange(5),
+    }
+    items = [Item(8, (k,), lambda k=k, v=v: {k: v}) for k, v in want.items()]
+    wm = write_shards(tmp_path, items, max_shard_bytes=1 << 20, check=lambda t: None, progress=False)
+    assert set(wm.values()) == {"model.safetensors"}
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(
+            got[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else got[k],
+            v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+        ), k
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
 
 
 def test_check_tensors_names_the_bad_one():

@@ -102,3 +102,21 @@ def test_fast_kernel_one_launch_for_all_experts():
     got = kern.mse_amax_triton(x.to(DEV), gs.to(DEV), block_b=BIG).cpu().view(3, -1)
     for e in range(3):
         assert torch.equal(got[e], mse.mse_amax_reference(x[e], gs[e])), f"expert {e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sqerr_matches_fake_quant(dtype):
+    """The report's one-pass squared error equals sum((w - fake_quantize(w))^2) and sum(w^2)."""
+    from nvfp4cal import nvfp4
+    from nvfp4cal.kernels.fp8_sweep import block_sqerr_triton
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(3, 40, 64, generator=g) * torch.rand(3, 1, 1, generator=g)).to(DEV, dtype)
+    blk = nvfp4.block_amax(w)
+    s2 = nvfp4.scale_2(blk.flatten(-2).amax(-1))[:, None, None]
+    step = nvfp4.block_scales(blk, s2).float() * s2
+    err, sig = block_sqerr_triton(w, step, block_b=64)
+    fq = nvfp4.fake_quantize(w.float(), blk, s2)  # the NVFP4 values themselves, before any bf16 rounding
+    want_err = float((fq - w.float()).pow(2).sum(dtype=torch.float64))
+    want_sig = float(w.float().pow(2).sum(dtype=torch.float64))
+    assert err == pytest.approx(want_err, rel=1e-5) and sig == pytest.approx(want_sig, rel=1e-6)

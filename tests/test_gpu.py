@@ -62,3 +62,29 @@ def test_pipeline_same_bytes_with_kernel_and_reference(tmp_path):
     assert names == sorted(p.name for p in cb.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(ca, cb, names, shallow=False)
     assert not mismatch and not errors, mismatch
+
+
+def test_grouped_experts_on_cuda_match_eager():
+    """bf16 on CUDA picks the grouped path (torch._grouped_mm); it agrees with the eager loop."""
+    from test_families import _model
+
+    from nvfp4cal.experts import QuantExpertsMixin
+    from nvfp4cal.insert import insert_quantizers
+    from nvfp4cal.quantizers import set_mode
+    from nvfp4cal.recipe import build_recipe
+
+    outs, amax = {}, {}
+    for impl in ("eager", "auto"):
+        m = _model("tiny_qwen3_moe").to("cuda", torch.bfloat16)
+        insert_quantizers(m, build_recipe("t", rules=["*.experts.*"]))
+        experts = [x for x in m.modules() if isinstance(x, QuantExpertsMixin)]
+        for x in experts:
+            x.grouped = impl
+        assert experts[0].use_grouped(torch.zeros(1, device="cuda")) == (impl == "auto")
+        set_mode(m, "calib")
+        ids = torch.randint(0, 200, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+        with torch.no_grad():
+            outs[impl] = m(input_ids=ids, use_cache=False).logits.float()
+        amax[impl] = torch.stack([x.gate_up_input.amax for x in experts])
+    torch.testing.assert_close(outs["auto"], outs["eager"], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(amax["auto"], amax["eager"], rtol=0.02, atol=0)

@@ -30,7 +30,17 @@ def test_report_fields_and_plots(tmp_path):
     assert set(ppl) == {"original", "max_calibrated", "quantized"}
     assert all(math.isfinite(v) and v > 1 for v in ppl.values())
     assert r["objective"] == {"name": "quantized_ppl", "value": ppl["quantized"]}
-    assert set(r["stages"]) == {"load", "calibration", "bootstrap", "measure", "sweep", "export", "evaluate"}
+    assert set(r["stages"]) == {
+        "load",
+        "insert",
+        "calibration",
+        "bootstrap",
+        "measure",
+        "sweep",
+        "measure_mse",
+        "export",
+        "evaluate",
+    }
     for s in r["stages"].values():
         assert s["seconds"] >= 0 and s["cpu_peak_rss_gib"] > 0
     assert len(r["weights"]) == r["quantized"]

@@ -36,6 +36,7 @@ class RunResult:
 def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
     import lightning as L
+    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.accelerators import CPUAccelerator
 
@@ -47,6 +48,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     from .models import upcast_for_cpu
     from .module import CalibrationModule
     from .report import OBJECTIVES, objective, write_report
+    from .sweep import warm_up
 
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
@@ -66,9 +68,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
 
     with stage(stages, "load"):
         recipe = instantiate(cfg.recipe, _convert_="all")
+        if recipe.algorithm.sweep and cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto"):
+            warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype", "bfloat16")), torch.bfloat16))
         loaded = instantiate(cfg.model, _convert_="all")
 
-    plan = insert_quantizers(loaded.model, recipe)
+    with stage(stages, "insert", next(loaded.model.parameters()).device):
+        plan = insert_quantizers(loaded.model, recipe)
     log.info("recipe %s quantizes %d weights in NVFP4:\n%s", recipe.name, len(plan.quantized), plan.summary())
     if plan.kv_cache:
         log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))

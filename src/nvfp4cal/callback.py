@@ -99,8 +99,9 @@ class PostCalibration(L.Callback):
         if self.algorithm.sweep:
             with stage(self.stages, "sweep", dev):
                 self.results["sweep"] = mse_sweep(model, self.algorithm.kernel, progress=progress)
-            for n, e in weight_errors(model, keep=evaluate).items():
-                weights[n]["mse"] = e
+            with stage(self.stages, "measure_mse", dev):
+                for n, e in weight_errors(model, keep=evaluate).items():
+                    weights[n]["mse"] = e
         self.results["weights"] = weights
         with stage(self.stages, "export", dev):
             if trainer.is_global_zero:

@@ -3,7 +3,8 @@
 * perplexity = exp(mean next-token cross-entropy) over the held-out batches, with the quantizers
   in one mode (``off`` = the original model, ``quant`` = what the export computes).
 * weight SQNR (dB) = 10 log10(sum w^2 / sum (w - fq(w))^2); relative MSE = sum (w - fq(w))^2 / sum w^2,
-  for every NVFP4 weight (all experts of a fused parameter together).
+  for every NVFP4 weight (all experts of a fused parameter together). On a GPU one Triton pass
+  computes both sums (:func:`kernels.fp8_sweep.block_sqerr_triton`); elsewhere torch does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .nvfp4 import block_scales, row_chunks
 from .quantizers import set_mode
 from .sweep import weight_quantizers
 
@@ -48,14 +50,33 @@ def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, f
     ``keep=True`` leaves each fake-quant weight cached for a following ``quant``-mode forward.
     """
     out = {}
+    fused = None if keep else _fused_sqerr()
     for name, wq, w in weight_quantizers(model):
-        w32 = w.detach().float()
-        fq = wq.quantized(w) if keep else wq.fake_quant(w)
-        err = (fq.float() - w32).pow(2).sum().item()
-        sig = w32.pow(2).sum().item()
+        if fused is not None and w.is_cuda:  # one Triton pass, no fake-quant copy
+            s2 = wq.scale_2_bcast(w.device)
+            err, sig = fused(w, block_scales(wq.block_amax.to(w.device), s2).float() * s2)
+        else:
+            fq = wq.quantized(w) if keep else wq.fake_quant(w)
+            err = sig = 0.0
+            for c in row_chunks(w):  # bounded fp32 temporaries for large fused weights
+                w32 = w[c].detach().float()
+                err += float((fq[c].float() - w32).pow(2).sum(dtype=torch.float64))
+                sig += float(w32.pow(2).sum(dtype=torch.float64))
+            del fq
         rel = err / sig if sig > 0 else 0.0
         out[name] = {"sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"), "rel_mse": rel}
     return out
+
+
+def _fused_sqerr():
+    """The Triton squared-error kernel, or None without a GPU / Triton (then torch computes it)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from .kernels.fp8_sweep import block_sqerr_triton
+    except ImportError:
+        return None
+    return block_sqerr_triton
 
 
 def peak_memory_gib(device: torch.device | None = None) -> dict[str, float]:

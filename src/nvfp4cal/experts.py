@@ -2,10 +2,17 @@
 
 transformers 5.x stores a layer's experts fused as 3-D parameters,
 ``gate_up_proj`` [E, 2I, H] (gate rows first, then up rows) and ``down_proj`` [E, H, I].
-:class:`QuantExpertsMixin` is swapped into such a module's class. Its forward is the eager
-per-expert loop (the same math as transformers' ``eager`` implementation, whatever
-``_experts_implementation`` the model was loaded with), so calibration sees each expert's input
-to gate_up and to down, counts its tokens, and in ``quant`` mode runs it W4A4.
+:class:`QuantExpertsMixin` is swapped into such a module's class. Its forward sees each expert's
+input to gate_up and to down, counts its tokens, and in ``quant`` mode runs it W4A4, in one of two
+ways (``grouped``):
+
+* ``eager``: the per-expert loop (the same math as transformers' ``eager`` implementation);
+* ``grouped``: the (token, expert) pairs sorted by expert and both projections run as one
+  ``torch._grouped_mm`` each; per-expert input amaxes are a ``scatter_reduce(amax)`` of per-row
+  amaxes by expert id, token counts a ``bincount`` - no Python loop over experts, no host sync.
+  The K contributions of a token are summed in a fixed order (deterministic, no atomics).
+
+``auto`` (the default) is ``grouped`` for bf16 weights on CUDA, else ``eager``.
 
 Input amaxes are recorded per expert; engines consume one input scale per layer and projection,
 the max over the layer's experts (``InputQuantizer.shared_amax``), and so does ``quant`` mode.
@@ -131,7 +138,64 @@ class QuantExpertsMixin:
             return y if b is None else y + b
         return F.linear(x, w, b)
 
+    def use_grouped(self, hidden_states: torch.Tensor) -> bool:
+        mode = getattr(self, "grouped", "auto")
+        if mode == "auto":
+            w = getattr(self, self.first_proj)
+            return hidden_states.is_cuda and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        return mode == "grouped"
+
     def forward(self, hidden_states, top_k_index, top_k_weights):  # noqa: D102 (transformers' signature)
+        if self.use_grouped(hidden_states):
+            return self.forward_grouped(hidden_states, top_k_index, top_k_weights)
+        return self.forward_eager(hidden_states, top_k_index, top_k_weights)
+
+    def _grouped_input(self, q: InputQuantizer, x: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor, on: bool):
+        """Rows of ``x`` belong to experts ``expert`` (sorted; rows with ``keep`` False are not observed):
+        per-expert amax in one scatter."""
+        if q.mode == "calib":
+            row = x.detach().abs().amax(-1).float() * keep
+            q.amax.scatter_reduce_(0, expert, row, "amax")
+            q.seen.index_add_(0, expert, keep.long())
+            return x
+        if q.mode == "quant" and on:
+            return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
+        return x
+
+    def forward_grouped(self, hidden_states, top_k_index, top_k_weights):
+        """All experts in two ``torch._grouped_mm`` calls (see the module docstring)."""
+        n = self.tokens.numel()
+        t, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        valid = (flat >= 0) & (flat < n)
+        expert_of = torch.where(valid, flat, 0)  # pairs of other ranks' experts: weight 0, not counted
+        route = torch.where(valid, top_k_weights.reshape(-1), 0)
+        counts = torch.bincount(expert_of[valid], minlength=n)
+        if self.gate_up_input.mode == "calib":
+            self.tokens += counts.to(self.tokens.device)
+        order = torch.argsort(expert_of, stable=True)
+        expert = expert_of[order]
+        offs = torch.bincount(expert, minlength=n).cumsum(0).to(torch.int32)
+        tok, keep = order // k, valid[order]
+        x = self._grouped_input(self.gate_up_input, hidden_states[tok], expert, keep, self.inputs_on[0])
+        w1, w2 = self._weight(self.first_proj, self.gate_up_weight), self._weight("down_proj", self.down_weight)
+        b1, b2 = getattr(self, f"{self.first_proj}_bias", None), getattr(self, "down_proj_bias", None)
+        # grouped_mm wants [E, in, out]: the stored layout when transposed, else a transposed view
+        h = torch._grouped_mm(x, w1 if self.transposed else w1.transpose(-1, -2), offs=offs)
+        h = h if b1 is None else h + b1[expert]
+        h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
+        h = self._grouped_input(self.down_input, h, expert, keep, self.inputs_on[1])
+        y = torch._grouped_mm(h, w2 if self.transposed else w2.transpose(-1, -2), offs=offs)
+        y = y if b2 is None else y + b2[expert]
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        y = y * route[order, None].to(y.dtype)
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(t, k, -1).sum(1).to(hidden_states.dtype)
+
+    def forward_eager(self, hidden_states, top_k_index, top_k_weights):
+        """The per-expert loop, in the order of transformers' eager implementation."""
         n = self.tokens.numel()
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():

@@ -125,9 +125,13 @@ def byte_tokenizer():
 
 
 def build_tiny(
-    config_class: str, config: dict, seed: int = 0, dtype: str = "float32", name: str = "tiny"
+    config_class: str, config: dict, seed: int = 0, dtype: str = "float32", name: str = "tiny", device: str = "cpu"
 ) -> LoadedModel:
-    """A random model from a transformers config class (e.g. ``LlamaConfig``) and a byte tokenizer."""
+    """A random model from a transformers config class (e.g. ``LlamaConfig``) and a byte tokenizer.
+
+    ``device="cuda"`` builds and initializes it on the GPU (a multi-billion-parameter random model
+    in seconds instead of minutes of CPU init).
+    """
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +143,10 @@ def build_tiny(
     cfg.pad_token_id = tok.pad_token_id
     cfg.eos_token_id = cfg.bos_token_id = tok.eos_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ModelError(f"model.device={device} but no CUDA device is available; use model.device=cpu")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
     model.eval()
     return LoadedModel(model, tok, name)
 

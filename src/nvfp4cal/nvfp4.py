@@ -150,6 +150,18 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
+def row_chunks(w: torch.Tensor, budget_bytes: int = 64 * 2**20) -> list[slice]:
+    """Slices of ``w``'s first dim (experts, or rows of a 2-D weight) whose fp32 copy fits ``budget_bytes``.
+
+    Quantization is independent per block of 16 along the last dim, so any such slicing gives the
+    same bytes; it bounds the fp32 temporaries of a large fused weight to about ``budget_bytes``.
+    """
+    if w.dim() < 2 or w.numel() * 4 <= budget_bytes:
+        return [slice(None)]
+    step = max(1, budget_bytes // max(1, w[0].numel() * 4))
+    return [slice(i, i + step) for i in range(0, w.shape[0], step)]
+
+
 def fp8_candidates(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 126 finite positive E4M3 values divided by 448, ascending (fp32).
 

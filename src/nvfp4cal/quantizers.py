@@ -75,18 +75,29 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor) -> None:
-        """Max calibration from the weight itself."""
-        blk = nvfp4.block_amax(w)
-        self.block_amax.copy_(blk)
-        self.global_amax.copy_(blk.flatten(-2).amax(-1))
+        """Max calibration from the weight itself (in chunks: no fp32 copy of a whole fused weight)."""
+        for c in nvfp4.row_chunks(w):
+            self.block_amax[c].copy_(nvfp4.block_amax(w[c]))
+        self.global_amax.copy_(self.block_amax.flatten(-2).amax(-1))
         self._cache = None
 
     def scale_2(self) -> torch.Tensor:
         return nvfp4.scale_2(self.global_amax)
 
+    def scale_2_bcast(self, device: torch.device) -> torch.Tensor:
+        """``scale_2`` shaped to broadcast over ``[*lead, out, in/16]``."""
+        return self.scale_2().to(device)[(...,) + (None,) * 2]
+
+    @torch.no_grad()
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        s2 = self.scale_2().to(w.device)[(...,) + (None,) * 2]
-        return nvfp4.fake_quantize(w, self.block_amax.to(w.device), s2)
+        s2, blk = self.scale_2_bcast(w.device), self.block_amax.to(w.device)
+        chunks = nvfp4.row_chunks(w)
+        if len(chunks) == 1:
+            return nvfp4.fake_quantize(w, blk, s2)
+        out = torch.empty_like(w)
+        for c in chunks:  # a fused weight's experts (or a big weight's rows) a few at a time
+            out[c] = nvfp4.fake_quantize(w[c], blk[c], s2[c] if s2.dim() == 3 else s2)
+        return out
 
     def quantized(self, w: torch.Tensor) -> torch.Tensor:
         """``fake_quant(w)``, kept until the amaxes change (calibrate, shared scales, the sweep)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,32 @@ def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
             raise UserError(f"recipe.algorithm.kernel=triton asked for but Triton is unavailable: {err}") from err
         return "reference", mse_amax_reference
     return "triton", mse_amax_triton
+
+
+def warm_up(kernel: str, dtype: torch.dtype) -> threading.Thread | None:
+    """Compile (or load from Triton's cache) the sweep kernel in a background thread.
+
+    Started before the model loads, so the JIT (seconds on a fresh machine) overlaps loading and
+    calibration instead of delaying the sweep. A tiny launch with every size a multiple of 16
+    gets the same specialization as real weights. Failures are left to the real call to report.
+    """
+    if kernel == "reference" or os.environ.get("NVFP4CAL_KERNEL") == "reference" or not torch.cuda.is_available():
+        return None
+
+    def run():
+        try:
+            from .kernels.fp8_sweep import mse_amax_triton
+
+            # no random numbers: this runs beside the model's (seeded) initialization
+            x = torch.linspace(-1, 1, 16 * 16 * 16, device="cuda").reshape(16, 16, 16).to(dtype)
+            mse_amax_triton(x, x.float().abs().reshape(16, -1).amax(-1))
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 (the sweep itself will raise it properly)
+            log.debug("sweep kernel warm-up failed: %s", err)
+
+    t = threading.Thread(target=run, name="nvfp4cal-kernel-warm-up", daemon=True)
+    t.start()
+    return t
 
 
 def weight_quantizers(model: nn.Module) -> list[tuple[str, WeightQuantizer, torch.Tensor]]:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import struct
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -71,40 +73,76 @@ class Verdict:
         return "\n".join(out)
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _Tensors:
-    """Lazy access to every tensor of a sharded safetensors checkpoint."""
+    """Every tensor of a sharded safetensors checkpoint, read through a memory map.
+
+    Each file is first opened with ``safetensors.safe_open`` (what loaders do: it validates the
+    header and the offsets); tensors are then sliced out of a copy-on-write memory map, which costs
+    microseconds per tensor instead of a call per tensor through the library.
+    """
 
     def __init__(self, ckpt: Path):
-        self.where = {}  # tensor name -> open file handle (one per shard, kept for the whole check)
+        self.where: dict[str, tuple[np.ndarray, dict]] = {}  # name -> (file's data map, header entry)
         for f in sorted(ckpt.glob("*.safetensors")):
-            fh = safe_open(str(f), "pt")
-            for k in fh.keys():
-                self.where[k] = fh
+            with safe_open(str(f), "pt") as fh:
+                fh.keys()
+            with open(f, "rb") as raw:
+                n = struct.unpack("<Q", raw.read(8))[0]
+                header = json.loads(raw.read(n))
+            data = np.memmap(f, dtype=np.uint8, mode="c", offset=8 + n) if f.stat().st_size > 8 + n else None
+            for k, entry in header.items():
+                if k != "__metadata__":
+                    self.where[k] = (data, entry)
 
     def __contains__(self, k: str) -> bool:
         return k in self.where
 
     def get(self, k: str) -> torch.Tensor:
-        return self.where[k].get_tensor(k)
+        data, entry = self.where[k]
+        (b, e), dtype = entry["data_offsets"], _DTYPES[entry["dtype"]]
+        raw = torch.from_numpy(data[b:e]) if e > b else torch.empty(0, dtype=torch.uint8)
+        return raw.view(dtype).reshape(entry["shape"])
 
     def meta(self, k: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string such as 'U8', 'BF16') without reading the data."""
-        sl = self.where[k].get_slice(k)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        entry = self.where[k][1]
+        return tuple(entry["shape"]), entry["dtype"]
 
 
 def _positive(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and bool(torch.isfinite(t).all()) and bool((t > 0).all())
+    if t.dtype != torch.float32:
+        return False
+    a = t.numpy()
+    return bool(np.isfinite(a).all() and (a > 0).all())
 
 
-def _matches(module: str, patterns: list[str]) -> bool:
-    """compressed-tensors ``re:`` patterns and modelopt's fnmatch wildcards."""
-    for p in patterns:
-        if p.startswith("re:") and re.match(p[3:], module):
-            return True
-        if module == p or fnmatch.fnmatchcase(module, p):
-            return True
-    return False
+class _Matcher:
+    """Excluded-module patterns: exact names, modelopt's fnmatch wildcards, compressed-tensors' ``re:``."""
+
+    def __init__(self, patterns: list[str]):
+        self.exact = set(patterns)
+        regexes = [p[3:] for p in patterns if p.startswith("re:")]
+        regexes += [fnmatch.translate(p) for p in patterns if not p.startswith("re:")]
+        self.regex = re.compile("|".join(f"(?:{r})" for r in regexes)) if regexes else None
+
+    def __call__(self, module: str) -> bool:
+        return module in self.exact or (self.regex is not None and self.regex.match(module) is not None)
 
 
 def _read_config(ckpt: Path, v: Verdict) -> tuple[Names, list[str], bool]:
@@ -142,7 +180,7 @@ def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: b
         elif shape[:-1] != tuple(scale.shape[:-1]) or shape[-1] != 8 * scale.shape[-1]:
             v.problems.append(f"{name}: weight_scale shape {tuple(scale.shape)} does not fit weight {shape}")
         else:
-            nan = int(((scale.view(torch.uint8) & 0x7F) == 0x7F).sum())
+            nan = int(np.count_nonzero((scale.view(torch.uint8).numpy() & 0x7F) == 0x7F))
             if nan:
                 v.problems.append(f"{name}: {nan} NaN E4M3 byte(s) in weight_scale")
     for k in (ws2, inp):
@@ -177,8 +215,9 @@ def verify(ckpt: str | Path) -> Verdict:
         elif k.endswith(n.packed) and ts.meta(k)[1] == "U8":
             v.problems.append(f"{m}: packed uint8 weight without weight_scale")
     quantized = set(v.quantized)
+    excluded = _Matcher(exclude)
     for m in sorted(quantized):
-        if _matches(m, exclude):
+        if excluded(m):
             v.problems.append(f"{m}: quantized but listed as excluded in the config")
     # plain Linear weights must be excluded in the config
     for k in sorted(ts.where):
@@ -186,7 +225,7 @@ def verify(ckpt: str | Path) -> Verdict:
         if not k.endswith(".weight") or m in quantized or "embed" in m or "norm" in m:
             continue
         shape, dtype = ts.meta(k)
-        if len(shape) == 2 and dtype != "U8" and not _matches(m, exclude):
+        if len(shape) == 2 and dtype != "U8" and not excluded(m):
             v.problems.append(f"{m}: unquantized weight not listed as excluded in the config")
     # shared global scales
     for m in sorted(quantized):

@@ -10,17 +10,22 @@ for Mixtral, ...).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import queue
 import shutil
+import struct
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,41 +68,48 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Slice]:
-    """Map each name ``save_pretrained`` would write to the slice of our parameters it holds."""
+    """Map each name ``save_pretrained`` would write to the slice of our parameters it holds.
+
+    The result depends only on the model's structure; it is remembered on the model (planning an
+    export before calibration and exporting after it pay for it once).
+    """
+    key = tuple((n, tuple(t.shape)) for n, t in tensors.items())
+    memo = model.__dict__.get("_nvfp4cal_saved_layout")
+    if memo is not None and memo[0] == key:
+        return memo[1]
     from transformers.core_model_loading import revert_weight_conversion
 
-    probes, bases, base = {}, [], 0
+    probes, starts, owners, base = {}, [], [], 0
     for name, t in tensors.items():
         rows = t.shape[0] * (t.shape[1] if t.dim() == 3 else 1) if t.dim() else 1
         shape = (*t.shape[:-1], 1) if t.dim() >= 2 else (max(t.numel(), 1),)
         probes[name] = (torch.arange(rows, dtype=torch.float64) + base).reshape(shape)
-        bases.append((base, name, t))
+        starts.append(base)
+        owners.append((name, t))
         base += rows
     reverted = revert_weight_conversion(model, probes) if hasattr(model, "config") else probes
     layout = {}
     for out_name, probe in reverted.items():
-        ids = probe.reshape(-1).long()
-        first = int(ids[0])
-        b, pname, t = max((x for x in bases if x[0] <= first), key=lambda x: x[0])
-        rel = ids - b
-        if t.dim() == 3 and torch.equal(rel, torch.arange(t.shape[0] * t.shape[1])):
+        ids = probe.reshape(-1).numpy().astype(np.int64)
+        i = bisect.bisect_right(starts, int(ids[0])) - 1
+        pname, t = owners[i]
+        rel = ids - starts[i]
+        contiguous = bool(np.all(np.diff(rel) == 1))
+        if t.dim() == 3 and contiguous and rel[0] == 0 and len(rel) == t.shape[0] * t.shape[1]:
             layout[out_name] = Slice(pname, None, 0, t.shape[1], True)  # saved fused, as stored (GPT-OSS)
             continue
-        if t.dim() == 3:
-            per = t.shape[1]
-            experts = (rel // per).unique()
-            if experts.numel() != 1:
-                raise ExportError(f"{out_name}: saved tensor spans several experts of {pname}; layout not supported")
-            rows = rel % per
-            e = int(experts[0])
-        else:
-            rows, e, per = rel, None, (t.shape[0] if t.dim() else 1)
-        start, stop = int(rows[0]), int(rows[-1]) + 1
-        if not torch.equal(rows, torch.arange(start, stop)):
+        per = t.shape[1] if t.dim() == 3 else (t.shape[0] if t.dim() else 1)
+        e = int(rel[0] // per) if t.dim() == 3 else None
+        if t.dim() == 3 and int(rel[-1] // per) != e:
+            raise ExportError(f"{out_name}: saved tensor spans several experts of {pname}; layout not supported")
+        if not contiguous:
             raise ExportError(
                 f"{out_name}: saved tensor is not a contiguous row slice of {pname}; layout not supported"
             )
+        start = int(rel[0] % per) if t.dim() == 3 else int(rel[0])
+        stop = start + len(rel)
         layout[out_name] = Slice(pname, e, start, stop, start == 0 and stop == per)
+    model.__dict__["_nvfp4cal_saved_layout"] = (key, layout)
     return layout
 
 
@@ -110,39 +122,172 @@ def take(t: torch.Tensor, s: Slice) -> torch.Tensor:
 Producer = Callable[[], dict[str, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class Item:
+    """Tensors written together: about ``nbytes``, named ``names``, made by ``produce()`` when written."""
+
+    nbytes: int
+    names: tuple[str, ...]
+    produce: Producer
+
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class Staging:
+    """A ring of pinned host buffers for GPU -> file copies (allocated on first use).
+
+    A GPU tensor is copied piece by piece into a free buffer without blocking (DMA at full PCIe
+    speed, no page faults), and the writer thread writes the piece once its copy has finished and
+    then frees the buffer; the producer waits only when every buffer is in flight.
+    """
+
+    def __init__(self, slots: int = 8, slot_bytes: int = 32 << 20):
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.free: queue.Queue | None = None
+
+    def acquire(self) -> torch.Tensor:
+        if self.free is None:
+            self.free = queue.Queue()
+            for _ in range(self.slots):
+                self.free.put(torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True))
+        return self.free.get()
+
+    def release(self, buf: torch.Tensor) -> None:
+        self.free.put(buf)
+
+
+class ShardWriter:
+    """Streams tensors into one safetensors file as they are produced.
+
+    safetensors is ``u64 header size | JSON header | data``. The header's size is only known at the
+    end, so room for it is reserved from the names to be written (JSON allows the trailing spaces
+    that pad it), data is appended as each tensor arrives, and the header is written last. Writes
+    run on a background thread (``file.write`` releases the GIL) while the caller produces the next
+    tensors; at most ``max_pending`` bytes of CPU tensors wait in memory, GPU tensors pass through
+    the pinned :class:`Staging` ring.
+    """
+
+    def __init__(self, path: Path, names: list[str], staging: Staging | None = None, max_pending: int = 1 << 30):
+        self.staging = staging or Staging()
+        self.path = path
+        self.reserve = (sum(len(n) + 200 for n in names) + 256 + 7) // 8 * 8
+        self.fh = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self.fh.seek(8 + self.reserve)
+        self.header: dict[str, dict] = {}
+        self.offset = 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: deque[tuple[Future, int]] = deque()
+        self.pending_bytes, self.max_pending = 0, max_pending
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.header:
+            raise ExportError(f"{name} written twice")
+        t = t.detach().contiguous()
+        nb = t.numel() * t.element_size()
+        self.header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.offset, self.offset + nb],
+        }
+        self.offset += nb
+        if not nb:
+            return
+        flat = t.reshape(-1).view(torch.uint8)
+        if flat.is_cuda:
+            for off in range(0, nb, self.staging.slot_bytes):
+                piece = flat[off : off + self.staging.slot_bytes]
+                buf = self.staging.acquire()
+                buf[: piece.numel()].copy_(piece, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                self.pending.append((self.pool.submit(self._write_staged, buf, piece.numel(), done), 0))
+            return
+        self.pending.append((self.pool.submit(self.fh.write, memoryview(flat.numpy())), nb))
+        self.pending_bytes += nb
+        while self.pending and self.pending_bytes > self.max_pending:
+            self._wait_one()
+
+    def _write_staged(self, buf: torch.Tensor, n: int, done: torch.cuda.Event) -> None:
+        try:
+            done.synchronize()
+            self.fh.write(memoryview(buf[:n].numpy()))
+        finally:
+            self.staging.release(buf)
+
+    def _wait_one(self) -> None:
+        fut, nb = self.pending.popleft()
+        fut.result()
+        self.pending_bytes -= nb
+
+    def close(self, metadata: dict[str, str]) -> None:
+        try:
+            while self.pending:
+                self._wait_one()
+            header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+            if len(header) > self.reserve:
+                raise ExportError(f"{self.path.name}: safetensors header larger than reserved ({len(header)} bytes)")
+            self.fh.seek(0)
+            self.fh.write(struct.pack("<Q", self.reserve) + header + b" " * (self.reserve - len(header)))
+        finally:
+            self.pool.shutdown(wait=True)
+            self.fh.close()
+
+
 def write_shards(
     out_dir: Path,
-    items: list[tuple[int, Producer]],
+    items: list[Item],
     max_shard_bytes: int,
     check: Callable[[dict[str, torch.Tensor]], None],
     progress: bool = True,
 ) -> dict[str, str]:
-    """Stream ``(nbytes, producer)`` items into safetensors shards of at most ``max_shard_bytes``.
+    """Stream items into safetensors shards of at most ``max_shard_bytes``.
 
-    Only one shard's tensors are held at a time. Writes ``model.safetensors`` (one shard) or
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``. Returns name -> file.
+    Items are assigned to shards by their size estimate up front; each item's tensors are produced,
+    checked and handed to the shard's writer one item at a time, so no shard is ever held in memory
+    whole. Writes ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``. Returns name -> file.
     """
-    shards: list[list[Producer]] = [[]]
+    shards: list[list[Item]] = [[]]
     size = 0
-    for nbytes, prod in items:
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(prod)
-        size += nbytes
+        shards[-1].append(item)
+        size += item.nbytes
     n = len(shards)
     weight_map, total = {}, 0
-    for i, group in enumerate(tqdm(shards, desc="export", unit="shard", disable=not progress)):
+    staging = Staging()
+    bar = tqdm(total=sum(i.nbytes for i in items), desc="export", unit="B", unit_scale=True, disable=not progress)
+    for i, group in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {}
-        for prod in group:
-            tensors.update(prod())
-        check(tensors)
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
+        writer = ShardWriter(out_dir / fname, [name for item in group for name in item.names], staging)
+        try:
+            for item in group:
+                tensors = item.produce()
+                check(tensors)
+                for k, v in tensors.items():
+                    writer.add(k, v)
+                    weight_map[k] = fname
+                bar.update(item.nbytes)
+        finally:
+            writer.close({"format": "pt"})
+        total += writer.offset
+    bar.close()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -9,6 +9,8 @@ Values of a quantized weight ``w`` with global amax ``g`` and block amaxes ``a_b
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from torch import nn
 from .. import nvfp4
 from ..experts import QuantExpertsMixin
 from ..quantizers import InputQuantizer, QuantLinear, WeightQuantizer
-from .common import ExportError, Slice, atomic_dir, model_tensors, saved_layout, take, write_shards
+from .common import ExportError, Item, Slice, atomic_dir, model_tensors, saved_layout, take, write_shards
 
 
 @dataclass
@@ -64,26 +66,71 @@ class Layout:
     kv_value: Callable[[], torch.Tensor]
 
 
+class PackedParams:
+    """Packed nibbles, FP8 block scales and ``scale_2`` of whole quantized parameters.
+
+    A parameter is quantized on its own device (the GPU in a GPU run) a chunk of experts at a time
+    (:func:`nvfp4.row_chunks`: bounded temporaries) and stays there; every saved slice of it (an
+    expert's gate rows, ...) is a view, copied to the file by the shard writer. Its block scales are
+    checked for NaN bytes here, once per parameter. The last ``keep`` parameters are held:
+    ``save_pretrained``'s order interleaves a layer's projections expert by expert.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.cache: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    @torch.no_grad()
+    def get(self, pname: str, t: torch.Tensor, src: QuantSource) -> tuple[torch.Tensor, ...]:
+        """(packed uint8, FP8 block scales, scale_2 (CPU), input scale_2 (CPU))."""
+        if pname in self.cache:
+            self.cache.move_to_end(pname)
+            return self.cache[pname]
+        w = t.detach().transpose(-1, -2) if src.transposed else t.detach()
+        s2 = nvfp4.scale_2(src.weight.global_amax)
+        s2b = s2.to(w.device)[(...,) + (None,) * 2]
+        blk = src.weight.block_amax
+        packed = torch.empty((*w.shape[:-1], w.shape[-1] // 2), dtype=torch.uint8, device=w.device)
+        scales = torch.empty(blk.shape, dtype=nvfp4.FP8, device=w.device)
+        for c in nvfp4.row_chunks(w):
+            nib, sc = nvfp4.quantize(w[c], blk[c].to(w.device), s2b[c] if s2b.dim() == 3 else s2b)
+            packed[c] = nvfp4.pack(nib)
+            scales[c] = sc
+        nan = int(((scales.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        if nan:
+            raise ExportError(f"{pname}: {nan} NaN E4M3 scale byte(s); refusing to write")
+        in_s2 = src.inputs.input_scale().reshape(()).float().cpu()
+        self.cache[pname] = (packed, scales, s2.cpu(), in_s2)
+        while len(self.cache) > self.keep:
+            self.cache.popitem(last=False)
+        return self.cache[pname]
+
+
 def quantized_tensors(
-    names: tuple[str, str, str, str], t: torch.Tensor, src: QuantSource, s: Slice, layout: Layout
+    names: tuple[str, str, str, str],
+    t: torch.Tensor,
+    src: QuantSource,
+    s: Slice,
+    layout: Layout,
+    packed_params: PackedParams | None = None,
+    pname: str = "",
 ) -> dict:
     """(weight, weight_scale, weight_scale_2, input_scale) of one slice: a Linear, an expert's rows,
     or all experts of a fused parameter (then weight_scale_2 has one entry per expert), stored as
     ``layout`` says."""
-    w = take(t.transpose(-1, -2) if src.transposed else t, s)
-    blk = take(src.weight.block_amax, s)
-    g = src.weight.global_amax if s.expert is None else src.weight.global_amax[s.expert]
-    s2 = nvfp4.scale_2(g)
-    nib, scales = nvfp4.quantize(w, blk.to(w.device), s2.to(w.device)[(...,) + (None,) * 2])
-    in_scale = src.inputs.input_scale().reshape(()).float().clone()
-    values = layout.store(nvfp4.pack(nib), scales, s2.clone(), in_scale)
+    packed, scales, s2, in_s2 = (packed_params or PackedParams()).get(pname, t, src)
+    s2 = s2 if s.expert is None else s2[s.expert]
+    values = layout.store(take(packed, s), take(scales, s), s2.clone(), in_s2.clone())
     return dict(zip(names, values, strict=True))
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse to write a NaN FP8 byte or a non-finite / non-positive global or input scale."""
+    """Refuse to write a NaN FP8 byte or a non-finite / non-positive global or input scale.
+
+    FP8 tensors on a GPU were checked per whole parameter by :class:`PackedParams`.
+    """
     for k, v in tensors.items():
-        if v.dtype == nvfp4.FP8:
+        if v.dtype == nvfp4.FP8 and not v.is_cuda:
             bad = (v.view(torch.uint8) & 0x7F) == 0x7F
             if bad.any():
                 raise ExportError(f"{k}: {int(bad.sum())} NaN E4M3 scale byte(s); refusing to write")
@@ -105,6 +152,7 @@ def plan_export(
     quant, kv = quant_sources(model)
     modules = dict(model.named_modules())
     items, excluded, n_quant = [], [], 0
+    packed_params = PackedParams()
     for out_name, s in saved.items():
         t = tensors[s.param]
         if s.param in quant:
@@ -122,22 +170,23 @@ def plan_export(
             if src.transposed and not s.full:
                 raise ExportError(f"{out_name}: row slices of transposed experts are not supported")
             numel = take(t, s).numel()
-            items.append(
-                (numel // 2 + numel // 16 + 8, lambda t=t, s=s, n=names, q=src: quantized_tensors(n, t, q, s, layout))
-            )
+            produce = lambda t=t, s=s, n=names, q=src: quantized_tensors(n, t, q, s, layout, packed_params, s.param)  # noqa: E731
+            items.append(Item(numel // 2 + numel // 16 + 8, names, produce))
             n_quant += 1
         else:
             part = take(t, s)
             dt = dtypes.get(s.param, t.dtype)
             nbytes = part.numel() * (torch.finfo(dt).bits // 8 if dt.is_floating_point else part.element_size())
-            items.append((nbytes, lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to(dt, copy=True)}))
+            # straight to the CPU in the dtype to write: no second copy on the GPU
+            items.append(Item(nbytes, (out_name,), lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to("cpu", dt)}))
             owner = modules.get(s.param.rsplit(".", 1)[0])
             if out_name.endswith(".weight") and t.dim() == 2 and not isinstance(owner, nn.Embedding):
                 excluded.append(out_name[: -len(".weight")])
         if s.param in kv:
             prefix = out_name[: -len(".weight")]
             which = kv[s.param]
-            items.append((4, lambda n=layout.kv_name(prefix, which): {n: layout.kv_value()}))
+            name = layout.kv_name(prefix, which)
+            items.append(Item(4, (name,), lambda n=name: {n: layout.kv_value()}))
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in excluded:
         excluded.append("lm_head")
     return items, sorted(set(excluded)), n_quant
@@ -159,10 +208,14 @@ def write_checkpoint(
     ``configure(tmp_dir, kv_cache, excluded)`` writes the layout's config files. The result is
     verified (:mod:`nvfp4cal.verify`) before it is renamed into place.
     """
+    t0 = time.perf_counter()
     _, kv = quant_sources(model)
     items, excluded, n_quant = plan_export(model, layout, dtypes)
+    seconds = {"plan": time.perf_counter() - t0}
     with atomic_dir(Path(out_dir), overwrite) as tmp:
+        t0 = time.perf_counter()
         weight_map = write_shards(tmp, items, int(max_shard_size_gb * 2**30), check_tensors, progress)
+        seconds["write"] = time.perf_counter() - t0
         model.config.save_pretrained(tmp)
         configure(tmp, bool(kv), excluded)
         if getattr(model, "generation_config", None) is not None:
@@ -171,7 +224,9 @@ def write_checkpoint(
             tokenizer.save_pretrained(tmp)
         from ..verify import verify  # a checkpoint that fails verification never reaches out_dir
 
+        t0 = time.perf_counter()
         verdict = verify(tmp)
+        seconds["verify"] = time.perf_counter() - t0
         if not verdict.ok:
             raise ExportError(
                 f"the {layout.name} export failed verification ({len(verdict.problems)} problems): "
@@ -184,6 +239,7 @@ def write_checkpoint(
         "quantized_tensors": n_quant,
         "excluded": excluded,
         "files": files,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
 
 
