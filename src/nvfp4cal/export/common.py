@@ -175,21 +175,22 @@ class ShardWriter:
 
     safetensors is ``u64 header size | JSON header | data``. The header's size is only known at the
     end, so room for it is reserved from the names to be written (JSON allows the trailing spaces
-    that pad it), data is appended as each tensor arrives, and the header is written last. Writes
-    run on a background thread (``file.write`` releases the GIL) while the caller produces the next
-    tensors; at most ``max_pending`` bytes of CPU tensors wait in memory, GPU tensors pass through
+    that pad it), each tensor's offset is fixed as it arrives, and the header is written last.
+    ``writers`` background threads ``pwrite`` the data at those offsets (releasing the GIL; page-cache
+    copies run in parallel) while the caller produces the next tensors; at most ``max_pending`` bytes of CPU tensors wait in memory, GPU tensors pass through
     the pinned :class:`Staging` ring.
     """
 
-    def __init__(self, path: Path, names: list[str], staging: Staging | None = None, max_pending: int = 1 << 30):
+    def __init__(
+        self, path: Path, names: list[str], staging: Staging | None = None, max_pending: int = 1 << 30, writers: int = 4
+    ):
         self.staging = staging or Staging()
         self.path = path
         self.reserve = (sum(len(n) + 200 for n in names) + 256 + 7) // 8 * 8
-        self.fh = open(path, "wb")  # noqa: SIM115 (closed in close())
-        self.fh.seek(8 + self.reserve)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.header: dict[str, dict] = {}
         self.offset = 0
-        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pool = ThreadPoolExecutor(max_workers=writers)
         self.pending: deque[tuple[Future, int]] = deque()
         self.pending_bytes, self.max_pending = 0, max_pending
 
@@ -206,7 +207,7 @@ class ShardWriter:
         self.offset += nb
         if not nb:
             return
-        flat = t.reshape(-1).view(torch.uint8)
+        flat, at = t.reshape(-1).view(torch.uint8), 8 + self.reserve + self.offset - nb
         if flat.is_cuda:
             for off in range(0, nb, self.staging.slot_bytes):
                 piece = flat[off : off + self.staging.slot_bytes]
@@ -214,17 +215,24 @@ class ShardWriter:
                 buf[: piece.numel()].copy_(piece, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record()
-                self.pending.append((self.pool.submit(self._write_staged, buf, piece.numel(), done), 0))
+                self.pending.append((self.pool.submit(self._write_staged, buf, piece.numel(), done, at + off), 0))
             return
-        self.pending.append((self.pool.submit(self.fh.write, memoryview(flat.numpy())), nb))
+        self.pending.append((self.pool.submit(self._write_at, memoryview(flat.numpy()), at), nb))
         self.pending_bytes += nb
         while self.pending and self.pending_bytes > self.max_pending:
             self._wait_one()
 
-    def _write_staged(self, buf: torch.Tensor, n: int, done: torch.cuda.Event) -> None:
+    def _write_at(self, data: memoryview, at: int) -> None:
+        """``pwrite`` at a known offset: several writer threads fill the file in parallel."""
+        data = data.cast("B")
+        while data:
+            n = os.pwrite(self.fd, data, at)
+            data, at = data[n:], at + n
+
+    def _write_staged(self, buf: torch.Tensor, n: int, done: torch.cuda.Event, at: int) -> None:
         try:
             done.synchronize()
-            self.fh.write(memoryview(buf[:n].numpy()))
+            self._write_at(memoryview(buf[:n].numpy()), at)
         finally:
             self.staging.release(buf)
 
@@ -240,11 +248,12 @@ class ShardWriter:
             header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
             if len(header) > self.reserve:
                 raise ExportError(f"{self.path.name}: safetensors header larger than reserved ({len(header)} bytes)")
-            self.fh.seek(0)
-            self.fh.write(struct.pack("<Q", self.reserve) + header + b" " * (self.reserve - len(header)))
+            self._write_at(
+                memoryview(struct.pack("<Q", self.reserve) + header + b" " * (self.reserve - len(header))), 0
+            )
         finally:
             self.pool.shutdown(wait=True)
-            self.fh.close()
+            os.close(self.fd)
 
 
 def write_shards(
