@@ -124,3 +124,26 @@ def test_saved_layout_uses_save_pretrained_names():
     w2 = layout["model.layers.0.block_sparse_moe.experts.1.w2.weight"]
     assert (w2.param, w2.expert, w2.full) == ("model.layers.0.mlp.experts.down_proj", 1, True)
     assert not any("quantizer" in k or "amax" in k for k in layout)
+
+
+def test_early_write_gives_the_same_tensors(tmp_path):
+    """Unquantized tensors written first (as a GPU run does during calibration), quantized ones after."""
+    from conftest import run_calibrate
+    from nvfp4cal.export.modelopt import MODELOPT, configure
+    from nvfp4cal.export.plan import CheckpointWriter
+    from nvfp4cal.reload import read_tensors
+
+    small = ["data.num_samples=2", "data.seq_len=16", "data.eval_samples=1", "report.perplexity=false"]
+    r = run_calibrate(tmp_path, ["model=tiny_qwen3_moe", "recipe=nvfp4_mlp_only_mse_fp8_cast_kv", *small])
+    w = CheckpointWriter(r.model, tmp_path / "early", MODELOPT, configure, max_shard_size_gb=1e-4, early=True)
+    w.start_early()
+    summary = w.finish()
+    assert len(summary["files"]) > 2 and (tmp_path / "early" / "model.safetensors.index.json").is_file()
+    want, got = read_tensors(tmp_path / "ckpt"), read_tensors(tmp_path / "early")
+    assert set(want) == set(got)
+    for k in want:
+        assert torch.equal(want[k].reshape(-1).view(torch.uint8), got[k].reshape(-1).view(torch.uint8)), k
+    aborted = CheckpointWriter(r.model, tmp_path / "aborted", MODELOPT, configure, early=True)
+    aborted.start_early()
+    aborted.abort()
+    assert not (tmp_path / "aborted").exists() and not list(tmp_path.glob(".aborted.tmp-*"))

@@ -1,8 +1,8 @@
 """PostCalibration: the one callback that orders the post-calibration steps.
 
 dead-expert bootstrap -> MSE sweep -> export (global rank 0). Each step is a plain function
-(:func:`experts.bootstrap_dead_experts`, :func:`sweep.mse_sweep`, :func:`export.modelopt.export_modelopt`,
-:func:`export.compressed_tensors.export_compressed_tensors`).
+(:func:`experts.bootstrap_dead_experts`, :func:`sweep.mse_sweep`, :class:`export.plan.CheckpointWriter`);
+on a GPU the unquantized tensors are written while calibration runs.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import torch
 from .errors import UserError
 from .evaluate import perplexity, stage, weight_errors
 from .experts import bootstrap_dead_experts, check_inputs_calibrated
-from .export.compressed_tensors import COMPRESSED_TENSORS, export_compressed_tensors
-from .export.modelopt import MODELOPT, export_modelopt
-from .export.plan import plan_export
+from .export import compressed_tensors, modelopt
+from .export.plan import CheckpointWriter, plan_export
 from .quantizers import clear_caches
 from .recipe import Algorithm
 from .sweep import mse_sweep
@@ -27,8 +26,11 @@ from .sweep import mse_sweep
 log = logging.getLogger("nvfp4cal")
 
 
-EXPORTERS = {"modelopt": export_modelopt, "compressed_tensors": export_compressed_tensors}
-LAYOUTS = {"modelopt": MODELOPT, "compressed_tensors": COMPRESSED_TENSORS}
+# layout -> (naming and storage, config writer)
+EXPORTERS = {
+    "modelopt": (modelopt.MODELOPT, modelopt.configure),
+    "compressed_tensors": (compressed_tensors.COMPRESSED_TENSORS, compressed_tensors.configure),
+}
 
 
 @dataclass
@@ -49,7 +51,7 @@ class ExportConfig:
     def check_model(self, model: torch.nn.Module) -> None:
         """Plan every export now (cheap: names and slices only) so that an impossible layout fails early."""
         for fmt, _ in self.targets():
-            plan_export(model, LAYOUTS[fmt])
+            plan_export(model, EXPORTERS[fmt][0])
 
     def targets(self) -> list[tuple[str, Path]]:
         """(layout, directory) of every checkpoint this export writes."""
@@ -73,10 +75,37 @@ class PostCalibration(L.Callback):
         self.stages: dict[str, dict] = {}
         self.results: dict = {}
         self._calib = None
+        self._writers: list[CheckpointWriter] = []
+
+    def _writer(self, model, fmt: str, out: Path, progress: bool, early: bool) -> CheckpointWriter:
+        layout, configure = EXPORTERS[fmt]
+        e = self.export
+        return CheckpointWriter(
+            model,
+            out,
+            layout,
+            configure,
+            self.tokenizer,
+            e.overwrite,
+            e.max_shard_size_gb,
+            progress,
+            self.dtypes,
+            early,
+        )
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda" and trainer.is_global_zero:
+            # the unquantized tensors do not depend on calibration: write them while the GPU calibrates
+            for fmt, out in self.export.targets():
+                self._writers.append(self._writer(pl_module.model, fmt, out, True, early=True))
+                self._writers[-1].start_early()
         self._calib = stage(self.stages, "calibration", pl_module.device)
         self._calib.__enter__()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for w in self._writers:  # leave no temporary export directory behind
+            w.abort()
+        self._writers = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._calib is not None:
@@ -105,18 +134,11 @@ class PostCalibration(L.Callback):
         self.results["weights"] = weights
         with stage(self.stages, "export", dev):
             if trainer.is_global_zero:
-                done = [
-                    EXPORTERS[fmt](
-                        model,
-                        out,
-                        self.tokenizer,
-                        overwrite=self.export.overwrite,
-                        max_shard_size_gb=self.export.max_shard_size_gb,
-                        progress=progress,
-                        dtypes=self.dtypes,
-                    )
-                    for fmt, out in self.export.targets()
+                writers = self._writers or [
+                    self._writer(model, fmt, out, progress, early=False) for fmt, out in self.export.targets()
                 ]
+                self._writers = []
+                done = [w.finish() for w in writers]
                 self.results["export"], self.results["exports"] = done[0], done
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 trainer.strategy.barrier("nvfp4cal-export")

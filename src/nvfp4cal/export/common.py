@@ -129,6 +129,7 @@ class Item:
     nbytes: int
     names: tuple[str, ...]
     produce: Producer
+    quantized: bool = False  # depends on calibration (False: the model's own tensors, fixed)
 
 
 _ST_DTYPES = {
@@ -256,6 +257,48 @@ class ShardWriter:
             os.close(self.fd)
 
 
+def plan_shards(items: list[Item], max_shard_bytes: int) -> list[list[Item]]:
+    """Consecutive items in shards of at most ``max_shard_bytes`` (by their size estimates)."""
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard(
+    path: Path, group: list[Item], check: Callable[[dict[str, torch.Tensor]], None], staging: Staging, bar=None
+) -> tuple[dict[str, str], int]:
+    """Produce, check and stream one shard's items into ``path``; returns (name -> file name, bytes)."""
+    writer = ShardWriter(path, [name for item in group for name in item.names], staging)
+    weight_map = {}
+    try:
+        for item in group:
+            tensors = item.produce()
+            check(tensors)
+            for k, v in tensors.items():
+                writer.add(k, v)
+                weight_map[k] = path.name
+            if bar is not None:
+                bar.update(item.nbytes)
+    finally:
+        writer.close({"format": "pt"})
+    return weight_map, writer.offset
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total: int) -> None:
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def write_shards(
     out_dir: Path,
     items: list[Item],
@@ -270,36 +313,18 @@ def write_shards(
     whole. Writes ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``. Returns name -> file.
     """
-    shards: list[list[Item]] = [[]]
-    size = 0
-    for item in items:
-        if shards[-1] and size + item.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.nbytes
+    shards = plan_shards(items, max_shard_bytes)
     n = len(shards)
     weight_map, total = {}, 0
     staging = Staging()
     bar = tqdm(total=sum(i.nbytes for i in items), desc="export", unit="B", unit_scale=True, disable=not progress)
     for i, group in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        writer = ShardWriter(out_dir / fname, [name for item in group for name in item.names], staging)
-        try:
-            for item in group:
-                tensors = item.produce()
-                check(tensors)
-                for k, v in tensors.items():
-                    writer.add(k, v)
-                    weight_map[k] = fname
-                bar.update(item.nbytes)
-        finally:
-            writer.close({"format": "pt"})
-        total += writer.offset
+        part, nbytes = write_shard(out_dir / shard_name(i, n), group, check, staging, bar)
+        weight_map.update(part)
+        total += nbytes
     bar.close()
     if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_index(out_dir, weight_map, total)
     return weight_map
 
 
@@ -314,25 +339,36 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise ExportError(f"export dir {target} exists and is not a directory")
 
 
-@contextmanager
-def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; rename it into place only on success."""
+def make_tmp(target: Path, overwrite: bool) -> Path:
+    """A fresh temporary directory beside ``target`` (checked first: nothing existing is touched)."""
     target = Path(target).resolve()
     check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def commit_tmp(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` into place (replacing ``target`` only after the new one is complete)."""
+    target = Path(target).resolve()
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; rename it into place only on success."""
+    tmp = make_tmp(target, overwrite)
     try:
         yield tmp
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        commit_tmp(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

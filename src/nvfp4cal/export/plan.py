@@ -8,7 +8,10 @@ Values of a quantized weight ``w`` with global amax ``g`` and block amaxes ``a_b
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,11 +20,26 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import nvfp4
 from ..experts import QuantExpertsMixin
 from ..quantizers import InputQuantizer, QuantLinear, WeightQuantizer
-from .common import ExportError, Item, Slice, atomic_dir, model_tensors, saved_layout, take, write_shards
+from .common import (
+    ExportError,
+    Item,
+    Slice,
+    Staging,
+    commit_tmp,
+    make_tmp,
+    model_tensors,
+    plan_shards,
+    saved_layout,
+    shard_name,
+    take,
+    write_index,
+    write_shard,
+)
 
 
 @dataclass
@@ -171,14 +189,15 @@ def plan_export(
                 raise ExportError(f"{out_name}: row slices of transposed experts are not supported")
             numel = take(t, s).numel()
             produce = lambda t=t, s=s, n=names, q=src: quantized_tensors(n, t, q, s, layout, packed_params, s.param)  # noqa: E731
-            items.append(Item(numel // 2 + numel // 16 + 8, names, produce))
+            items.append(Item(numel // 2 + numel // 16 + 8, names, produce, quantized=True))
             n_quant += 1
         else:
             part = take(t, s)
             dt = dtypes.get(s.param, t.dtype)
             nbytes = part.numel() * (torch.finfo(dt).bits // 8 if dt.is_floating_point else part.element_size())
             # straight to the CPU in the dtype to write: no second copy on the GPU
-            items.append(Item(nbytes, (out_name,), lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to("cpu", dt)}))
+            # stays on its device: the shard writer copies GPU tensors through pinned buffers
+            items.append(Item(nbytes, (out_name,), lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to(dt)}))
             owner = modules.get(s.param.rsplit(".", 1)[0])
             if out_name.endswith(".weight") and t.dim() == 2 and not isinstance(owner, nn.Embedding):
                 excluded.append(out_name[: -len(".weight")])
@@ -186,61 +205,142 @@ def plan_export(
             prefix = out_name[: -len(".weight")]
             which = kv[s.param]
             name = layout.kv_name(prefix, which)
-            items.append(Item(4, (name,), lambda n=name: {n: layout.kv_value()}))
+            items.append(Item(4, (name,), lambda n=name: {n: layout.kv_value()}, quantized=True))
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in excluded:
         excluded.append("lm_head")
     return items, sorted(set(excluded)), n_quant
 
 
-def write_checkpoint(
-    model: nn.Module,
-    out_dir: str | Path,
-    layout: Layout,
-    configure: Callable[[Path, bool, list[str]], None],
-    tokenizer=None,
-    overwrite: bool = False,
-    max_shard_size_gb: float = 5.0,
-    progress: bool = True,
-    dtypes: dict[str, torch.dtype] | None = None,
-) -> dict:
-    """Write the checkpoint into ``out_dir`` atomically; returns a summary dict.
+class CheckpointWriter:
+    """One checkpoint: planned up front, written into a temporary directory beside ``out_dir``.
 
-    ``configure(tmp_dir, kv_cache, excluded)`` writes the layout's config files. The result is
-    verified (:mod:`nvfp4cal.verify`) before it is renamed into place.
+    With ``early=True``, ``start_early()`` (a GPU run calls it when calibration starts) writes, on a
+    background thread and a side CUDA stream, every shard of tensors that calibration cannot change -
+    the unquantized ones, planned into shards of their own - while the GPU calibrates. ``finish()`` writes the
+    quantized weights, the index and the configs, runs :mod:`nvfp4cal.verify` on the result and
+    renames it into place; alone it does all of that. ``abort()`` removes the temporary directory.
+    ``configure(tmp_dir, kv_cache, excluded)`` writes the layout's config files.
     """
-    t0 = time.perf_counter()
-    _, kv = quant_sources(model)
-    items, excluded, n_quant = plan_export(model, layout, dtypes)
-    seconds = {"plan": time.perf_counter() - t0}
-    with atomic_dir(Path(out_dir), overwrite) as tmp:
-        t0 = time.perf_counter()
-        weight_map = write_shards(tmp, items, int(max_shard_size_gb * 2**30), check_tensors, progress)
-        seconds["write"] = time.perf_counter() - t0
-        model.config.save_pretrained(tmp)
-        configure(tmp, bool(kv), excluded)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        from ..verify import verify  # a checkpoint that fails verification never reaches out_dir
 
+    def __init__(
+        self,
+        model: nn.Module,
+        out_dir: str | Path,
+        layout: Layout,
+        configure: Callable[[Path, bool, list[str]], None],
+        tokenizer=None,
+        overwrite: bool = False,
+        max_shard_size_gb: float = 5.0,
+        progress: bool = True,
+        dtypes: dict[str, torch.dtype] | None = None,
+        early: bool = False,
+    ):
         t0 = time.perf_counter()
-        verdict = verify(tmp)
-        seconds["verify"] = time.perf_counter() - t0
-        if not verdict.ok:
-            raise ExportError(
-                f"the {layout.name} export failed verification ({len(verdict.problems)} problems): "
-                + "; ".join(verdict.problems[:3])
-            )
-    files = sorted(set(weight_map.values()))
-    return {
-        "dir": str(Path(out_dir).resolve()),
-        "format": layout.name,
-        "quantized_tensors": n_quant,
-        "excluded": excluded,
-        "files": files,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    }
+        self.model, self.out_dir, self.layout, self.configure = model, Path(out_dir), layout, configure
+        self.tokenizer, self.progress = tokenizer, progress
+        _, kv = quant_sources(model)
+        self.kv_cache = bool(kv)
+        items, self.excluded, self.n_quant = plan_export(model, layout, dtypes)
+        limit = int(max_shard_size_gb * 2**30)
+        if early:  # unquantized tensors first, in shards of their own: written while calibration runs
+            fixed = [i for i in items if not i.quantized]
+            late = [i for i in items if i.quantized]
+            self.early_shards = plan_shards(fixed, limit) if fixed else []
+            self.late_shards = plan_shards(late, limit) if late else []
+        else:  # the saved order (one model.safetensors for a small model)
+            self.early_shards, self.late_shards = [], plan_shards(items, limit)
+        self.n = len(self.early_shards) + len(self.late_shards)
+        self.tmp = make_tmp(self.out_dir, overwrite)
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self.early: threading.Thread | None = None
+        self.early_result: tuple[dict, int] | None = None
+        self.early_error: BaseException | None = None
+        self.seconds = {"plan": time.perf_counter() - t0}
+
+    def _write(self, shards: list[list[Item]], first: int, staging: Staging, bar=None) -> tuple[dict, int]:
+        weight_map, total = {}, 0
+        for i, group in enumerate(shards, start=first):
+            part, nbytes = write_shard(self.tmp / shard_name(i, self.n), group, check_tensors, staging, bar)
+            weight_map.update(part)
+            total += nbytes
+        return weight_map, total
+
+    def _write_early(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.early_result = self._write(self.early_shards, 0, Staging())
+                if stream is not None:
+                    stream.synchronize()
+        except BaseException as err:  # noqa: BLE001 (re-raised by finish())
+            self.early_error = err
+        self.seconds["write_early"] = time.perf_counter() - t0
+
+    def start_early(self) -> None:
+        if self.early_shards and self.early is None:
+            self.early = threading.Thread(target=self._write_early, name="nvfp4cal-early-export", daemon=True)
+            self.early.start()
+
+    def finish(self) -> dict:
+        try:
+            t0 = time.perf_counter()
+            staging = Staging()
+            if self.early is None:
+                self.early_result = self._write(self.early_shards, 0, staging)
+            late_bytes = sum(i.nbytes for g in self.late_shards for i in g)
+            bar = tqdm(total=late_bytes, desc="export", unit="B", unit_scale=True, disable=not self.progress)
+            late = self._write(self.late_shards, len(self.early_shards), staging, bar)
+            bar.close()
+            if self.early is not None:
+                self.early.join()
+                if self.early_error is not None:
+                    raise self.early_error
+            for part, nbytes in (self.early_result, late):
+                self.weight_map.update(part)
+                self.total += nbytes
+            self.seconds["write"] = time.perf_counter() - t0
+            if self.n > 1:
+                write_index(self.tmp, self.weight_map, self.total)
+            self.model.config.save_pretrained(self.tmp)
+            self.configure(self.tmp, self.kv_cache, self.excluded)
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.save_pretrained(self.tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(self.tmp)
+            from ..verify import verify  # a checkpoint that fails verification never reaches out_dir
+
+            t0 = time.perf_counter()
+            verdict = verify(self.tmp)
+            self.seconds["verify"] = time.perf_counter() - t0
+            if not verdict.ok:
+                raise ExportError(
+                    f"the {self.layout.name} export failed verification ({len(verdict.problems)} problems): "
+                    + "; ".join(verdict.problems[:3])
+                )
+            commit_tmp(self.tmp, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        return {
+            "dir": str(self.out_dir.resolve()),
+            "format": self.layout.name,
+            "quantized_tensors": self.n_quant,
+            "excluded": self.excluded,
+            "files": sorted(set(self.weight_map.values())),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+    def abort(self) -> None:
+        if self.early is not None:
+            self.early.join()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_checkpoint(model: nn.Module, out_dir: str | Path, layout: Layout, configure, tokenizer=None, **kw) -> dict:
+    """Plan, write, verify and rename a checkpoint in one go (see :class:`CheckpointWriter`)."""
+    return CheckpointWriter(model, out_dir, layout, configure, tokenizer, **kw).finish()
 
 
 def update_config(tmp: Path, quantization_config: dict) -> None:
