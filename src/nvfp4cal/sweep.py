@@ -53,12 +53,15 @@ def warm_up(kernel: str, dtype: torch.dtype) -> threading.Thread | None:
     if kernel == "reference" or os.environ.get("NVFP4CAL_KERNEL") == "reference" or not torch.cuda.is_available():
         return None
 
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # this rank's GPU under torchrun
+
     def run():
         try:
             from .kernels.fp8_sweep import mse_amax_triton
 
+            torch.cuda.set_device(device)  # per thread: Triton launches on the current device
             # no random numbers: this runs beside the model's (seeded) initialization
-            x = torch.linspace(-1, 1, 16 * 16 * 16, device="cuda").reshape(16, 16, 16).to(dtype)
+            x = torch.linspace(-1, 1, 16 * 16 * 16, device=device).reshape(16, 16, 16).to(dtype)
             mse_amax_triton(x, x.float().abs().reshape(16, -1).amax(-1))
             torch.cuda.synchronize()
         except Exception as err:  # noqa: BLE001 (the sweep itself will raise it properly)

@@ -269,7 +269,10 @@ class CheckpointWriter:
     def _write_early(self) -> None:
         t0 = time.perf_counter()
         try:
-            stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+            dev = next((p.device for p in self.model.parameters() if p.is_cuda), None)
+            if dev is not None:
+                torch.cuda.set_device(dev)  # the current device is per thread
+            stream = torch.cuda.Stream(dev) if dev is not None else None
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 self.early_result = self._write(self.early_shards, 0, Staging())
                 if stream is not None:
