@@ -9,10 +9,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install calibrate test test-all lint format bench clean
+.PHONY: help install calibrate test test-all lint format bench bench-e2e clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install nvfp4cal with its dependencies (torch first)
 
@@ -48,8 +48,11 @@ format: install ## ruff fix and format
 	$(PY) -m ruff check --fix src tests bench
 	$(PY) -m ruff format src tests bench
 
-bench: install ## run the benchmarks (bench/README in bench/RESULTS.md)
+bench: install ## run the sweep-kernel benchmark (results in bench/RESULTS.md)
 	$(PY) bench/mse_sweep.py $(ARGS)
+
+bench-e2e: install ## GPU: calibrate + export a 30B-class MoE stack, stage times, byte check
+	$(PY) bench/e2e.py --repeat 2 --check $(ARGS)
 
 clean: ## remove the venv, caches and run outputs
 	rm -rf $(VENV) .cache outputs multirun .pytest_cache .ruff_cache
