@@ -147,3 +147,20 @@ def test_early_write_gives_the_same_tensors(tmp_path):
     aborted.start_early()
     aborted.abort()
     assert not (tmp_path / "aborted").exists() and not list(tmp_path.glob(".aborted.tmp-*"))
+
+
+def test_failed_second_layout_leaves_no_temporary_dir(tmp_path, monkeypatch):
+    """export.format=both: when the second checkpoint fails, the first stays and no temp dir is left."""
+    from conftest import run_calibrate
+    from nvfp4cal import callback
+
+    def broken(tmp, kv_cache, excluded):
+        raise ExportError("injected failure")
+
+    layout, _ = callback.EXPORTERS["compressed_tensors"]
+    monkeypatch.setitem(callback.EXPORTERS, "compressed_tensors", (layout, broken))
+    small = ["data.num_samples=2", "data.seq_len=16", "data.eval_samples=1", "report.perplexity=false"]
+    with pytest.raises(ExportError, match="injected failure"):
+        run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", "export.format=both", *small])
+    assert (tmp_path / "ckpt" / "modelopt" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["modelopt"]

@@ -134,11 +134,12 @@ class PostCalibration(L.Callback):
         self.results["weights"] = weights
         with stage(self.stages, "export", dev):
             if trainer.is_global_zero:
-                writers = self._writers or [
-                    self._writer(model, fmt, out, progress, early=False) for fmt, out in self.export.targets()
-                ]
+                if not self._writers:
+                    self._writers = [
+                        self._writer(model, fmt, out, progress, early=False) for fmt, out in self.export.targets()
+                    ]
+                done = [w.finish() for w in self._writers]  # on an error, on_exception aborts the rest
                 self._writers = []
-                done = [w.finish() for w in writers]
                 self.results["export"], self.results["exports"] = done[0], done
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 trainer.strategy.barrier("nvfp4cal-export")
