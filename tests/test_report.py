@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT, run_calibrate
 from nvfp4cal.tabulate import main as tabulate
 
@@ -92,3 +94,21 @@ def test_multirun_and_tabulate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nvfp4_max" in out and "nvfp4_mse" in out and out.count("\n") == 4  # header, rule, two runs
     assert (tmp_path / "multi" / "summary.md").read_text() == out
+
+
+def test_weight_errors_leave_the_weights_alone():
+    """The SQNR pass reads fp32 weights through views: it must never write into them."""
+    from hydra.utils import instantiate
+
+    from conftest import compose
+    from nvfp4cal.evaluate import weight_errors
+    from nvfp4cal.insert import insert_quantizers
+    from nvfp4cal.recipe import build_recipe
+
+    m = instantiate(compose(["model=tiny_llama"]).model, _convert_="all").model
+    insert_quantizers(m, build_recipe("t", rules=["*"]))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for keep in (False, True):
+        errors = weight_errors(m, keep=keep)
+    assert len(errors) == 15 and all(e["sqnr_db"] > 10 for e in errors.values())  # 2 x 7 Linear + lm_head
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -60,8 +60,8 @@ def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, f
             err = sig = 0.0
             for c in row_chunks(w):  # bounded fp32 temporaries for large fused weights
                 w32 = w[c].detach().float()
-                err += float((fq[c].float() - w32).pow(2).sum(dtype=torch.float64))
-                sig += float(w32.pow(2).sum(dtype=torch.float64))
+                err += float((fq[c].float() - w32).pow_(2).sum())  # fp32 per chunk, summed in double
+                sig += float(w32.pow(2).sum())  # not in place: w32 may be the weight itself
             del fq
         rel = err / sig if sig > 0 else 0.0
         out[name] = {"sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"), "rel_mse": rel}
