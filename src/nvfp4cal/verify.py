@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .export.common import ST_DTYPES
+from .nvfp4 import nan_scale_bytes
+
 FP8 = torch.float8_e4m3fn
 SHARED = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
 EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
@@ -73,20 +76,7 @@ class Verdict:
         return "\n".join(out)
 
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_DTYPES = {name: dtype for dtype, name in ST_DTYPES.items()}  # safetensors dtype string -> torch
 
 
 class _Tensors:
@@ -180,7 +170,7 @@ def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: b
         elif shape[:-1] != tuple(scale.shape[:-1]) or shape[-1] != 8 * scale.shape[-1]:
             v.problems.append(f"{name}: weight_scale shape {tuple(scale.shape)} does not fit weight {shape}")
         else:
-            nan = int(np.count_nonzero((scale.view(torch.uint8).numpy() & 0x7F) == 0x7F))
+            nan = nan_scale_bytes(scale)
             if nan:
                 v.problems.append(f"{name}: {nan} NaN E4M3 byte(s) in weight_scale")
     for k in (ws2, inp):

@@ -132,7 +132,7 @@ class Item:
     quantized: bool = False  # depends on calibration (False: the model's own tensors, fixed)
 
 
-_ST_DTYPES = {
+ST_DTYPES = {  # torch dtype -> safetensors dtype string
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -178,8 +178,8 @@ class ShardWriter:
     end, so room for it is reserved from the names to be written (JSON allows the trailing spaces
     that pad it), each tensor's offset is fixed as it arrives, and the header is written last.
     ``writers`` background threads ``pwrite`` the data at those offsets (releasing the GIL; page-cache
-    copies run in parallel) while the caller produces the next tensors; at most ``max_pending`` bytes of CPU tensors wait in memory, GPU tensors pass through
-    the pinned :class:`Staging` ring.
+    copies run in parallel) while the caller produces the next tensors; at most ``max_pending`` bytes
+    of CPU tensors wait in memory, GPU tensors pass through the pinned :class:`Staging` ring.
     """
 
     def __init__(
@@ -201,7 +201,7 @@ class ShardWriter:
         t = t.detach().contiguous()
         nb = t.numel() * t.element_size()
         self.header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
+            "dtype": ST_DTYPES[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [self.offset, self.offset + nb],
         }
@@ -294,6 +294,24 @@ def write_shard(
     return weight_map, writer.offset
 
 
+def write_groups(
+    out_dir: Path,
+    shards: list[list[Item]],
+    first: int,
+    n: int,
+    check: Callable[[dict[str, torch.Tensor]], None],
+    staging: Staging,
+    bar=None,
+) -> tuple[dict[str, str], int]:
+    """Write ``shards`` as shard files ``first, first + 1, ...`` of ``n``; returns (name -> file, bytes)."""
+    weight_map, total = {}, 0
+    for i, group in enumerate(shards, start=first):
+        part, nbytes = write_shard(out_dir / shard_name(i, n), group, check, staging, bar)
+        weight_map.update(part)
+        total += nbytes
+    return weight_map, total
+
+
 def write_index(out_dir: Path, weight_map: dict[str, str], total: int) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -315,13 +333,8 @@ def write_shards(
     """
     shards = plan_shards(items, max_shard_bytes)
     n = len(shards)
-    weight_map, total = {}, 0
-    staging = Staging()
     bar = tqdm(total=sum(i.nbytes for i in items), desc="export", unit="B", unit_scale=True, disable=not progress)
-    for i, group in enumerate(shards):
-        part, nbytes = write_shard(out_dir / shard_name(i, n), group, check, staging, bar)
-        weight_map.update(part)
-        total += nbytes
+    weight_map, total = write_groups(out_dir, shards, 0, n, check, Staging(), bar)
     bar.close()
     if n > 1:
         write_index(out_dir, weight_map, total)

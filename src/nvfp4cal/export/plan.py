@@ -35,10 +35,9 @@ from .common import (
     model_tensors,
     plan_shards,
     saved_layout,
-    shard_name,
     take,
+    write_groups,
     write_index,
-    write_shard,
 )
 
 
@@ -114,7 +113,7 @@ class PackedParams:
             nib, sc = nvfp4.quantize(w[c], blk[c].to(w.device), s2b[c] if s2b.dim() == 3 else s2b)
             packed[c] = nvfp4.pack(nib)
             scales[c] = sc
-        nan = int(((scales.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        nan = nvfp4.nan_scale_bytes(scales)
         if nan:
             raise ExportError(f"{pname}: {nan} NaN E4M3 scale byte(s); refusing to write")
         in_s2 = src.inputs.input_scale().reshape(()).float().cpu()
@@ -130,13 +129,13 @@ def quantized_tensors(
     src: QuantSource,
     s: Slice,
     layout: Layout,
-    packed_params: PackedParams | None = None,
-    pname: str = "",
+    packed_params: PackedParams,
+    pname: str,
 ) -> dict:
     """(weight, weight_scale, weight_scale_2, input_scale) of one slice: a Linear, an expert's rows,
     or all experts of a fused parameter (then weight_scale_2 has one entry per expert), stored as
     ``layout`` says."""
-    packed, scales, s2, in_s2 = (packed_params or PackedParams()).get(pname, t, src)
+    packed, scales, s2, in_s2 = packed_params.get(pname, t, src)
     s2 = s2 if s.expert is None else s2[s.expert]
     values = layout.store(take(packed, s), take(scales, s), s2.clone(), in_s2.clone())
     return dict(zip(names, values, strict=True))
@@ -149,9 +148,9 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
     """
     for k, v in tensors.items():
         if v.dtype == nvfp4.FP8 and not v.is_cuda:
-            bad = (v.view(torch.uint8) & 0x7F) == 0x7F
-            if bad.any():
-                raise ExportError(f"{k}: {int(bad.sum())} NaN E4M3 scale byte(s); refusing to write")
+            nan = nvfp4.nan_scale_bytes(v)
+            if nan:
+                raise ExportError(f"{k}: {nan} NaN E4M3 scale byte(s); refusing to write")
         elif k.endswith(("_scale_2", "input_scale", "global_scale", "k_scale", "v_scale")):
             if not (torch.isfinite(v).all() and (v > 0).all()):
                 raise ExportError(f"{k} = {v.tolist()} is not finite and > 0; refusing to write")
@@ -159,8 +158,8 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
 
 def plan_export(
     model: nn.Module, layout: Layout, dtypes: dict[str, torch.dtype] | None = None
-) -> tuple[list, list[str], int]:
-    """(items for :func:`write_shards`, excluded module names, number of quantized tensors).
+) -> tuple[list[Item], list[str], int, bool]:
+    """(items to write, excluded module names, number of quantized tensors, FP8 KV cache or not).
 
     ``dtypes`` maps parameter names to the dtype to write unquantized tensors in (default: as they are).
     """
@@ -195,7 +194,6 @@ def plan_export(
             part = take(t, s)
             dt = dtypes.get(s.param, t.dtype)
             nbytes = part.numel() * (torch.finfo(dt).bits // 8 if dt.is_floating_point else part.element_size())
-            # straight to the CPU in the dtype to write: no second copy on the GPU
             # stays on its device: the shard writer copies GPU tensors through pinned buffers
             items.append(Item(nbytes, (out_name,), lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to(dt)}))
             owner = modules.get(s.param.rsplit(".", 1)[0])
@@ -208,7 +206,7 @@ def plan_export(
             items.append(Item(4, (name,), lambda n=name: {n: layout.kv_value()}, quantized=True))
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in excluded:
         excluded.append("lm_head")
-    return items, sorted(set(excluded)), n_quant
+    return items, sorted(set(excluded)), n_quant, bool(kv)
 
 
 class CheckpointWriter:
@@ -238,9 +236,7 @@ class CheckpointWriter:
         t0 = time.perf_counter()
         self.model, self.out_dir, self.layout, self.configure = model, Path(out_dir), layout, configure
         self.tokenizer, self.progress = tokenizer, progress
-        _, kv = quant_sources(model)
-        self.kv_cache = bool(kv)
-        items, self.excluded, self.n_quant = plan_export(model, layout, dtypes)
+        items, self.excluded, self.n_quant, self.kv_cache = plan_export(model, layout, dtypes)
         limit = int(max_shard_size_gb * 2**30)
         if early:  # unquantized tensors first, in shards of their own: written while calibration runs
             fixed = [i for i in items if not i.quantized]
@@ -251,20 +247,13 @@ class CheckpointWriter:
             self.early_shards, self.late_shards = [], plan_shards(items, limit)
         self.n = len(self.early_shards) + len(self.late_shards)
         self.tmp = make_tmp(self.out_dir, overwrite)
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
         self.early: threading.Thread | None = None
         self.early_result: tuple[dict, int] | None = None
         self.early_error: BaseException | None = None
         self.seconds = {"plan": time.perf_counter() - t0}
 
     def _write(self, shards: list[list[Item]], first: int, staging: Staging, bar=None) -> tuple[dict, int]:
-        weight_map, total = {}, 0
-        for i, group in enumerate(shards, start=first):
-            part, nbytes = write_shard(self.tmp / shard_name(i, self.n), group, check_tensors, staging, bar)
-            weight_map.update(part)
-            total += nbytes
-        return weight_map, total
+        return write_groups(self.tmp, shards, first, self.n, check_tensors, staging, bar)
 
     def _write_early(self) -> None:
         t0 = time.perf_counter()
@@ -300,12 +289,10 @@ class CheckpointWriter:
                 self.early.join()
                 if self.early_error is not None:
                     raise self.early_error
-            for part, nbytes in (self.early_result, late):
-                self.weight_map.update(part)
-                self.total += nbytes
+            weight_map = {**self.early_result[0], **late[0]}
             self.seconds["write"] = time.perf_counter() - t0
             if self.n > 1:
-                write_index(self.tmp, self.weight_map, self.total)
+                write_index(self.tmp, weight_map, self.early_result[1] + late[1])
             self.model.config.save_pretrained(self.tmp)
             self.configure(self.tmp, self.kv_cache, self.excluded)
             if getattr(self.model, "generation_config", None) is not None:
@@ -331,7 +318,7 @@ class CheckpointWriter:
             "format": self.layout.name,
             "quantized_tensors": self.n_quant,
             "excluded": self.excluded,
-            "files": sorted(set(self.weight_map.values())),
+            "files": sorted(set(weight_map.values())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
