@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .nvfp4 import block_scales, row_chunks
+from .nvfp4 import block_steps, row_chunks
 from .quantizers import set_mode
 from .sweep import weight_quantizers
 
@@ -54,7 +54,7 @@ def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, f
     for name, wq, w in weight_quantizers(model):
         if fused is not None and w.is_cuda:  # one Triton pass, no fake-quant copy
             s2 = wq.scale_2_bcast(w.device)
-            err, sig = fused(w, block_scales(wq.block_amax.to(w.device), s2).float() * s2)
+            err, sig = fused(w, block_steps(wq.block_amax.to(w.device), s2))
         else:
             fq = wq.quantized(w) if keep else wq.fake_quant(w)
             err = sig = 0.0

@@ -101,6 +101,11 @@ def block_scales(blk_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     return ratio.clamp(FP8_MIN_SUBNORMAL, FP8_MAX).to(FP8)
 
 
+def block_steps(blk_amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """fp32 quantization step of each block, ``float(block_scale) * s2``: what one E2M1 unit is worth."""
+    return block_scales(blk_amax, s2).float() * s2.float()
+
+
 def nan_scale_bytes(scales: torch.Tensor) -> int:
     """Number of NaN bytes (``0x7F``/``0xFF``) among FP8 E4M3 block scales.
 
@@ -141,7 +146,7 @@ def fake_quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> 
     The values of ``dequantize(*quantize(w, ...))`` (a test holds them equal), computed without
     building nibbles: ``sign(w) * e2m1_round(|w| / step) * step``.
     """
-    step = (block_scales(blk_amax, s2).float() * s2.float()).unsqueeze(-1)
+    step = block_steps(blk_amax, s2).unsqueeze(-1)
     wb = w.detach().float().unflatten(-1, (-1, BLOCK))
     q = e2m1_round(wb.abs() / step).mul_(step)
     return torch.where(wb < 0, -q, q).flatten(-2).to(w.dtype)

@@ -88,15 +88,20 @@ class WeightQuantizer(nn.Module):
         """``scale_2`` shaped to broadcast over ``[*lead, out, in/16]``."""
         return self.scale_2().to(device)[(...,) + (None,) * 2]
 
+    def chunks(self, w: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """(rows, their block amaxes, their scale_2) for the chunks of ``w`` that
+        :func:`nvfp4.row_chunks` bounds: a fused weight's experts (or a big weight's rows) a few at a time."""
+        s2 = self.scale_2_bcast(w.device)
+        return [(c, self.block_amax[c].to(w.device), s2[c] if s2.dim() == 3 else s2) for c in nvfp4.row_chunks(w)]
+
     @torch.no_grad()
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        s2, blk = self.scale_2_bcast(w.device), self.block_amax.to(w.device)
-        chunks = nvfp4.row_chunks(w)
+        chunks = self.chunks(w)
         if len(chunks) == 1:
-            return nvfp4.fake_quantize(w, blk, s2)
+            return nvfp4.fake_quantize(w, *chunks[0][1:])
         out = torch.empty_like(w)
-        for c in chunks:  # a fused weight's experts (or a big weight's rows) a few at a time
-            out[c] = nvfp4.fake_quantize(w[c], blk[c], s2[c] if s2.dim() == 3 else s2)
+        for c, blk, s2 in chunks:
+            out[c] = nvfp4.fake_quantize(w[c], blk, s2)
         return out
 
     def quantized(self, w: torch.Tensor) -> torch.Tensor:

@@ -104,20 +104,17 @@ class PackedParams:
             self.cache.move_to_end(pname)
             return self.cache[pname]
         w = t.detach().transpose(-1, -2) if src.transposed else t.detach()
-        s2 = nvfp4.scale_2(src.weight.global_amax)
-        s2b = s2.to(w.device)[(...,) + (None,) * 2]
-        blk = src.weight.block_amax
         packed = torch.empty((*w.shape[:-1], w.shape[-1] // 2), dtype=torch.uint8, device=w.device)
-        scales = torch.empty(blk.shape, dtype=nvfp4.FP8, device=w.device)
-        for c in nvfp4.row_chunks(w):
-            nib, sc = nvfp4.quantize(w[c], blk[c].to(w.device), s2b[c] if s2b.dim() == 3 else s2b)
+        scales = torch.empty(src.weight.block_amax.shape, dtype=nvfp4.FP8, device=w.device)
+        for c, blk, s2c in src.weight.chunks(w):
+            nib, sc = nvfp4.quantize(w[c], blk, s2c)
             packed[c] = nvfp4.pack(nib)
             scales[c] = sc
         nan = nvfp4.nan_scale_bytes(scales)
         if nan:
             raise ExportError(f"{pname}: {nan} NaN E4M3 scale byte(s); refusing to write")
         in_s2 = src.inputs.input_scale().reshape(()).float().cpu()
-        self.cache[pname] = (packed, scales, s2.cpu(), in_s2)
+        self.cache[pname] = (packed, scales, src.weight.scale_2().cpu(), in_s2)
         while len(self.cache) > self.keep:
             self.cache.popitem(last=False)
         return self.cache[pname]
