@@ -145,6 +145,20 @@ class QuantExpertsMixin:
             return hidden_states.is_cuda and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
         return mode == "grouped"
 
+    @torch.no_grad()
+    def _routed(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(expert of each (token, slot) pair, flattened, with 0 for ids outside [0, E) - other ranks'
+        experts under expert parallelism -, which pairs are valid, tokens per expert [E]); in ``calib``
+        mode the counts are added to ``tokens``. No host synchronisation."""
+        n = self.tokens.numel()
+        flat = top_k_index.reshape(-1)
+        valid = (flat >= 0) & (flat < n)
+        expert_of = torch.where(valid, flat, 0)
+        counts = torch.zeros(n, dtype=torch.int64, device=flat.device).scatter_add_(0, expert_of, valid.long())
+        if self.gate_up_input.mode == "calib":
+            self.tokens += counts.to(self.tokens.device)
+        return expert_of, valid, counts
+
     def forward(self, hidden_states, top_k_index, top_k_weights):  # noqa: D102 (transformers' signature)
         if self.use_grouped(hidden_states):
             return self.forward_grouped(hidden_states, top_k_index, top_k_weights)
@@ -164,15 +178,10 @@ class QuantExpertsMixin:
 
     def forward_grouped(self, hidden_states, top_k_index, top_k_weights):
         """All experts in two ``torch._grouped_mm`` calls (see the module docstring)."""
-        n = self.tokens.numel()
         t, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        valid = (flat >= 0) & (flat < n)
-        expert_of = torch.where(valid, flat, 0)  # pairs of other ranks' experts: weight 0, not counted
+        expert_of, valid, counts = self._routed(top_k_index)
         route = torch.where(valid, top_k_weights.reshape(-1), 0)
-        counts = torch.bincount(expert_of[valid], minlength=n)
-        if self.gate_up_input.mode == "calib":
-            self.tokens += counts.to(self.tokens.device)
+        n = counts.numel()
         order = torch.argsort(expert_of, stable=True)
         expert = expert_of[order]
         offs = torch.bincount(expert, minlength=n).cumsum(0).to(torch.int32)
@@ -196,13 +205,8 @@ class QuantExpertsMixin:
 
     def forward_eager(self, hidden_states, top_k_index, top_k_weights):
         """The per-expert loop, in the order of transformers' eager implementation."""
-        n = self.tokens.numel()
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            valid = (top_k_index >= 0) & (top_k_index < n)
-            counts = torch.bincount(top_k_index[valid].flatten(), minlength=n)
-        if self.gate_up_input.mode == "calib":
-            self.tokens += counts.to(self.tokens.device)
+        counts = self._routed(top_k_index)[2]
         w1, w2 = self._weight(self.first_proj, self.gate_up_weight), self._weight("down_proj", self.down_weight)
         b1, b2 = getattr(self, f"{self.first_proj}_bias", None), getattr(self, "down_proj_bias", None)
         for e in counts.nonzero().flatten().tolist():
