@@ -29,19 +29,19 @@ def _env(tmp_path, **extra):
     )
 
 
-def _torchrun(tmp_path, args, **env):
+def _torchrun(tmp_path, args, trainer="ddp", n=2, **env):
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node",
-        "2",
+        str(n),
         "-m",
         "nvfp4cal.calibrate",
-        "trainer=ddp",
+        f"trainer={trainer}",
         "trainer.accelerator=cpu",
-        "trainer.devices=2",
+        f"trainer.devices={n}",
         *args,
     ]
     return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True, text=True, timeout=300)
@@ -74,9 +74,30 @@ def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
     assert two.stdout.count("nvfp4cal: tiny_qwen3_moe") == 1  # only rank 0 summarizes
 
 
-def test_a_failing_rank_fails_the_run(tmp_path):
+def _one_process(tmp_path, args, name):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nvfp4cal.calibrate",
+            *args,
+            f"export.dir={tmp_path}/{name}",
+            f"hydra.run.dir={tmp_path}/run_{name}",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_a_failing_rank_fails_the_run(tmp_path, trainer):
     t0 = time.monotonic()
-    r = _torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/x"], NVFP4CAL_FAIL_ON_RANK="1")
+    r = _torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/x"], trainer, NVFP4CAL_FAIL_ON_RANK="1")
     assert r.returncode != 0
     assert "rank 1 fails on purpose" in r.stderr
     assert time.monotonic() - t0 < 240

@@ -7,6 +7,7 @@ callback (bootstrap -> sweep -> export), then writes the run's report and prints
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
+    from hydra.utils import get_method, instantiate
     from lightning.pytorch.accelerators import CPUAccelerator
 
     from .callback import ExportConfig, PostCalibration
@@ -48,6 +49,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     from .models import upcast_for_cpu
     from .module import CalibrationModule
     from .report import OBJECTIVES, objective, write_report
+    from .sharded import ShardedStrategy
     from .sweep import warm_up
 
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
@@ -66,11 +68,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         raise UserError(f"report.objective={objective_name!r} unknown; use one of {list(OBJECTIVES)}")
     stages = {}
 
+    trainer = instantiate(cfg.trainer)
+    sharded = isinstance(trainer.strategy, ShardedStrategy)
     with stage(stages, "load"):
         recipe = instantiate(cfg.recipe, _convert_="all")
         if recipe.algorithm.sweep and cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto"):
             warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype", "bfloat16")), torch.bfloat16))
-        loaded = instantiate(cfg.model, _convert_="all")
+        extra = {}
+        if sharded:  # loaders that can build on the meta device let each rank read only its rows
+            if "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters:
+                extra["sharded"] = True
+            else:
+                log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
+        loaded = instantiate(cfg.model, _convert_="all", **extra)
 
     with stage(stages, "insert", next(loaded.model.parameters()).device):
         plan = insert_quantizers(loaded.model, recipe)
@@ -95,10 +105,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     )
     eval_batches = data.eval_dataloader if rep.get("perplexity", True) else None
     post = PostCalibration(export, recipe.algorithm, loaded.tokenizer, eval_batches)
-    trainer = instantiate(cfg.trainer, callbacks=[post])
+    trainer.callbacks.append(post)
     if isinstance(trainer.accelerator, CPUAccelerator):
         post.dtypes = upcast_for_cpu(loaded.model)
-    trainer.validate(CalibrationModule(loaded.model), datamodule=data, verbose=False)
+    trainer.validate(CalibrationModule(loaded.model, loaded.fill), datamodule=data, verbose=False)
 
     report = {
         "model": loaded.name,
@@ -148,6 +158,20 @@ def print_summary(report: dict, run_dir: Path) -> None:
         + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
         + (f"\n    ... {len(dead) - 10} more layers" if len(dead) > 10 else ""),
         f"  perplexity : {ppl_line or 'not measured'} (held-out, {report['held_out_samples']} samples)",
+        *(
+            [
+                f"  sharded    : {sh['ranks']} ranks hold "
+                + ", ".join(f"{b / 2**30:.3f}" for b in sh["param_bytes_per_rank"])
+                + f" of {sh['param_bytes'] / 2**30:.3f} GiB of parameters"
+            ]
+            if (sh := report.get("sharding"))
+            else []
+        ),
+        *(
+            [f"  GPU peaks  : {report['gpu_peak_gib_per_rank']} GiB per rank"]
+            if "gpu_peak_gib_per_rank" in report
+            else []
+        ),
         "  stage times: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items()),
         f"  report     : {run_dir.resolve() / 'report.md'} (+ report.json, {', '.join(report.get('plots', []))})",
     ]

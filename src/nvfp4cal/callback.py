@@ -18,9 +18,10 @@ from .errors import UserError
 from .evaluate import perplexity, stage, weight_errors
 from .experts import bootstrap_dead_experts, check_inputs_calibrated
 from .export import compressed_tensors, modelopt
-from .export.plan import CheckpointWriter, plan_export
+from .export.plan import CheckpointWriter, follow_export, plan_export
 from .quantizers import clear_caches
 from .recipe import Algorithm
+from .sharded import ShardedStrategy, UnitGate
 from .sweep import mse_sweep
 
 log = logging.getLogger("nvfp4cal")
@@ -77,7 +78,7 @@ class PostCalibration(L.Callback):
         self._calib = None
         self._writers: list[CheckpointWriter] = []
 
-    def _writer(self, model, fmt: str, out: Path, progress: bool, early: bool) -> CheckpointWriter:
+    def _writer(self, model, fmt: str, out: Path, progress: bool, early: bool, lookup=None) -> CheckpointWriter:
         layout, configure = EXPORTERS[fmt]
         e = self.export
         return CheckpointWriter(
@@ -91,10 +92,12 @@ class PostCalibration(L.Callback):
             progress,
             self.dtypes,
             early,
+            lookup,
         )
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda" and trainer.is_global_zero:
+        sharded = isinstance(trainer.strategy, ShardedStrategy)
+        if pl_module.device.type == "cuda" and trainer.is_global_zero and not sharded:
             # the unquantized tensors do not depend on calibration: write them while the GPU calibrates
             for fmt, out in self.export.targets():
                 self._writers.append(self._writer(pl_module.model, fmt, out, True, early=True))
@@ -119,7 +122,10 @@ class PostCalibration(L.Callback):
         with stage(self.stages, "bootstrap", dev):
             check_inputs_calibrated(model)
             self.results["experts"] = [vars(d) for d in bootstrap_dead_experts(model)]
-        evaluate = self.eval_batches is not None and trainer.is_global_zero
+        sharded = isinstance(trainer.strategy, ShardedStrategy)
+        evaluate = self.eval_batches is not None and trainer.is_global_zero and not sharded
+        if self.eval_batches is not None and sharded and trainer.is_global_zero:
+            log.info("trainer=fsdp: held-out perplexity is not measured (the weight SQNR is)")
         with stage(self.stages, "measure", dev):
             # keep the fake-quant weights for the quant-mode perplexity that follows (the sweep drops them)
             weights = {n: {"max": e} for n, e in weight_errors(model, keep=evaluate).items()}
@@ -133,7 +139,9 @@ class PostCalibration(L.Callback):
                     weights[n]["mse"] = e
         self.results["weights"] = weights
         with stage(self.stages, "export", dev):
-            if trainer.is_global_zero:
+            if sharded:
+                self._export_sharded(model, trainer.is_global_zero, progress)
+            elif trainer.is_global_zero:
                 if not self._writers:
                     self._writers = [
                         self._writer(model, fmt, out, progress, early=False) for fmt, out in self.export.targets()
@@ -147,4 +155,28 @@ class PostCalibration(L.Callback):
             with stage(self.stages, "evaluate", dev):
                 ppl["original"] = perplexity(model, self.eval_batches(), "off")
                 ppl["quantized"] = perplexity(model, self.eval_batches(), "quant")
+        if getattr(pl_module, "shards", None):
+            self.results["sharding"] = pl_module.shards
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and dev.type == "cuda":
+            peaks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(peaks, round(torch.cuda.max_memory_allocated(dev) / 2**30, 3))
+            self.results["gpu_peak_gib_per_rank"] = peaks
         clear_caches(model)
+
+    def _export_sharded(self, model, rank0: bool, progress: bool) -> None:
+        """One layer gathered at a time on every rank; global rank 0 writes (see :class:`UnitGate`)."""
+        gate = UnitGate(model)
+        done = []
+        try:
+            for fmt, out in self.export.targets():
+                if rank0:
+                    self._writers = [self._writer(model, fmt, out, progress, early=False, lookup=gate.tensor)]
+                    done.append(self._writers[0].finish())
+                    self._writers = []
+                else:
+                    follow_export(model, EXPORTERS[fmt][0], self.dtypes, gate.enter_for)
+                gate.leave()
+        finally:
+            gate.leave()
+        if done:
+            self.results["export"], self.results["exports"] = done[0], done

@@ -20,6 +20,7 @@ from torch import nn
 
 from .nvfp4 import block_steps, row_chunks
 from .quantizers import set_mode
+from .sharded import all_reduce_sums, local
 from .sweep import weight_quantizers
 
 
@@ -49,12 +50,16 @@ def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, f
 
     ``keep=True`` leaves each fake-quant weight cached for a following ``quant``-mode forward.
     """
-    out = {}
+    sums = {}
     fused = None if keep else _fused_sqerr()
-    for name, wq, w in weight_quantizers(model):
-        if fused is not None and w.is_cuda:  # one Triton pass, no fake-quant copy
+    items = weight_quantizers(model)
+    for name, wq, w in items:
+        w = local(w)  # a sharded run: this rank's rows; the sums are added up across ranks below
+        if not w.numel():
+            sums[name] = (0.0, 0.0)
+        elif fused is not None and w.is_cuda:  # one Triton pass, no fake-quant copy
             s2 = wq.scale_2_bcast(w.device)
-            err, sig = fused(w, block_steps(wq.block_amax.to(w.device), s2))
+            sums[name] = fused(w, block_steps(wq.block_amax.to(w.device), s2))
         else:
             fq = wq.quantized(w) if keep else wq.fake_quant(w)
             err = sig = 0.0
@@ -63,6 +68,12 @@ def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, f
                 err += float((fq[c].float() - w32).pow_(2).sum())  # fp32 per chunk, summed in double
                 sig += float(w32.pow(2).sum())  # not in place: w32 may be the weight itself
             del fq
+            sums[name] = (err, sig)
+    if any(wq.rows is not None for _, wq, _ in items):
+        flat = all_reduce_sums([float(v) for e in sums.values() for v in e], next(model.parameters()).device)
+        sums = {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(sums)}
+    out = {}
+    for name, (err, sig) in sums.items():
         rel = err / sig if sig > 0 else 0.0
         out[name] = {"sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"), "rel_mse": rel}
     return out

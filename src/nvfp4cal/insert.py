@@ -62,7 +62,7 @@ def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
 
 def check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():  # meta: checked when filled
             raise BadWeightError(f"weight {name} holds NaN or Inf values; fix or re-export the model before quantizing")
 
 

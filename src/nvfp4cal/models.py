@@ -6,16 +6,19 @@ Nothing here downloads: every loader passes ``local_files_only=True``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .sharded import params_on_meta
 
 log = logging.getLogger("nvfp4cal")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +33,9 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     name: str
+    # a model built on the meta device (sharded runs): fill(param, out, start, stop, rows) writes
+    # rows [start, stop) of dim 0 of a parameter with ``rows`` rows into ``out``
+    fill: Callable[[str, torch.Tensor, int, int, int], None] | None = None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -43,9 +49,13 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         ) from None
 
 
-def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-    """Load a local Hugging Face causal-LM directory (config.json, weights, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False, sharded: bool = False) -> LoadedModel:
+    """Load a local Hugging Face causal-LM directory (config.json, weights, tokenizer).
+
+    ``sharded=True`` (``trainer=fsdp``): only the model's structure is built (parameters on the meta
+    device); each rank later reads its own rows from the safetensors files (:class:`CheckpointRows`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if path in (None, "", "???"):
         raise ModelError("model=hf needs model.path=DIR (a local Hugging Face model directory)")
@@ -56,12 +66,85 @@ def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False) -> 
         raise ModelError(f"model.path {p} has no config.json; is it a Hugging Face model directory?")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=_dtype(dtype), **kw)
         tokenizer = AutoTokenizer.from_pretrained(str(p), **kw)
+        if sharded:
+            config = AutoConfig.from_pretrained(str(p), **kw)
+            dt = _dtype(dtype)
+            if dt == "auto":
+                dt = getattr(config, "dtype", None) or torch.float32
+                dt = getattr(torch, dt.replace("torch.", "")) if isinstance(dt, str) else dt
+            with params_on_meta():
+                model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
+            fill = CheckpointRows(p, model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=_dtype(dtype), **kw)
+            fill = None
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {p}: {str(err).splitlines()[0]}") from err
     model.eval()
-    return LoadedModel(model, tokenizer, p.name)
+    return LoadedModel(model, tokenizer, p.name, fill)
+
+
+class CheckpointRows:
+    """Reads rows of a model's parameters straight from a HF checkpoint's safetensors files.
+
+    Saved names map to parameter slices as ``save_pretrained`` would write them
+    (:func:`export.common.saved_layout`: per-expert tensors of fused experts, ...); only the rows
+    asked for are read. Persistent buffers (e.g. a router's score bias) are loaded whole right away.
+    """
+
+    def __init__(self, path: Path, model: torch.nn.Module):
+        from .export.common import model_tensors, saved_layout
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        elif (path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                files = {k: path / "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        else:
+            raise ModelError(f"trainer=fsdp reads safetensors weights, and {path} has none")
+        self.files, self.handles = files, {}
+        self.pieces: dict[str, list] = {}
+        for saved, sl in saved_layout(model, model_tensors(model)).items():
+            if saved not in files:
+                raise ModelError(
+                    f"{path}: the checkpoint has no tensor {saved} (needed for {sl.param}); re-save it with transformers 5"
+                )
+            self.pieces.setdefault(sl.param, []).append((saved, sl))
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, pieces in self.pieces.items():
+                if name in buffers:
+                    buffers[name].copy_(self._file(pieces[0][0]).get_slice(pieces[0][0])[:])
+
+    def _file(self, saved: str):
+        from safetensors import safe_open
+
+        f = self.files[saved]
+        if f not in self.handles:
+            self.handles[f] = safe_open(str(f), "pt")
+        return self.handles[f]
+
+    def __call__(self, name: str, out: torch.Tensor, start: int, stop: int, total: int) -> None:
+        pieces = self.pieces.get(name)
+        if not pieces:
+            raise ModelError(f"the checkpoint holds no tensor for parameter {name}")
+        for saved, s in pieces:
+            t = self._file(saved).get_slice(saved)
+            if out.dim() == 0:
+                out.copy_(t[:])
+            elif s.expert is not None:  # one expert's rows of a fused [E, rows, in] parameter
+                if start <= s.expert < stop:
+                    out[s.expert - start, s.start : s.stop].copy_(t[:])
+            elif s.full:
+                out.copy_(t[start:stop])
+            else:  # rows [s.start, s.stop) of dim 0
+                a, b = max(start, s.start), min(stop, s.stop)
+                if a < b:
+                    out[a - start : b - start].copy_(t[a - s.start : b - s.start])
 
 
 def _smollm2_gguf() -> Path:
@@ -125,16 +208,29 @@ def byte_tokenizer():
 
 
 def build_tiny(
-    config_class: str, config: dict, seed: int = 0, dtype: str = "float32", name: str = "tiny", device: str = "cpu"
+    config_class: str,
+    config: dict,
+    seed: int = 0,
+    dtype: str = "float32",
+    name: str = "tiny",
+    device: str = "cpu",
+    init: str = "transformers",
+    sharded: bool = False,
 ) -> LoadedModel:
     """A random model from a transformers config class (e.g. ``LlamaConfig``) and a byte tokenizer.
 
     ``device="cuda"`` builds and initializes it on the GPU (a multi-billion-parameter random model
-    in seconds instead of minutes of CPU init).
+    in seconds instead of minutes of CPU init; under torchrun on this rank's GPU).
+    ``init="per_param"``: every parameter drawn from its own seeded generator (:class:`RandomRows`),
+    so the weights do not depend on how the model is split; with ``sharded=True`` (``trainer=fsdp``)
+    the model stays on the meta device and each rank draws only its rows - a random model larger
+    than one GPU.
     """
     import transformers
     from transformers import AutoModelForCausalLM
 
+    if init not in ("transformers", "per_param"):
+        raise ModelError(f"model.init={init!r} unknown; use transformers or per_param")
     cls = getattr(transformers, config_class, None)
     if cls is None:
         raise ModelError(f"transformers has no config class {config_class!r}")
@@ -145,10 +241,53 @@ def build_tiny(
     torch.manual_seed(seed)
     if device != "cpu" and not torch.cuda.is_available():
         raise ModelError(f"model.device={device} but no CUDA device is available; use model.device=cpu")
-    with torch.device(device):
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if init == "transformers":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
+        return LoadedModel(model.eval(), tok, name)
+    with params_on_meta():
         model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
-    model.eval()
-    return LoadedModel(model, tok, name)
+    fill = RandomRows(seed, getattr(cfg, "initializer_range", 0.02))
+    if not sharded:  # draw every parameter whole, here
+        keep = {n: b.clone() for n, b in model.named_buffers()}
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for n, b in keep.items():
+                model.get_buffer(n).copy_(b)
+            for n, p in model.named_parameters():
+                fill(n, p, 0, p.shape[0] if p.dim() else 1, p.shape[0] if p.dim() else 1)
+        fill = None
+    return LoadedModel(model.eval(), tok, name, fill)
+
+
+class RandomRows:
+    """Seeded random parameters, reproducible row by row: norms 1, biases 0, others N(0, std).
+
+    A 3-D (fused experts) parameter draws each expert from its own generator, smaller ones are
+    drawn whole and sliced, so any split of the rows across ranks gives the same weights.
+    """
+
+    def __init__(self, seed: int, std: float):
+        self.seed, self.std = seed, std
+
+    def _gen(self, device: torch.device, *key) -> torch.Generator:
+        import zlib
+
+        return torch.Generator(device=device).manual_seed(zlib.crc32(repr((self.seed, *key)).encode()))
+
+    def __call__(self, name: str, out: torch.Tensor, start: int, stop: int, total: int) -> None:
+        if out.dim() <= 1 and not name.endswith("embed_tokens.weight"):
+            out.fill_(0.0 if name.endswith("bias") else 1.0)
+        elif out.dim() == 3:
+            for e in range(start, stop):
+                x = torch.empty(out.shape[1:], dtype=torch.float32, device=out.device)
+                out[e - start].copy_(x.normal_(0.0, self.std, generator=self._gen(out.device, name, e)))
+        else:
+            x = torch.empty((total, *out.shape[1:]), dtype=torch.float32, device=out.device)
+            x.normal_(0.0, self.std, generator=self._gen(out.device, name))
+            out.copy_(x[start:stop])
 
 
 def upcast_for_cpu(model: torch.nn.Module) -> dict[str, torch.dtype]:

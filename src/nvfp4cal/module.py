@@ -19,12 +19,22 @@ class CalibrationModule(L.LightningModule):
     Run the Trainer with ``inference_mode=False``: the quantizers update their amax buffers.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, fill=None):
         super().__init__()
         self.model = model
+        self.fill = fill  # rows of a meta-device model's parameters (trainer=fsdp), see models.LoadedModel
         # calibration needs no logits: compute the LM head for the last position only (a 150k-word
         # vocabulary over a batch of 8 x 512 tokens would be a 1.2 GiB bf16 tensor)
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the model over every rank (Lightning calls this once per process)."""
+        from .sharded import ShardedStrategy, shard_model
+
+        if isinstance(self.trainer.strategy, ShardedStrategy) and not getattr(self, "_sharded", False):
+            mesh = self.device_mesh["data_parallel"]
+            self.shards = shard_model(self.model, mesh, self.trainer.strategy.root_device, self.fill)
+            self._sharded = True
 
     def on_validation_start(self) -> None:
         fail = os.environ.get("NVFP4CAL_FAIL_ON_RANK")  # fault injection for the distributed tests

@@ -63,6 +63,8 @@ class WeightQuantizer(nn.Module):
 
     ``global_amax`` has shape ``lead`` (``[E]`` for fused experts, ``[]`` for a Linear);
     ``block_amax`` has shape ``[*lead, out, in/16]``. ``weight_scale_2 = global_amax / (6 * 448)``.
+    In a sharded run (:mod:`nvfp4cal.sharded`) ``rows = (start, stop)``: ``block_amax`` holds only
+    those rows of dim 0 (this rank's rows, or experts, of the weight); ``global_amax`` stays whole.
     """
 
     def __init__(self, shape: torch.Size):
@@ -72,6 +74,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("global_amax", torch.zeros(lead, dtype=torch.float32))
         self.register_buffer("block_amax", torch.zeros(*lead, out, inp // nvfp4.BLOCK, dtype=torch.float32))
         self._cache: torch.Tensor | None = None
+        self.rows: tuple[int, int] | None = None
 
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor) -> None:
@@ -85,8 +88,9 @@ class WeightQuantizer(nn.Module):
         return nvfp4.scale_2(self.global_amax)
 
     def scale_2_bcast(self, device: torch.device) -> torch.Tensor:
-        """``scale_2`` shaped to broadcast over ``[*lead, out, in/16]``."""
-        return self.scale_2().to(device)[(...,) + (None,) * 2]
+        """``scale_2`` shaped to broadcast over ``[*lead, out, in/16]`` (this rank's experts when sharded)."""
+        s2 = self.scale_2().to(device)[(...,) + (None,) * 2]
+        return s2[self.rows[0] : self.rows[1]] if self.rows is not None and s2.dim() == 3 else s2
 
     def chunks(self, w: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
         """(rows, their block amaxes, their scale_2) for the chunks of ``w`` that

@@ -22,6 +22,7 @@ from .errors import UserError
 from .experts import QuantExpertsMixin
 from .mse import mse_amax_reference
 from .quantizers import WeightQuantizer
+from .sharded import local
 
 log = logging.getLogger("nvfp4cal")
 SweepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,18 +97,27 @@ def _dist() -> tuple[int, int]:
 def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> dict:
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
 
-    In a distributed run, rank r sweeps weights r, r + N, ... and broadcasts its results, so every
-    rank ends with the same block amaxes and N ranks sweep about N times faster.
+    In a data-parallel run, rank r sweeps weights r, r + N, ... and broadcasts its results, so every
+    rank ends with the same block amaxes and N ranks sweep about N times faster. In a sharded run
+    (``trainer=fsdp``) every rank sweeps its own rows of every weight: blocks are independent.
     """
     items = weight_quantizers(model)
     rank, world = _dist()
+    sharded = any(wq.rows is not None for _, wq, _ in items)
     used, blocks = set(), 0
-    for _name, wq, w in tqdm(items[rank::world], desc="MSE sweep", unit="weight", disable=not progress):
+    for _name, wq, w in tqdm(
+        items if sharded else items[rank::world], desc="MSE sweep", unit="weight", disable=not progress
+    ):
+        w = local(w)
+        if not w.numel():  # a rank without rows of this weight
+            continue
         impl, fn = choose_sweep(kernel, w.device)
         used.add(impl)
         lead = w.shape[:-2]
         flat_w = w.detach().reshape(-1, *w.shape[-2:])
         g = wq.global_amax.reshape(-1)
+        if wq.rows is not None and wq.global_amax.dim():  # this rank's experts
+            g = g[wq.rows[0] : wq.rows[1]]
         if impl == "triton":  # one launch for all experts of the weight
             out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
         else:
@@ -117,10 +127,11 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
         wq.block_amax.copy_(out.reshape(*lead, *wq.block_amax.shape[-2:]))
         wq.clear_cache()
         blocks += out.numel()
-    if world > 1:
+    if world > 1 and not sharded:
         for i, (_name, wq, _w) in enumerate(items):
             dist.broadcast(wq.block_amax, src=i % world)
             wq.clear_cache()
+    if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, (sorted(used), blocks))
         used = {k for u, _ in gathered for k in u}

@@ -59,12 +59,23 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict(keep_vars=True).items():
         if name in skip or name.rsplit(".", 1)[0] + "." in skip:
             continue
-        key = (t.data_ptr(), tuple(t.shape)) if t.numel() else None
+        if not t.numel():
+            key = None
+        elif t.is_meta or _is_dtensor(t):
+            key = id(t)  # no storage to compare; tied parameters are one object
+        else:
+            key = (t.data_ptr(), tuple(t.shape))
         if key is not None and key in seen:
             continue
         seen.add(key)
         out[name] = t.detach()
     return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from ..sharded import is_sharded
+
+    return is_sharded(t)
 
 
 def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Slice]:
@@ -130,6 +141,7 @@ class Item:
     names: tuple[str, ...]
     produce: Producer
     quantized: bool = False  # depends on calibration (False: the model's own tensors, fixed)
+    param: str | None = None  # the model tensor it is made from (sharded runs gather its unit first)
 
 
 ST_DTYPES = {  # torch dtype -> safetensors dtype string

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import threading
 import time
@@ -153,15 +154,29 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
                 raise ExportError(f"{k} = {v.tolist()} is not finite and > 0; refusing to write")
 
 
+def slice_numel(shape: torch.Size, s: Slice) -> int:
+    """Elements of ``take(t, s)`` for a tensor of ``shape`` (without touching a sharded tensor)."""
+    if s.expert is not None:
+        shape = shape[1:]
+    if s.full or not len(shape):
+        return math.prod(shape)
+    return (s.stop - s.start) * math.prod(shape[1:])
+
+
 def plan_export(
-    model: nn.Module, layout: Layout, dtypes: dict[str, torch.dtype] | None = None
+    model: nn.Module,
+    layout: Layout,
+    dtypes: dict[str, torch.dtype] | None = None,
+    lookup: Callable[[str], torch.Tensor] | None = None,
 ) -> tuple[list[Item], list[str], int, bool]:
     """(items to write, excluded module names, number of quantized tensors, FP8 KV cache or not).
 
     ``dtypes`` maps parameter names to the dtype to write unquantized tensors in (default: as they are).
+    ``lookup(name)`` gives a model tensor when an item is produced (a sharded run: the gathered one).
     """
     dtypes = dtypes or {}
     tensors = model_tensors(model)
+    get = lookup or tensors.__getitem__
     saved = saved_layout(model, tensors)
     quant, kv = quant_sources(model)
     modules = dict(model.named_modules())
@@ -183,16 +198,22 @@ def plan_export(
                 raise ExportError(f"{out_name}: a quantized weight must be saved under a '.weight' name")
             if src.transposed and not s.full:
                 raise ExportError(f"{out_name}: row slices of transposed experts are not supported")
-            numel = take(t, s).numel()
-            produce = lambda t=t, s=s, n=names, q=src: quantized_tensors(n, t, q, s, layout, packed_params, s.param)  # noqa: E731
-            items.append(Item(numel // 2 + numel // 16 + 8, names, produce, quantized=True))
+            numel = slice_numel(t.shape, s)
+
+            def produce(s=s, n=names, q=src):
+                return quantized_tensors(n, get(s.param), q, s, layout, packed_params, s.param)
+
+            items.append(Item(numel // 2 + numel // 16 + 8, names, produce, quantized=True, param=s.param))
             n_quant += 1
         else:
-            part = take(t, s)
             dt = dtypes.get(s.param, t.dtype)
-            nbytes = part.numel() * (torch.finfo(dt).bits // 8 if dt.is_floating_point else part.element_size())
+            nbytes = slice_numel(t.shape, s) * (torch.finfo(dt).bits // 8 if dt.is_floating_point else t.element_size())
             # stays on its device: the shard writer copies GPU tensors through pinned buffers
-            items.append(Item(nbytes, (out_name,), lambda n=out_name, t=t, s=s, dt=dt: {n: take(t, s).to(dt)}))
+            items.append(
+                Item(
+                    nbytes, (out_name,), lambda n=out_name, s=s, dt=dt: {n: take(get(s.param), s).to(dt)}, param=s.param
+                )
+            )
             owner = modules.get(s.param.rsplit(".", 1)[0])
             if out_name.endswith(".weight") and t.dim() == 2 and not isinstance(owner, nn.Embedding):
                 excluded.append(out_name[: -len(".weight")])
@@ -229,11 +250,12 @@ class CheckpointWriter:
         progress: bool = True,
         dtypes: dict[str, torch.dtype] | None = None,
         early: bool = False,
+        lookup: Callable[[str], torch.Tensor] | None = None,
     ):
         t0 = time.perf_counter()
         self.model, self.out_dir, self.layout, self.configure = model, Path(out_dir), layout, configure
         self.tokenizer, self.progress = tokenizer, progress
-        items, self.excluded, self.n_quant, self.kv_cache = plan_export(model, layout, dtypes)
+        items, self.excluded, self.n_quant, self.kv_cache = plan_export(model, layout, dtypes, lookup)
         limit = int(max_shard_size_gb * 2**30)
         if early:  # unquantized tensors first, in shards of their own: written while calibration runs
             fixed = [i for i in items if not i.quantized]
@@ -323,6 +345,13 @@ class CheckpointWriter:
         if self.early is not None:
             self.early.join()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def follow_export(model: nn.Module, layout: Layout, dtypes, enter: Callable[[str | None], None]) -> None:
+    """A sharded run's other ranks: enter each item's unit in the order global rank 0 writes them
+    (a :class:`CheckpointWriter` without ``early`` writes its items in plan order)."""
+    for item in plan_export(model, layout, dtypes)[0]:
+        enter(item.param)
 
 
 def write_checkpoint(model: nn.Module, out_dir: str | Path, layout: Layout, configure, tokenizer=None, **kw) -> dict:

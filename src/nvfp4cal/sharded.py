@@ -1,0 +1,267 @@
+"""Sharded calibration (``trainer=fsdp``): FSDP2 through Lightning's ModelParallelStrategy.
+
+Every parameter is split along dim 0 across the ranks (``torch.chunk`` rows: rank ``r`` holds rows
+``[r * ceil(n / N), ...)``), one ``fully_shard`` unit per decoder layer plus the root. What each
+step needs, and why nothing ever gathers the whole model:
+
+* calibration: FSDP gathers one layer at a time in the forward; input amaxes are all-reduced (MAX).
+* weight max calibration: NVFP4 blocks run along the input dim, so block amaxes are row-local.
+  A weight quantizer keeps the block amaxes of its rank's rows (``WeightQuantizer.rows``); the
+  global amax ``g = max |w|`` (per expert for fused experts) is all-reduced with MAX.
+* MSE sweep and SQNR: per block, so each rank sweeps its own rows of every weight - no gathers,
+  N ranks sweep N times faster; the SQNR sums are all-reduced.
+* export: :class:`UnitGate` unshards one unit (layer) at a time on every rank, with its quantizers'
+  block amaxes all-gathered; global rank 0 packs and writes it, the others follow in lock step.
+
+A model can also start on the meta device (``model.path`` loaders with ``sharded=True``): each
+rank then allocates only its rows and fills them from the checkpoint (or a seeded random init).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from . import nvfp4
+from .errors import UserError
+
+log = logging.getLogger("nvfp4cal")
+# fill(param_name, out, start, stop, rows): write rows [start, stop) of dim 0 of the named
+# parameter (``rows`` rows in all) into ``out``
+Fill = Callable[[str, torch.Tensor, int, int, int], None]
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """FSDP2 over every rank (data-parallel size = world size, no tensor parallelism)."""
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded tensor (the tensor itself otherwise)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``n`` that ``torch.chunk`` (and so FSDP2) gives to ``rank`` of ``world``."""
+    per = math.ceil(n / world) if n else 0
+    start = min(rank * per, n)
+    return start, min(start + per, n)
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every entry of the model's ``...layers`` ModuleList(s): the FSDP units."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            out += [(f"{name}.{i}", layer) for i, layer in enumerate(m)]
+    return out
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Build a model with its parameters on the meta device and its buffers (RoPE tables) real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def shard_model(model: nn.Module, mesh, device: torch.device, fill: Fill | None = None) -> dict:
+    """``fully_shard`` each decoder layer and the root, allocate and fill meta rows, localize quantizers.
+
+    Returns {"ranks", "param_bytes_per_rank", "param_bytes"}: what each rank holds of the parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .insert import share_global_amax
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise UserError(f"trainer=fsdp: {type(model).__name__} has no decoder-layer list to shard; use trainer=ddp")
+    for _, layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _materialize(model, device, fill)
+    for name, wq, w in _weight_quantizers(model):
+        calibrate_rows(wq, w, name)
+    share_global_amax(model)
+    params = list(model.parameters())
+    held = sum(local(p).numel() * p.element_size() for p in params)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, held)
+    total = sum(p.numel() * p.element_size() for p in params)
+    if dist.get_rank() == 0:
+        gib = ", ".join(f"{b / 2**30:.3f}" for b in per_rank)
+        log.info("sharded over %d ranks: they hold %s of %.3f GiB of parameters", len(per_rank), gib, total / 2**30)
+    return {"ranks": len(per_rank), "param_bytes_per_rank": per_rank, "param_bytes": total}
+
+
+def _materialize(model: nn.Module, device: torch.device, fill: Fill | None) -> None:
+    """Allocate this rank's rows of meta parameters and fill them; quantizer statistics start at zero."""
+    from .experts import QuantExpertsMixin
+    from .insert import BadWeightError
+    from .quantizers import InputQuantizer, KVCastQuantizer
+
+    if not any(local(p).is_meta for p in model.parameters()):
+        return
+    if fill is None:
+        raise UserError("trainer=fsdp: the model starts on the meta device but its loader gave no weights")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keep = {n: b.detach().to(device) for n, b in model.named_buffers() if not b.is_meta}  # RoPE tables, ...
+    model.to_empty(device=device)  # FSDP2: each rank allocates its own rows only
+    with torch.no_grad():
+        for n, b in keep.items():
+            model.get_buffer(n).copy_(b)
+        for n, p in model.named_parameters():
+            total = p.shape[0] if p.dim() else 1
+            start, stop = rows(total, rank, world) if p.dim() else (0, 1)
+            out = local(p)
+            fill(n, out, start, stop, total)
+            if out.is_floating_point() and not torch.isfinite(out).all():
+                raise BadWeightError(
+                    f"weight {n} holds NaN or Inf values; fix or re-export the model before quantizing"
+                )
+        for m in model.modules():
+            if isinstance(m, InputQuantizer):
+                m.amax.zero_()
+                m.seen.zero_()
+            elif isinstance(m, QuantExpertsMixin):
+                m.tokens.zero_()
+            elif isinstance(m, KVCastQuantizer):
+                m.amax.fill_(nvfp4.FP8_MAX)
+
+
+def _weight_quantizers(model):
+    from .sweep import weight_quantizers
+
+    return weight_quantizers(model)
+
+
+@torch.no_grad()
+def calibrate_rows(wq, w: torch.Tensor, name: str = "") -> None:
+    """Max-calibrate ``wq`` from this rank's rows of the sharded weight ``w`` ([*lead, out, in]).
+
+    ``block_amax`` becomes ``[local rows, ...]``; the global amax (a scalar, or one per expert
+    for fused experts, whose experts are the rows) is the all-reduced MAX of every rank's part.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    wl = local(w)
+    start, stop = rows(w.shape[0], rank, world)
+    wq.rows = (start, stop)
+    blk = torch.zeros(*wl.shape[:-1], wl.shape[-1] // nvfp4.BLOCK, dtype=torch.float32, device=wl.device)
+    for c in nvfp4.row_chunks(wl) if wl.numel() else []:
+        blk[c] = nvfp4.block_amax(wl[c])
+    wq.block_amax = blk
+    g = torch.zeros(wq.global_amax.shape, dtype=torch.float32, device=wl.device)
+    if blk.numel():
+        if g.dim() == 0:
+            g = blk.amax()
+        else:
+            g[start:stop] = blk.flatten(-2).amax(-1)
+    dist.all_reduce(g, op=dist.ReduceOp.MAX)
+    wq.global_amax = g.reshape(wq.global_amax.shape)
+    wq.clear_cache()
+
+
+def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The full ``[n, ...]`` tensor from every rank's ``torch.chunk`` rows of it (a collective)."""
+    world = dist.get_world_size()
+    per = math.ceil(n / world)
+    padded = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-rank partial sums (float64) across ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class UnitGate:
+    """One FSDP unit unsharded at a time, entered in the same order on every rank.
+
+    ``tensor(name)`` (global rank 0, producing the export) enters the unit that owns ``name`` and
+    returns the full tensor; ``enter_for(name)`` (the other ranks) takes part in the same gathers.
+    The owning unit's weight quantizers hold their full block amaxes while it is entered.
+    """
+
+    def __init__(self, model: nn.Module):
+        from .export.plan import quant_sources
+
+        self.model = model
+        self.units = [(f"{n}.", m) for n, m in decoder_layers(model)]
+        self.quant = {}
+        for pname, src in quant_sources(model)[0].items():
+            n = model.get_parameter(pname).shape[0]  # the global shape: the weight's rows (or experts)
+            self.quant.setdefault(self._unit(pname), []).append((src.weight, n))
+        self.current: nn.Module | None = None
+        self.saved: list = []
+
+    def _unit(self, name: str) -> nn.Module:
+        for prefix, m in self.units:
+            if name.startswith(prefix):
+                return m
+        return self.model
+
+    def enter_for(self, name: str | None) -> None:
+        if name is None:
+            return
+        unit = self._unit(name)
+        if unit is self.current:
+            return
+        self.leave()
+        unit.unshard()
+        for wq, n in self.quant.get(unit, []):
+            self.saved.append((wq, wq.block_amax, wq.rows))
+            wq.block_amax, wq.rows = gather_rows(wq.block_amax, n), None
+        self.current = unit
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full tensor; a CPU one is copied (file writer threads may still read it after the reshard)."""
+        self.enter_for(name)
+        try:
+            t = self.model.get_parameter(name).detach()
+        except AttributeError:
+            t = self.model.get_buffer(name).detach()
+        return t if t.is_cuda else t.clone()
+
+    def leave(self) -> None:
+        if self.current is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # pending copies out of the unsharded weights
+        for wq, blk, r in self.saved:
+            wq.block_amax, wq.rows = blk, r
+            wq.clear_cache()
+        self.saved = []
+        self.current.reshard()
+        self.current = None
