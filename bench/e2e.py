@@ -151,9 +151,13 @@ def main() -> None:
         for k, v in st.items():
             gpu = f", GPU peak {v['gpu_peak_gib']:.2f} GiB" if "gpu_peak_gib" in v else ""
             print(f"  {k:<12} {v['seconds']:8.2f} s{gpu}, CPU peak RSS {v['cpu_peak_rss_gib']:.2f} GiB")
-        whole = sum(v["seconds"] for k, v in st.items() if k != "load")
+        # as the speed issue defined it; "plan" (export plan check) and "data" (tokenization) were
+        # untimed then and are reported beside it
+        whole = sum(v["seconds"] for k, v in st.items() if k not in ("load", "plan", "data"))
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
         print(f"  whole run (all stages after load): {whole:.2f} s; checkpoint {size:.2f} GiB; sweep {r.get('sweep')}")
+        extra = sum(st[k]["seconds"] for k in ("plan", "data") if k in st)
+        print(f"  + plan and data: {extra:.2f} s; run() wall {r.get('wall_seconds')} s")
         print(f"  dead experts: {sum(len(e['experts']) for e in r.get('experts', []))}", flush=True)
         print(f"  export parts (s): {r['export'].get('seconds')}", flush=True)
     if a.check:

@@ -35,6 +35,8 @@ def test_report_fields_and_plots(tmp_path):
     assert set(r["stages"]) == {
         "load",
         "insert",
+        "plan",
+        "data",
         "calibration",
         "bootstrap",
         "measure",

@@ -52,6 +52,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     from .sharded import ShardedStrategy
     from .sweep import warm_up
 
+    t_start = time.perf_counter()
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
         raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
@@ -91,7 +92,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
     if not plan.quantized:
         raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
-    export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
+    with stage(stages, "plan"):
+        export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
 
     d = cfg.data
     data = CalibrationData(
@@ -103,6 +105,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         seed=d.seed,
         eval_samples=d.eval_samples,
     )
+    with stage(stages, "data"):
+        data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
     eval_batches = data.eval_dataloader if rep.get("perplexity", True) else None
     post = PostCalibration(export, recipe.algorithm, loaded.tokenizer, eval_batches)
     trainer.callbacks.append(post)
@@ -124,10 +128,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 3)  # all of run() until the report
     report["objective"] = {"name": objective_name, "value": objective(report, objective_name)}
     if trainer.is_global_zero:
+        t0 = time.perf_counter()
         write_report(run_dir, report)
         print_summary(report, run_dir)
+        log.info(
+            "report written in %.1f s; %.1f s since the start of the run",
+            time.perf_counter() - t0,
+            time.perf_counter() - t_start,
+        )
     return RunResult(report, loaded.model, loaded.tokenizer, data)
 
 

@@ -158,8 +158,9 @@ class PostCalibration(L.Callback):
         if getattr(pl_module, "shards", None):
             self.results["sharding"] = pl_module.shards
         if torch.distributed.is_available() and torch.distributed.is_initialized() and dev.type == "cuda":
-            peaks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(peaks, round(torch.cuda.max_memory_allocated(dev) / 2**30, 3))
+            peaks = [None] * torch.distributed.get_world_size()  # each rank's highest stage peak from calibration on
+            mine = max(v.get("gpu_peak_gib", 0.0) for v in self.stages.values())
+            torch.distributed.all_gather_object(peaks, round(mine, 3))
             self.results["gpu_peak_gib_per_rank"] = peaks
         clear_caches(model)
 
