@@ -50,6 +50,12 @@ class CalibrationModule(L.LightningModule):
         set_mode(self.model, "off")
         sync_statistics(self.model)
 
+    def on_validation_end(self) -> None:
+        """Runs after the PostCalibration callback: let go of the model, so that the strategy's teardown
+        does not copy it to the CPU (Lightning's ``Strategy.teardown`` calls ``module.cpu()``: about 50 s
+        for a 58 GB model, after all the work is done). The caller still holds it, where it is."""
+        self._modules.pop("model", None)
+
 
 def sync_statistics(model: torch.nn.Module) -> None:
     """All-reduce input amaxes with MAX and expert token counts with SUM across ranks."""
