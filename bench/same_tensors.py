@@ -36,7 +36,11 @@ def main() -> int:
         return t.reshape(-1).view(torch.uint8) if t.numel() else t  # bytes: FP8 and NaN-safe
 
     bad = [k for k in ta if not get(ta[k], k).equal(get(tb[k], k))]
-    configs = [f for f in ("config.json", "hf_quant_config.json") if (a / f).read_bytes() != (b / f).read_bytes()]
+    configs = [
+        f
+        for f in ("config.json", "hf_quant_config.json")
+        if (a / f).is_file() != (b / f).is_file() or (a / f).is_file() and (a / f).read_bytes() != (b / f).read_bytes()
+    ]
     print(f"{len(ta)} tensors, {len(bad)} differ {bad[:5]}; configs differ: {configs}")
     print("same" if not bad and not configs else "DIFFERENT")
     return 0 if not bad and not configs else 1

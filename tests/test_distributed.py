@@ -47,33 +47,6 @@ def _torchrun(tmp_path, args, trainer="ddp", n=2, **env):
     return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True, text=True, timeout=300)
 
 
-def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nvfp4cal.calibrate",
-            *COMMON,
-            f"export.dir={tmp_path}/one",
-            f"hydra.run.dir={tmp_path}/run1",
-        ],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/two"])
-    assert two.returncode == 0, two.stderr[-3000:]
-    for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
-        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
-    # every rank used one run directory (named for the launch, not the clock)
-    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
-    assert len(runs) == 1 and (runs[0] / "report.json").is_file(), runs
-    assert two.stdout.count("nvfp4cal: tiny_qwen3_moe") == 1  # only rank 0 summarizes
-
-
 def _one_process(tmp_path, args, name):
     r = subprocess.run(
         [
@@ -92,6 +65,18 @@ def _one_process(tmp_path, args, name):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
+    _one_process(tmp_path, COMMON, "one")
+    two = _torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    # every rank used one run directory (named for the launch, not the clock)
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "report.json").is_file(), runs
+    assert two.stdout.count("nvfp4cal: tiny_qwen3_moe") == 1  # only rank 0 summarizes
 
 
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])

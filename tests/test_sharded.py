@@ -53,16 +53,32 @@ def test_fsdp_reads_only_its_rows_of_an_hf_checkpoint(tmp_path):
     src = build_tiny("Qwen3MoeConfig", {**TINY_MOE, "tie_word_embeddings": True}, dtype="bfloat16")
     src.model.save_pretrained(tmp_path / "hf")
     src.tokenizer.save_pretrained(tmp_path / "hf")
-    args = ["model=hf", f"model.path={tmp_path}/hf", *ARGS]
+    args = ["model=hf", f"model.path={tmp_path}/hf", *ARGS, "export.format=both"]
     _one_process(tmp_path, args, "one")
     r = _torchrun(tmp_path, [*args, f"export.dir={tmp_path}/fsdp"], "fsdp", 2)
     assert r.returncode == 0, r.stderr[-3000:]
-    _same_files(tmp_path / "one", tmp_path / "fsdp")
+    _same_files(tmp_path / "one" / "modelopt", tmp_path / "fsdp" / "modelopt")
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "one" / "compressed_tensors" / f).read_bytes() == (
+            tmp_path / "fsdp" / "compressed_tensors" / f
+        ).read_bytes(), f
     (run,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     sharding = json.loads((run / "report.json").read_text())["sharding"]
     # fp32 on CPU: each rank holds about half of the parameters, never all of them
     total = sharding["param_bytes"]
     assert all(0.4 * total < b < 0.6 * total for b in sharding["param_bytes_per_rank"]), sharding
+
+
+def test_fsdp_names_a_nan_weight_in_one_line(tmp_path):
+    src = build_tiny("Qwen3MoeConfig", TINY_MOE, dtype="bfloat16")
+    with torch.no_grad():
+        src.model.model.layers[1].mlp.experts.down_proj[7, 3, 5] = float("nan")  # rank 1's expert
+    src.model.save_pretrained(tmp_path / "hf")
+    src.tokenizer.save_pretrained(tmp_path / "hf")
+    r = _torchrun(tmp_path, ["model=hf", f"model.path={tmp_path}/hf", *ARGS, f"export.dir={tmp_path}/x"], "fsdp", 2)
+    assert r.returncode != 0
+    assert "nvfp4cal: error: weight model.layers.1.mlp.experts.down_proj holds NaN or Inf values" in r.stderr + r.stdout
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("n", [1, 5, 8, 64, 257])
