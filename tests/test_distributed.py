@@ -103,3 +103,16 @@ def test_launch_id(monkeypatch, var, value, want):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv(var, value)
     assert launch_id() == want
+
+
+def test_sweep_work_is_balanced_by_blocks():
+    from nvfp4cal.sweep import balance
+
+    # the experts-only layout: gate_up (2x) and down (1x) alternate - round robin gave one rank 2/3
+    sizes = [2, 1] * 48
+    owner = balance(sizes, 2)
+    loads = [sum(s for s, r in zip(sizes, owner, strict=True) if r == k) for k in range(2)]
+    assert loads == [72, 72]
+    assert balance(sizes, 2) == owner  # the same answer on every rank
+    assert sorted(set(balance([5, 3, 3, 1], 3))) == [0, 1, 2]
+    assert balance([4, 4], 1) == [0, 0]

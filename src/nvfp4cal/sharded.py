@@ -99,6 +99,7 @@ def shard_model(model: nn.Module, mesh, device: torch.device, fill: Fill | None 
     from torch.distributed.fsdp import fully_shard
 
     from .insert import share_global_amax
+    from .sweep import weight_quantizers
 
     layers = decoder_layers(model)
     if not layers:
@@ -107,8 +108,8 @@ def shard_model(model: nn.Module, mesh, device: torch.device, fill: Fill | None 
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     _materialize(model, device, fill)
-    for name, wq, w in _weight_quantizers(model):
-        calibrate_rows(wq, w, name)
+    for _, wq, w in weight_quantizers(model):
+        calibrate_rows(wq, w)
     share_global_amax(model)
     params = list(model.parameters())
     held = sum(local(p).numel() * p.element_size() for p in params)
@@ -156,14 +157,8 @@ def _materialize(model: nn.Module, device: torch.device, fill: Fill | None) -> N
                 m.amax.fill_(nvfp4.FP8_MAX)
 
 
-def _weight_quantizers(model):
-    from .sweep import weight_quantizers
-
-    return weight_quantizers(model)
-
-
 @torch.no_grad()
-def calibrate_rows(wq, w: torch.Tensor, name: str = "") -> None:
+def calibrate_rows(wq, w: torch.Tensor) -> None:
     """Max-calibrate ``wq`` from this rank's rows of the sharded weight ``w`` ([*lead, out, in]).
 
     ``block_amax`` becomes ``[local rows, ...]``; the global amax (a scalar, or one per expert

@@ -93,21 +93,33 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def balance(sizes: list[int], world: int) -> list[int]:
+    """The rank that sweeps each weight: largest first, each to the least loaded rank (ties: the lower
+    rank), so the ranks get about equal numbers of blocks. The same answer on every rank."""
+    load, owner = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
 @torch.no_grad()
 def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> dict:
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
 
-    In a data-parallel run, rank r sweeps weights r, r + N, ... and broadcasts its results, so every
-    rank ends with the same block amaxes and N ranks sweep about N times faster. In a sharded run
+    In a data-parallel run each rank sweeps its share of the weights (:func:`balance`: equal numbers
+    of blocks) and broadcasts its results, so every rank ends with the same block amaxes and N ranks
+    sweep about N times faster. In a sharded run
     (``trainer=fsdp``) every rank sweeps its own rows of every weight: blocks are independent.
     """
     items = weight_quantizers(model)
     rank, world = _dist()
     sharded = any(wq.rows is not None for _, wq, _ in items)
+    owner = [rank] * len(items) if sharded else balance([wq.block_amax.numel() for _, wq, _ in items], world)
+    mine = [it for it, r in zip(items, owner, strict=True) if r == rank]
     used, blocks = set(), 0
-    for _name, wq, w in tqdm(
-        items if sharded else items[rank::world], desc="MSE sweep", unit="weight", disable=not progress
-    ):
+    for _name, wq, w in tqdm(mine, desc="MSE sweep", unit="weight", disable=not progress):
         w = local(w)
         if not w.numel():  # a rank without rows of this weight
             continue
@@ -128,8 +140,8 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
         wq.clear_cache()
         blocks += out.numel()
     if world > 1 and not sharded:
-        for i, (_name, wq, _w) in enumerate(items):
-            dist.broadcast(wq.block_amax, src=i % world)
+        for (_name, wq, _w), src in zip(items, owner, strict=True):
+            dist.broadcast(wq.block_amax, src=src)
             wq.clear_cache()
     if world > 1:
         gathered = [None] * world
