@@ -25,6 +25,7 @@ def _cli(tmp_path, *args):
         (["model=tiny_llama", "recipe.algorithm.method=awq"], "algorithm.method 'awq' unknown"),
         (["model=tiny_llama", "+recipe.rules.0.enabled=true"], "unknown key(s) ['enabled']"),
         (["model=tiny_llama", "export.format=gguf"], "export.format='gguf' unknown"),
+        (["model=tiny_llama", "trainer.devices=abc"], "`devices` selected with `CPUAccelerator` should be an int"),
         (
             ["model=tiny_gpt_oss", "recipe=nvfp4_max", "export.format=both"],
             "experts saved fused (GPT-OSS) have no compressed_tensors layout",

@@ -38,6 +38,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
     import lightning as L
     import torch
+    from hydra.errors import InstantiationException
     from hydra.utils import get_method, instantiate
     from lightning.pytorch.accelerators import CPUAccelerator
 
@@ -69,7 +70,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         raise UserError(f"report.objective={objective_name!r} unknown; use one of {list(OBJECTIVES)}")
     stages = {}
 
-    trainer = instantiate(cfg.trainer)
+    try:
+        trainer = instantiate(cfg.trainer)
+    except InstantiationException as err:  # Lightning's own checks of accelerator, devices, strategy
+        cause = err.__cause__ or err
+        raise UserError(
+            f"trainer: {type(cause).__name__}: {str(cause).splitlines()[0]} - check trainer=... and the trainer.* "
+            "overrides (gpu, ddp and fsdp run on CUDA GPUs unless trainer.accelerator=cpu)"
+        ) from err
     sharded = isinstance(trainer.strategy, ShardedStrategy)
     with stage(stages, "load"):
         recipe = instantiate(cfg.recipe, _convert_="all")
