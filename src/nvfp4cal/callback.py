@@ -155,7 +155,7 @@ class PostCalibration(L.Callback):
             with stage(self.stages, "evaluate", dev):
                 ppl["original"] = perplexity(model, self.eval_batches(), "off")
                 ppl["quantized"] = perplexity(model, self.eval_batches(), "quant")
-        if getattr(pl_module, "shards", None):
+        if getattr(pl_module, "shards", None):  # a CalibrationModule under trainer=fsdp
             self.results["sharding"] = pl_module.shards
         if torch.distributed.is_available() and torch.distributed.is_initialized() and dev.type == "cuda":
             peaks = [None] * torch.distributed.get_world_size()  # each rank's highest stage peak from calibration on

@@ -15,6 +15,7 @@ from .errors import UserError
 from .nvfp4 import BLOCK
 from .quantizers import QuantLinear
 from .recipe import Recipe
+from .sharded import local
 
 log = logging.getLogger("nvfp4cal")
 
@@ -61,8 +62,10 @@ def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
 
 
 def check_finite(model: nn.Module) -> None:
+    """Every floating parameter finite (a sharded one: this rank's rows; a meta one is checked when filled)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():  # meta: checked when filled
+        p = local(p)
+        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
             raise BadWeightError(f"weight {name} holds NaN or Inf values; fix or re-export the model before quantizing")
 
 

@@ -118,7 +118,7 @@ class CheckpointRows:
         with torch.no_grad():
             for name, pieces in self.pieces.items():
                 if name in buffers:
-                    buffers[name].copy_(self._file(pieces[0][0]).get_slice(pieces[0][0])[:])
+                    buffers[name].copy_(self._file(pieces[0][0]).get_tensor(pieces[0][0]))
 
     def _file(self, saved: str):
         from safetensors import safe_open

@@ -23,6 +23,7 @@ class CalibrationModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.fill = fill  # rows of a meta-device model's parameters (trainer=fsdp), see models.LoadedModel
+        self.shards: dict | None = None  # trainer=fsdp: what each rank holds (sharded.shard_model)
         # calibration needs no logits: compute the LM head for the last position only (a 150k-word
         # vocabulary over a batch of 8 x 512 tokens would be a 1.2 GiB bf16 tensor)
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -31,10 +32,9 @@ class CalibrationModule(L.LightningModule):
         """``trainer=fsdp``: shard the model over every rank (Lightning calls this once per process)."""
         from .sharded import ShardedStrategy, shard_model
 
-        if isinstance(self.trainer.strategy, ShardedStrategy) and not getattr(self, "_sharded", False):
+        if isinstance(self.trainer.strategy, ShardedStrategy) and self.shards is None:
             mesh = self.device_mesh["data_parallel"]
             self.shards = shard_model(self.model, mesh, self.trainer.strategy.root_device, self.fill)
-            self._sharded = True
 
     def on_validation_start(self) -> None:
         fail = os.environ.get("NVFP4CAL_FAIL_ON_RANK")  # fault injection for the distributed tests

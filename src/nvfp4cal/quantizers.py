@@ -79,18 +79,27 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor) -> None:
         """Max calibration from the weight itself (in chunks: no fp32 copy of a whole fused weight)."""
+        self.global_amax.copy_(self.calibrate_blocks(w))
+
+    @torch.no_grad()
+    def calibrate_blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """``block_amax`` from ``w`` (the rows it holds), a chunk at a time; returns the max per leading index."""
         for c in nvfp4.row_chunks(w):
             self.block_amax[c].copy_(nvfp4.block_amax(w[c]))
-        self.global_amax.copy_(self.block_amax.flatten(-2).amax(-1))
         self._cache = None
+        return self.block_amax.flatten(-2).amax(-1)
 
     def scale_2(self) -> torch.Tensor:
         return nvfp4.scale_2(self.global_amax)
 
+    def local_global_amax(self) -> torch.Tensor:
+        """``global_amax`` of the rows ``block_amax`` holds: this rank's experts when sharded."""
+        g = self.global_amax
+        return g[self.rows[0] : self.rows[1]] if self.rows is not None and g.dim() else g
+
     def scale_2_bcast(self, device: torch.device) -> torch.Tensor:
         """``scale_2`` shaped to broadcast over ``[*lead, out, in/16]`` (this rank's experts when sharded)."""
-        s2 = self.scale_2().to(device)[(...,) + (None,) * 2]
-        return s2[self.rows[0] : self.rows[1]] if self.rows is not None and s2.dim() == 3 else s2
+        return nvfp4.scale_2(self.local_global_amax()).to(device)[(...,) + (None,) * 2]
 
     def chunks(self, w: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
         """(rows, their block amaxes, their scale_2) for the chunks of ``w`` that

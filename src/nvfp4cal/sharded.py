@@ -125,7 +125,7 @@ def shard_model(model: nn.Module, mesh, device: torch.device, fill: Fill | None 
 def _materialize(model: nn.Module, device: torch.device, fill: Fill | None) -> None:
     """Allocate this rank's rows of meta parameters and fill them; quantizer statistics start at zero."""
     from .experts import QuantExpertsMixin
-    from .insert import BadWeightError
+    from .insert import check_finite
     from .quantizers import InputQuantizer, KVCastQuantizer
 
     if not any(local(p).is_meta for p in model.parameters()):
@@ -141,12 +141,8 @@ def _materialize(model: nn.Module, device: torch.device, fill: Fill | None) -> N
         for n, p in model.named_parameters():
             total = p.shape[0] if p.dim() else 1
             start, stop = rows(total, rank, world) if p.dim() else (0, 1)
-            out = local(p)
-            fill(n, out, start, stop, total)
-            if out.is_floating_point() and not torch.isfinite(out).all():
-                raise BadWeightError(
-                    f"weight {n} holds NaN or Inf values; fix or re-export the model before quantizing"
-                )
+            fill(n, local(p), start, stop, total)
+        check_finite(model)  # this rank's rows
         for m in model.modules():
             if isinstance(m, InputQuantizer):
                 m.amax.zero_()
@@ -168,16 +164,14 @@ def calibrate_rows(wq, w: torch.Tensor) -> None:
     wl = local(w)
     start, stop = rows(w.shape[0], rank, world)
     wq.rows = (start, stop)
-    blk = torch.zeros(*wl.shape[:-1], wl.shape[-1] // nvfp4.BLOCK, dtype=torch.float32, device=wl.device)
-    for c in nvfp4.row_chunks(wl) if wl.numel() else []:
-        blk[c] = nvfp4.block_amax(wl[c])
-    wq.block_amax = blk
+    wq.block_amax = torch.zeros(*wl.shape[:-1], wl.shape[-1] // nvfp4.BLOCK, dtype=torch.float32, device=wl.device)
     g = torch.zeros(wq.global_amax.shape, dtype=torch.float32, device=wl.device)
-    if blk.numel():
+    if wl.numel():
+        part = wq.calibrate_blocks(wl)
         if g.dim() == 0:
-            g = blk.amax()
+            g = part
         else:
-            g[start:stop] = blk.flatten(-2).amax(-1)
+            g[start:stop] = part
     dist.all_reduce(g, op=dist.ReduceOp.MAX)
     wq.global_amax = g.reshape(wq.global_amax.shape)
     wq.clear_cache()

@@ -127,9 +127,7 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
         used.add(impl)
         lead = w.shape[:-2]
         flat_w = w.detach().reshape(-1, *w.shape[-2:])
-        g = wq.global_amax.reshape(-1)
-        if wq.rows is not None and wq.global_amax.dim():  # this rank's experts
-            g = g[wq.rows[0] : wq.rows[1]]
+        g = wq.local_global_amax().reshape(-1)
         if impl == "triton":  # one launch for all experts of the weight
             out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
         else:

@@ -51,6 +51,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's own state (no quantizer statistics), tied duplicates dropped."""
     from ..experts import QuantExpertsMixin
     from ..quantizers import InputQuantizer, KVCastQuantizer, WeightQuantizer
+    from ..sharded import is_sharded
 
     ours = (InputQuantizer, WeightQuantizer, KVCastQuantizer)
     skip = {f"{n}." for n, m in model.named_modules() if isinstance(m, ours)}
@@ -61,7 +62,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         if not t.numel():
             key = None
-        elif t.is_meta or _is_dtensor(t):
+        elif t.is_meta or is_sharded(t):
             key = id(t)  # no storage to compare; tied parameters are one object
         else:
             key = (t.data_ptr(), tuple(t.shape))
@@ -70,12 +71,6 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = t.detach()
     return out
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from ..sharded import is_sharded
-
-    return is_sharded(t)
 
 
 def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Slice]:
