@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install calibrate test test-all lint format bench bench-e2e clean
+.PHONY: help install calibrate test test-engines test-all lint format bench bench-e2e clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml Makefile
 calibrate: install ## quantize the embedded default model (SmolLM2-135M upcycled to an 8-expert MoE); ARGS="key=value ..."
 	$(PY) -m nvfp4cal.calibrate $(ARGS)
 
-test: install ## run the tests (CPU; slow and GPU tests are skipped)
-	$(PY) -m pytest -m "not slow and not gpu" $(ARGS)
+test: install ## run the tests (CPU; slow, GPU and engine tests are skipped)
+	$(PY) -m pytest -m "not slow and not gpu and not engines" $(ARGS)
+
+test-engines: install ## vLLM's CPU build (own venv under .cache/engines, ~3 min the first time) loads and runs our checkpoints
+	$(PY) -m pytest -m engines tests/engines -s $(ARGS)
 
 test-all: install ## run every test that this machine can run, slow ones included
 	$(PY) -m pytest $(ARGS)

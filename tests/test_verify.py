@@ -1,5 +1,6 @@
 """`python -m nvfp4cal.verify`: passes our exports, names every kind of corruption."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -96,25 +97,66 @@ def test_corruptions_are_named(export, fmt, tmp_path, corrupt, message):
     assert r.returncode == 1 and message in r.stdout
 
 
-def test_unlisted_plain_linear_is_a_problem(export, fmt, tmp_path):
-    import json
+def _edit_json(ckpt, name, fn):
+    path = ckpt / name
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
 
+
+def test_unlisted_plain_linear_is_a_problem(export, fmt, tmp_path):
+    """Exclusions are checked where the engines read them: config.json's ``ignore`` in both layouts."""
     bad = tmp_path / "bad"
     shutil.copytree(export, bad)
-    if fmt == "modelopt":
-        cfg = json.loads((bad / "hf_quant_config.json").read_text())
-        cfg["quantization"]["exclude_modules"].remove("model.layers.0.block_sparse_moe.gate")
-        (bad / "hf_quant_config.json").write_text(json.dumps(cfg))
-    else:
-        cfg = json.loads((bad / "config.json").read_text())
-        cfg["quantization_config"]["ignore"].remove("model.layers.0.block_sparse_moe.gate")
-        (bad / "config.json").write_text(json.dumps(cfg))
-    assert any("block_sparse_moe.gate: unquantized weight not listed" in p for p in verify(bad).problems)
+    _edit_json(bad, "config.json", lambda c: c["quantization_config"]["ignore"].remove(f"{L0[:-8]}.gate"))
+    problems = verify(bad).problems
+    assert any("block_sparse_moe.gate: unquantized weight not listed" in p for p in problems), problems
+
+
+def test_modelopt_config_json_is_what_engines_read(exports, tmp_path):
+    ckpt = exports["modelopt"]
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    hq = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4"
+    assert qc["ignore"] == hq["exclude_modules"] and "lm_head" in qc["ignore"]
+    assert qc["config_groups"]["group_0"]["input_activations"]["num_bits"] == 4  # W4A4, not weight-only
+
+    # the form every earlier export had: exclusions only as exclude_modules, which vLLM does not read there
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+
+    def old_form(c):
+        q = c["quantization_config"]
+        c["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "exclude_modules": q["ignore"]}
+
+    _edit_json(old, "config.json", old_form)
+    problems = verify(old).problems
+    assert any("has no 'ignore'" in p for p in problems), problems
+    assert any("lm_head: unquantized weight not listed" in p for p in problems), problems
+
+    # hf_quant_config.json (TensorRT-LLM) must list the same modules
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    _edit_json(other, "hf_quant_config.json", lambda c: c["quantization"]["exclude_modules"].remove("lm_head"))
+    assert any("exclude_modules and config.json ignore" in p for p in verify(other).problems)
+
+    # an FP8 KV cache announced in the legacy key only: vLLM would run the cache unquantized
+    kv = tmp_path / "kv"
+    shutil.copytree(ckpt, kv)
+    _edit_json(kv, "config.json", lambda c: c["quantization_config"].update(kv_cache_quant_algo="FP8"))
+    assert any("no FP8 kv_cache_scheme" in p for p in verify(kv).problems)
+
+
+def test_architectures_are_checked(export, tmp_path):
+    assert json.loads((export / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    for value, message in ((None, "no architectures list"), (["MixtralModel"], "name no causal-LM class")):
+        bad = tmp_path / f"bad{value}"
+        shutil.copytree(export, bad)
+        _edit_json(bad, "config.json", lambda c, value=value: c.update(architectures=value))
+        assert any(message in p for p in verify(bad).problems)
 
 
 def test_compressed_tensors_config_is_checked(exports, tmp_path):
-    import json
-
     bad = tmp_path / "bad"
     shutil.copytree(exports["compressed_tensors"], bad)
     cfg = json.loads((bad / "config.json").read_text())

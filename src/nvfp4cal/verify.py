@@ -1,11 +1,14 @@
 """Check an NVFP4 checkpoint, ours or not: ``python -m nvfp4cal.verify DIR``.
 
 Both layouts: modelopt (``X.weight`` uint8, ``weight_scale``, ``weight_scale_2``, ``input_scale``;
-``exclude_modules``) and compressed-tensors ``nvfp4-pack-quantized`` (``X.weight_packed``,
+``ignore`` / ``exclude_modules``) and compressed-tensors ``nvfp4-pack-quantized`` (``X.weight_packed``,
 ``weight_scale``, ``weight_global_scale``, ``input_global_scale``; ``ignore``), told apart by
 config.json's ``quant_method``.
 
-Checks: every packed weight has its scales with the right dtypes and shapes; no NaN E4M3 scale byte;
+Checks what an engine reads from config.json: ``architectures`` names a causal-LM class; the
+excluded modules and the FP8 KV cache are where vLLM and SGLang look for them (modelopt: ``ignore``
+and ``kv_cache_scheme`` in config.json, agreeing with hf_quant_config.json). Then the tensors: every
+packed weight has its scales with the right dtypes and shapes; no NaN E4M3 scale byte;
 global and input scales finite and > 0; gate/up (w1/w3), q/k/v and q_a/kv_a share their global
 scale; every expert of every MoE layer is present and quantized alike; the config's excluded
 modules agree with the tensors (no quantized module excluded, no plain Linear weight left
@@ -135,9 +138,78 @@ class _Matcher:
         return module in self.exact or (self.regex is not None and self.regex.match(module) is not None)
 
 
+CAUSAL_LM = ("ForCausalLM", "ForConditionalGeneration")
+
+
+def _check_architectures(cfg: dict, v: Verdict) -> None:
+    """Engines pick the model class from ``architectures`` (vLLM maps a bare ``model_type`` such as
+    ``mixtral`` to a pooling model), so it must name a causal-LM class."""
+    arch = cfg.get("architectures")
+    if not isinstance(arch, list) or not arch or not all(isinstance(a, str) for a in arch):
+        v.problems.append(
+            "config.json has no architectures list: engines pick the model class from it "
+            "(vLLM would load a bare model_type as a pooling model)"
+        )
+    elif not any(a.endswith(CAUSAL_LM) for a in arch):
+        v.problems.append(f"config.json architectures {arch} name no causal-LM class (...ForCausalLM)")
+
+
+def _modelopt_config(ckpt: Path, qc: dict, v: Verdict) -> tuple[list[str], bool]:
+    """(excluded-module patterns, FP8 KV cache) of a modelopt checkpoint, read where engines read them.
+
+    vLLM and SGLang take config.json's ``quantization_config`` when there is one (ModelOpt's flat
+    form: ``ignore``, ``kv_cache_scheme``; or the nested ``quantization`` form of hf_quant_config.json)
+    and fall back to ``hf_quant_config.json`` only without it; TensorRT-LLM reads hf_quant_config.json.
+    Both files, when present, must say the same.
+    """
+    hq_file = ckpt / "hf_quant_config.json"
+    hq = json.loads(hq_file.read_text()).get("quantization") if hq_file.is_file() else None
+    if qc and qc.get("quant_method") != "modelopt":
+        v.problems.append(f"config.json quant_method is {qc.get('quant_method')!r}, expected 'modelopt'")
+    if qc and "quantization" not in qc:  # ModelOpt's config.json form
+        if "ignore" not in qc:
+            v.problems.append(
+                "config.json quantization_config has no 'ignore': vLLM and SGLang read the unquantized "
+                "modules there (exclude_modules is not read in config.json)"
+            )
+        exclude = qc.get("ignore") or []
+        scheme = qc.get("kv_cache_scheme")
+        kv = isinstance(scheme, dict) and (scheme.get("type"), scheme.get("num_bits")) == ("float", 8)
+        if qc.get("kv_cache_quant_algo") and not kv:
+            v.problems.append(
+                "config.json sets kv_cache_quant_algo but no FP8 kv_cache_scheme: vLLM reads only "
+                "kv_cache_scheme in config.json and would run the KV cache unquantized"
+            )
+        algo = qc.get("quant_algo")
+    else:
+        src = (qc.get("quantization") if qc else hq) or {}
+        if not qc and hq is None:
+            v.problems.append(
+                "no quantization config: neither config.json quantization_config nor hf_quant_config.json"
+            )
+        exclude, kv, algo = (
+            src.get("exclude_modules") or [],
+            src.get("kv_cache_quant_algo") == "FP8",
+            src.get("quant_algo"),
+        )
+    if not isinstance(exclude, list):
+        v.problems.append(f"excluded modules must be a list, got {type(exclude).__name__}")
+        exclude = []
+    if hq is not None:
+        if sorted(hq.get("exclude_modules") or []) != sorted(exclude):
+            v.problems.append("hf_quant_config.json exclude_modules and config.json ignore list different modules")
+        if (hq.get("kv_cache_quant_algo") == "FP8") != kv:
+            v.problems.append("hf_quant_config.json and config.json disagree on the FP8 KV cache")
+    if str(algo).upper() != "NVFP4":
+        v.problems.append(f"quantization config says quant_algo={algo!r}, expected 'NVFP4'")
+    return list(exclude), kv
+
+
 def _read_config(ckpt: Path, v: Verdict) -> tuple[Names, list[str], bool]:
     """(layout names, excluded-module patterns, FP8 KV cache) from the checkpoint's config files."""
-    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    cfg = json.loads((ckpt / "config.json").read_text())
+    _check_architectures(cfg, v)
+    qc = cfg.get("quantization_config") or {}
     if qc.get("quant_method") == "compressed-tensors":
         if qc.get("format") != "nvfp4-pack-quantized":
             v.problems.append(f"compressed-tensors format is {qc.get('format')!r}, expected 'nvfp4-pack-quantized'")
@@ -148,11 +220,7 @@ def _read_config(ckpt: Path, v: Verdict) -> tuple[Names, list[str], bool]:
         if not qc.get("config_groups"):
             v.problems.append("compressed-tensors config has no config_groups")
         return COMPRESSED_TENSORS, list(qc.get("ignore") or []), qc.get("kv_cache_scheme") is not None
-    if (ckpt / "hf_quant_config.json").is_file():
-        qc = {**qc, **json.loads((ckpt / "hf_quant_config.json").read_text()).get("quantization", {})}
-    if qc.get("quant_algo") != "NVFP4":
-        v.problems.append(f"quantization config says quant_algo={qc.get('quant_algo')!r}, expected 'NVFP4'")
-    return MODELOPT, list(qc.get("exclude_modules") or []), qc.get("kv_cache_quant_algo") == "FP8"
+    return (MODELOPT, *_modelopt_config(ckpt, qc, v))
 
 
 def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: bool, v: Verdict) -> None:

@@ -13,7 +13,8 @@ layout; GPT-OSS's gate/up rows stay interleaved), ``P_weight_scale`` [E, out, in
 ``P_weight_scale_2`` float32 [E] (one per expert) and ``P_input_scale`` float32 [].
 
 FP8 KV cache adds ``k_proj.k_scale`` / ``v_proj.v_scale`` (float32 []). Every other tensor keeps
-its dtype. ``hf_quant_config.json`` and config.json's ``quantization_config`` describe it.
+its dtype. config.json's ``quantization_config`` (what vLLM and SGLang read) and
+``hf_quant_config.json`` (ModelOpt's own file, TensorRT-LLM) describe it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MODELOPT = Layout(
 
 
 def quant_config(kv_cache: bool, excluded: list[str]) -> dict:
+    """``hf_quant_config.json``: ModelOpt's own file (TensorRT-LLM reads it; vLLM only when config.json
+    carries no ``quantization_config``)."""
     return {
         "producer": {"name": "nvfp4cal", "version": __version__},
         "quantization": {
@@ -53,10 +56,32 @@ def quant_config(kv_cache: bool, excluded: list[str]) -> dict:
     }
 
 
+def _fp4_args() -> dict:
+    return {"dynamic": False, "num_bits": 4, "type": "float", "group_size": nvfp4.BLOCK}
+
+
+def config_json_quantization(kv_cache: bool, excluded: list[str]) -> dict:
+    """config.json's ``quantization_config``, field for field what ModelOpt's export writes there.
+
+    vLLM and SGLang read this dict, not ``hf_quant_config.json``, when it is present: the unquantized
+    modules under ``ignore`` (``exclude_modules`` is not looked at here), the FP8 KV cache as the
+    ``kv_cache_scheme`` dict, W4A4 vs weight-only from ``config_groups`` (``input_activations``).
+    """
+    qc = {
+        "config_groups": {"group_0": {"input_activations": _fp4_args(), "weights": _fp4_args(), "targets": ["Linear"]}},
+        "ignore": excluded,
+        "quant_algo": "NVFP4",
+    }
+    if kv_cache:
+        qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    qc["producer"] = {"name": "nvfp4cal", "version": __version__}
+    qc["quant_method"] = "modelopt"
+    return qc
+
+
 def configure(tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
-    hf_quant = quant_config(kv_cache, excluded)
-    (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
-    update_config(tmp, {"quant_method": "modelopt", **hf_quant["quantization"], "producer": hf_quant["producer"]})
+    (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config(kv_cache, excluded), indent=2))
+    update_config(tmp, config_json_quantization(kv_cache, excluded))
 
 
 def export_modelopt(model: nn.Module, out_dir: str | Path, tokenizer=None, **kw) -> dict:

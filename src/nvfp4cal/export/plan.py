@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from .. import nvfp4
@@ -312,7 +313,7 @@ class CheckpointWriter:
             self.seconds["write"] = time.perf_counter() - t0
             if self.n > 1:
                 write_index(self.tmp, weight_map, self.early_result[1] + late[1])
-            self.model.config.save_pretrained(self.tmp)
+            save_config(self.model, self.tmp)
             self.configure(self.tmp, self.kv_cache, self.excluded)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(self.tmp)
@@ -357,6 +358,20 @@ def follow_export(model: nn.Module, layout: Layout, dtypes, enter: Callable[[str
 def write_checkpoint(model: nn.Module, out_dir: str | Path, layout: Layout, configure, tokenizer=None, **kw) -> dict:
     """Plan, write, verify and rename a checkpoint in one go (see :class:`CheckpointWriter`)."""
     return CheckpointWriter(model, out_dir, layout, configure, tokenizer, **kw).finish()
+
+
+def save_config(model: nn.Module, tmp: Path) -> None:
+    """config.json of ``model`` with ``architectures`` naming its class, as ``save_pretrained`` writes it.
+
+    Engines pick the model class from ``architectures``: a config built in memory (an upcycled or
+    random model) has none, and vLLM would map e.g. ``model_type: mixtral`` to a pooling model.
+    """
+    # FSDP2's fully_shard swaps the class for a generated FSDP<Name>(FSDPModule, <Name>)
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    model.config.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["architectures"] = [cls.__name__]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def update_config(tmp: Path, quantization_config: dict) -> None:

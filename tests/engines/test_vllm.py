@@ -1,0 +1,226 @@
+"""vLLM (CPU build, its own venv) loads and runs what we write: `make test-engines`.
+
+For a dense (Llama) and an MoE (Mixtral, the default model's family) checkpoint, FP8 KV on and off,
+each in both layouts, vLLM's CPU build is run in a subprocess (``vllm_probe.py``) and its view is
+compared with our reader (:mod:`nvfp4cal.reload`):
+
+- config parsing: every module we quantized is an NVFP4 layer in vLLM, every module we excluded is
+  unquantized, every attention layer has a KV-cache method, FP8 KV where we wrote it;
+- loading: no checkpoint tensor unused, no vLLM parameter unfilled;
+- numerics: vLLM's dequantized weights equal ours bit for bit; each quantized linear's and each MoE
+  layer's output for a fixed input (vLLM's emulation: activation quantize-dequantize, then matmul)
+  agrees with ours to ``REL_TOL``;
+- the model generates (greedy, W4A4 through vLLM's emulation).
+
+``NVFP4CAL_ENGINE_CKPTS=DIR[:DIR...]`` adds checkpoints made elsewhere (e.g. by ``make calibrate``).
+vLLM's GPU kernels are not exercised here: on the CPU every NVFP4 matmul is vLLM's emulation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_calibrate
+from nvfp4cal import nvfp4
+from nvfp4cal.reload import dequantized, read_tensors
+
+pytestmark = pytest.mark.engines
+
+ROOT = Path(__file__).resolve().parents[2]
+# vLLM's CPU attention wants head_dim >= 32 and NVFP4 wants bf16: the tiny models, reshaped
+VLLM_SHAPE = [
+    "model.config.hidden_size=128",
+    "model.config.head_dim=64",
+    "model.config.num_attention_heads=2",
+    "model.config.num_key_value_heads=1",
+    "model.dtype=bfloat16",
+]
+SMALL = ["data.num_samples=8", "data.seq_len=64", "data.batch_size=4", "report.perplexity=false"]
+CASES = {  # name -> (model, recipe): FP8 KV off and on, dense and MoE
+    "dense": ("tiny_llama", "nvfp4_mse"),
+    "dense_kv": ("tiny_llama", "nvfp4_mlp_only_mse_fp8_cast_kv"),
+    "moe": ("tiny_mixtral", "nvfp4_mse"),
+    "moe_kv": ("tiny_mixtral", "nvfp4_experts_only_mse_fp8_cast_kv"),
+}
+LAYOUTS = ("modelopt", "compressed_tensors")
+# fp32 layer outputs from the same weights and activation scales differ only in the matmul summation order
+REL_TOL = 1e-6  # measured: at most 2.5e-7 (tiny models), see bench/RESULTS.md
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    r = subprocess.run(["bash", str(ROOT / "tests/engines/vllm_venv.sh")], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"could not make the vLLM venv:\n{r.stderr[-3000:]}")
+    return str(ROOT / r.stdout.strip().splitlines()[-1] / "bin" / "python")
+
+
+def _probe(python: str, ckpt: Path, out: Path, kv: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    cmd = [python, str(ROOT / "tests/engines/vllm_probe.py"), str(ckpt), str(out)]
+    cmd += ["--kv-cache-dtype", "fp8" if kv else "auto"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0 or not (out / "probe.json").is_file():
+        raise AssertionError(f"vLLM failed on {ckpt} (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
+    return json.loads((out / "probe.json").read_text()), load_file(str(out / "layers.safetensors"))
+
+
+def _checkpoints(tmp: Path) -> list[Path]:
+    ckpts = []
+    for name, (model, recipe) in CASES.items():
+        run_calibrate(tmp / name, [f"model={model}", f"recipe={recipe}", "export.format=both", *VLLM_SHAPE, *SMALL])
+        ckpts += [tmp / name / "ckpt" / layout for layout in LAYOUTS]
+    extra = os.environ.get("NVFP4CAL_ENGINE_CKPTS")
+    return ckpts + [Path(p) for p in extra.split(":")] if extra else ckpts
+
+
+@pytest.fixture(scope="session")
+def probes(vllm_python, tmp_path_factory) -> dict[str, tuple[Path, dict, dict]]:
+    tmp = tmp_path_factory.mktemp("engines")
+    ckpts = _checkpoints(tmp)
+
+    def one(i_ckpt):
+        i, ckpt = i_ckpt
+        kv = _kv_scales(read_tensors(ckpt)) != {}
+        return str(ckpt), (ckpt, *_probe(vllm_python, ckpt, tmp / f"probe{i}", kv))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, enumerate(ckpts)))
+
+
+def _kv_scales(tensors) -> dict:
+    return dequantized(tensors)[2]
+
+
+def _ids(probes):
+    return sorted(probes)
+
+
+def _parts(vllm_module: str) -> list[str]:
+    parent, _, leaf = vllm_module.rpartition(".")
+    return [f"{parent}.{p}" for p in FUSED[leaf]] if leaf in FUSED else [vllm_module]
+
+
+def _experts(ours: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Our dequantized experts of ``prefix`` as vLLM stacks them: w13 = [gate; up] and w2, per expert."""
+    names = {k.removeprefix(prefix + ".").split(".")[1] for k in ours if k.startswith(prefix + ".")}
+    first, second, down = ("w1", "w3", "w2") if "w1" in names else ("gate_proj", "up_proj", "down_proj")
+    n = 1 + max(int(k.removeprefix(prefix + ".").split(".")[0]) for k in ours if k.startswith(prefix + "."))
+    w13 = torch.stack([torch.cat([ours[f"{prefix}.{e}.{first}.weight"], ours[f"{prefix}.{e}.{second}.weight"]]) for e in range(n)])
+    w2 = torch.stack([ours[f"{prefix}.{e}.{down}.weight"] for e in range(n)])
+    return w13, w2, [f"{prefix}.0.{first}", f"{prefix}.0.{down}"]
+
+
+def _reciprocal(global_scale: torch.Tensor, s: torch.Tensor) -> bool:
+    """vLLM keeps the activation scale as its reciprocal (what its quantizer multiplies by)."""
+    return abs(float(global_scale) * float(s) - 1) < 2**-22
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_vllm_config_parsing_and_loading(probes):
+    for key, (ckpt, probe, _) in probes.items():
+        assert probe["unexpected"] == [], f"{key}: checkpoint tensors vLLM did not load: {probe['unexpected'][:10]}"
+        assert probe["missing"] == [], f"{key}: vLLM parameters not in the checkpoint: {probe['missing'][:10]}"
+        tensors = read_tensors(ckpt)
+        assert len(probe["checkpoint_tensors"]) == len(tensors), key
+        weights, inputs, kv = dequantized(tensors)
+        quantized = set(inputs)  # every NVFP4 module (and fused experts parameter) has an input scale
+        seen = set()
+        for module, method in probe["methods"].items():
+            if module.endswith(".attn"):
+                assert method.endswith("KVCacheMethod"), (key, module, method)
+            elif module.endswith(".routed_experts"):
+                prefix = module.removesuffix(".routed_experts")
+                ours = {m for m in quantized if m.startswith(prefix + ".")}
+                seen |= ours
+                assert ("Nvfp4" in method or "NvFp4" in method) == bool(ours), (key, module, method)
+            elif "embed" not in module:
+                parts = _parts(module)
+                ours = [p in quantized for p in parts]
+                assert len(set(ours)) == 1, f"{key}: {module} mixes quantized and unquantized parts"
+                seen |= set(parts) & quantized
+                assert (not method.startswith("Unquantized")) == ours[0], (key, module, method)
+        assert seen == quantized, f"{key}: quantized modules vLLM has no NVFP4 layer for: {sorted(quantized - seen)[:5]}"
+        attn = probe["kv"]
+        assert attn, key
+        for layer, state in attn.items():
+            proj = layer.removesuffix(".attn")
+            if kv:
+                assert state["k_scale"] == float(kv[f"{proj}.k_proj"]), (key, layer)
+                assert state["v_scale"] == float(kv[f"{proj}.v_proj"]), (key, layer)
+                if "fp8_kv_cache" not in probe["not_run"]:
+                    assert state["kv_cache_dtype"].startswith("fp8"), (key, layer, state)
+            else:
+                assert state["kv_cache_dtype"] == "auto", (key, layer, state)
+
+
+def _as_multiplier(tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> int:
+    """compressed-tensors: vLLM multiplies by ``fl(1 / weight_global_scale)`` where our reader (and
+    compressed-tensors) divides by it; for some scale bytes the two differ in the last bit. Replace
+    our values by the product form (same nibbles, same scale bytes); returns how many values moved."""
+    moved = 0
+    for k in [k for k in tensors if k.endswith(".weight_packed")]:
+        m = k.removesuffix(".weight_packed")
+        step = tensors[f"{m}.weight_scale"].float() * (1 / tensors[f"{m}.weight_global_scale"].float())
+        product = nvfp4.dequantize_with_step(nvfp4.unpack(tensors[k]), step)
+        moved += int((product != weights[f"{m}.weight"]).sum())
+        weights[f"{m}.weight"] = product
+    return moved
+
+
+def test_vllm_weights_and_layer_outputs(probes):
+    report = []
+    for key, (ckpt, probe, layers) in probes.items():
+        tensors = read_tensors(ckpt)
+        weights, inputs, _ = dequantized(tensors)
+        moved = _as_multiplier(tensors, weights)
+        worst = 0.0
+        for name in sorted({k.rsplit(".", 1)[0] for k in layers if k.endswith(".w")}):
+            parts = _parts(name)
+            ours_w = torch.cat([weights[f"{p}.weight"].float() for p in parts])
+            assert torch.equal(layers[f"{name}.w"], ours_w), f"{key}: {name} dequantizes differently in vLLM"
+            s = inputs[parts[0]].float().reshape(())
+            assert all(torch.equal(inputs[p].float().reshape(()), s) for p in parts), (key, name)
+            assert _reciprocal(layers[f"{name}.input_global_scale"], s), (key, name)
+            x = layers[f"{name}.x"]
+            ours_y = nvfp4.fake_quantize_dynamic(x, s) @ ours_w.t()
+            worst = max(worst, _rel(layers[f"{name}.y"], ours_y))
+        for name in sorted({k.rsplit(".", 1)[0] for k in layers if k.endswith(".w13")}):
+            w13, w2, (gate, down) = _experts(weights, name.removesuffix(".routed_experts"))
+            assert torch.equal(layers[f"{name}.w13"], w13), f"{key}: {name} gate/up dequantize differently"
+            assert torch.equal(layers[f"{name}.w2"], w2), f"{key}: {name} down dequantizes differently"
+            s13, s2 = inputs[gate].float().reshape(()), inputs[down].float().reshape(())
+            assert _reciprocal(layers[f"{name}.w13_input_global_scale"], s13), (key, name)
+            assert _reciprocal(layers[f"{name}.w2_input_global_scale"], s2), (key, name)
+            x, ids, tw = layers[f"{name}.x"], layers[f"{name}.topk_ids"], layers[f"{name}.topk_weights"]
+            xq, ours_y = nvfp4.fake_quantize_dynamic(x, s13), torch.zeros_like(x)
+            for t in range(x.shape[0]):
+                for k in range(ids.shape[1]):
+                    g, u = (xq[t] @ w13[ids[t, k]].t()).chunk(2)
+                    h = nvfp4.fake_quantize_dynamic((torch.nn.functional.silu(g) * u)[None], s2)[0]
+                    ours_y[t] += tw[t, k] * (h @ w2[ids[t, k]].t())
+            worst = max(worst, _rel(layers[f"{name}.y"], ours_y))
+        report.append(f"{key}: worst layer relative difference {worst:.2e}; weights in product form: {moved} moved")
+        assert worst < REL_TOL, report[-1]
+    print("\n".join(report))
+
+
+def test_vllm_generates(probes):
+    for key, (ckpt, probe, _) in probes.items():
+        assert "generate" not in probe["not_run"], (key, probe["not_run"])
+        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+        assert len(probe["generated"]) == 2, key
+        assert all(len(g) == 8 and all(0 <= t < vocab for t in g) for g in probe["generated"]), (key, probe)
+    print({k: (p["vllm"], p["kv_cache_dtype"], p["not_run"]) for k, (_, p, _) in probes.items()}, file=sys.stderr)
