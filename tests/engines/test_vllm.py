@@ -115,7 +115,9 @@ def _experts(ours: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, 
     names = {k.removeprefix(prefix + ".").split(".")[1] for k in ours if k.startswith(prefix + ".")}
     first, second, down = ("w1", "w3", "w2") if "w1" in names else ("gate_proj", "up_proj", "down_proj")
     n = 1 + max(int(k.removeprefix(prefix + ".").split(".")[0]) for k in ours if k.startswith(prefix + "."))
-    w13 = torch.stack([torch.cat([ours[f"{prefix}.{e}.{first}.weight"], ours[f"{prefix}.{e}.{second}.weight"]]) for e in range(n)])
+    w13 = torch.stack(
+        [torch.cat([ours[f"{prefix}.{e}.{first}.weight"], ours[f"{prefix}.{e}.{second}.weight"]]) for e in range(n)]
+    )
     w2 = torch.stack([ours[f"{prefix}.{e}.{down}.weight"] for e in range(n)])
     return w13, w2, [f"{prefix}.0.{first}", f"{prefix}.0.{down}"]
 
@@ -152,7 +154,9 @@ def test_vllm_config_parsing_and_loading(probes):
                 assert len(set(ours)) == 1, f"{key}: {module} mixes quantized and unquantized parts"
                 seen |= set(parts) & quantized
                 assert (not method.startswith("Unquantized")) == ours[0], (key, module, method)
-        assert seen == quantized, f"{key}: quantized modules vLLM has no NVFP4 layer for: {sorted(quantized - seen)[:5]}"
+        assert seen == quantized, (
+            f"{key}: quantized modules vLLM has no NVFP4 layer for: {sorted(quantized - seen)[:5]}"
+        )
         attn = probe["kv"]
         assert attn, key
         for layer, state in attn.items():
@@ -182,7 +186,7 @@ def _as_multiplier(tensors: dict[str, torch.Tensor], weights: dict[str, torch.Te
 
 def test_vllm_weights_and_layer_outputs(probes):
     report = []
-    for key, (ckpt, probe, layers) in probes.items():
+    for key, (ckpt, _, layers) in probes.items():
         tensors = read_tensors(ckpt)
         weights, inputs, _ = dequantized(tensors)
         moved = _as_multiplier(tensors, weights)

@@ -158,8 +158,16 @@ def layer_records(model) -> tuple[dict, dict[str, torch.Tensor], dict]:
             continue
         methods[name] = type(qm).__name__
         if hasattr(m, "_k_scale") and hasattr(m, "kv_cache_dtype"):
-            kv[name] = {"kv_cache_dtype": str(m.kv_cache_dtype), "k_scale": float(m._k_scale), "v_scale": float(m._v_scale)}
-        if getattr(m, "weight", None) is not None and m.weight.dtype == torch.uint8 and hasattr(m, "weight_global_scale"):
+            kv[name] = {
+                "kv_cache_dtype": str(m.kv_cache_dtype),
+                "k_scale": float(m._k_scale),
+                "v_scale": float(m._v_scale),
+            }
+        if (
+            getattr(m, "weight", None) is not None
+            and m.weight.dtype == torch.uint8
+            and hasattr(m, "weight_global_scale")
+        ):
             w = dequantize_to_dtype(m.weight, m.weight_scale, m.weight_global_scale, torch.float32, swizzle=False)
             x = torch.randn(8, w.shape[1], generator=gen)
             tensors[f"{name}.w"], tensors[f"{name}.x"] = w, x
