@@ -16,7 +16,8 @@ Writes ``OUT_DIR/probe.json``:
   from the files, those a parameter's weight loader took, those none took, and vLLM parameters no
   checkpoint tensor filled (kv-cache scales excepted when the checkpoint has none)
 - ``kv``: per attention layer its cache dtype and loaded k/v scales
-- ``generated``: greedy token ids for fixed prompts; ``not_run``: what could not run and why
+- ``generated``: greedy token ids for fixed prompts
+- ``build_error`` (exit code 3) instead, when vLLM refused to build the engine
 
 and ``OUT_DIR/layers.safetensors``: per quantized linear ``M`` its weight dequantized by vLLM's
 emulation (``M.w``, fp32), a fixed input ``M.x`` (fp32) and vLLM's output ``M.y`` for it; per MoE
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("out")
-    ap.add_argument("--kv-cache-dtype", default="fp8", help="fp8 for a checkpoint with FP8 KV scales, else auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="fp8 for a checkpoint with FP8 KV scales, else auto")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,18 +226,14 @@ def main(argv=None) -> int:
     register_cpu_emulation()
     tracker = LoadTracker()
     tracker.install()
-    result = {"vllm": vllm.__version__, "torch": torch.__version__, "not_run": {}}
+    result = {"vllm": vllm.__version__, "torch": torch.__version__, "kv_cache_dtype": args.kv_cache_dtype}
     try:
         llm = build(args.ckpt, args.kv_cache_dtype)
-        result["kv_cache_dtype"] = args.kv_cache_dtype
-    except Exception as err:  # noqa: BLE001 - recorded, then retried with an unquantized cache
-        if args.kv_cache_dtype == "auto":
-            raise
-        result["not_run"]["fp8_kv_cache"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
-        tracker.__init__()
-        llm = build(args.ckpt, "auto")
-        result["kv_cache_dtype"] = "auto"
-
+    except Exception as err:  # noqa: BLE001 - the caller decides (an FP8 KV cache is refused on some CPUs)
+        traceback.print_exc()
+        result["build_error"] = f"{type(err).__name__}: {err}"[-2000:]
+        (out / "probe.json").write_text(json.dumps(result, indent=2))
+        return 3
     methods, tensors, kv = llm.apply_model(layer_records)[0]
     result["methods"], result["kv"] = methods, kv
     result["checkpoint_tensors"] = sorted(set(tracker.yielded))
@@ -246,12 +243,8 @@ def main(argv=None) -> int:
     # a KV-cache method's scales default to 1.0 when the checkpoint has none (no FP8 KV)
     result["missing"] = [n for n in unfilled if not tracker.params[n].endswith("KVCacheMethod")]
     result["kv_scales_defaulted"] = [n for n in unfilled if tracker.params[n].endswith("KVCacheMethod")]
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=8, temperature=0))
-        result["generated"] = [list(o.outputs[0].token_ids) for o in outs]
-    except Exception as err:  # noqa: BLE001
-        result["not_run"]["generate"] = f"{type(err).__name__}: {err}"
-        traceback.print_exc()
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=8, temperature=0))
+    result["generated"] = [list(o.outputs[0].token_ids) for o in outs]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "layers.safetensors"))
     (out / "probe.json").write_text(json.dumps(result, indent=2))
     return 0
