@@ -56,7 +56,14 @@ def test_calibration_sees_every_expert_and_keeps_outputs(family):
         assert (x.gate_up_input.amax[seen] > 0).all() and (x.down_input.amax[seen] > 0).all()
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4_experts_only_mse_fp8_cast_kv", "nvfp4_mlp_only_mse_fp8_cast_kv"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "nvfp4_experts_only_mse_fp8_cast_kv",
+        "nvfp4_mlp_only_mse_fp8_cast_kv",
+        "nvfp4_experts_only_hessian_mse_fp8_cast_kv",
+    ],
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_calibrate_export_reload(tmp_path, family, recipe):
     res = run_calibrate(tmp_path, [f"model={family}", f"recipe={recipe}", *FEW])
@@ -93,7 +100,13 @@ def test_family_calibrate_export_reload(tmp_path, family, recipe):
 def test_shipped_recipes_cover_every_family(family):
     """Which modules each shipped recipe quantizes, per family."""
     expected_attn = {"tiny_deepseek_v3": "self_attn.q_a_proj", "tiny_qwen3_5_moe": "linear_attn.in_proj_qkv"}
-    for recipe in ("nvfp4_experts_only_mse_fp8_cast_kv", "nvfp4_mlp_only_mse_fp8_cast_kv", "nvfp4_mse"):
+    for recipe in (
+        "nvfp4_experts_only_mse_fp8_cast_kv",
+        "nvfp4_mlp_only_mse_fp8_cast_kv",
+        "nvfp4_mse",
+        "nvfp4_experts_only_hessian_mse_fp8_cast_kv",
+        "nvfp4_hessian_mse",
+    ):
         m = _model(family)
         plan = insert_quantizers(m, instantiate(compose([f"recipe={recipe}"]).recipe, _convert_="all"))
         q = plan.quantized

@@ -133,7 +133,9 @@ class PostCalibration(L.Callback):
                 ppl["max_calibrated"] = perplexity(model, self.eval_batches(), "quant")
         if self.algorithm.sweep:
             with stage(self.stages, "sweep", dev):
-                self.results["sweep"] = mse_sweep(model, self.algorithm.kernel, progress=progress)
+                self.results["sweep"] = mse_sweep(
+                    model, self.algorithm.kernel, progress=progress, hessian=self.algorithm.hessian
+                )
             with stage(self.stages, "measure_mse", dev):
                 for n, e in weight_errors(model, keep=evaluate).items():
                     weights[n]["mse"] = e

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import nvfp4
 from .errors import UserError
+from .hessian import block_hessian
 from .quantizers import InputQuantizer, WeightQuantizer
 
 
@@ -171,6 +172,9 @@ class QuantExpertsMixin:
             row = x.detach().abs().amax(-1).float() * keep
             q.amax.scatter_reduce_(0, expert, row, "amax")
             q.seen.index_add_(0, expert, keep.long())
+            if q.hessian is not None:  # per expert: its routed rows (tokens are sorted by expert)
+                for e in expert[keep].unique().tolist():
+                    q.hessian[e] += block_hessian(x[(expert == e) & keep]).to(q.hessian.device, torch.float64)
             return x
         if q.mode == "quant" and on:
             return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))

@@ -58,12 +58,14 @@ class CalibrationModule(L.LightningModule):
 
 
 def sync_statistics(model: torch.nn.Module) -> None:
-    """All-reduce input amaxes with MAX and expert token counts with SUM across ranks."""
+    """All-reduce input amaxes with MAX, and expert token counts and input Hessians with SUM, across ranks."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for m in model.modules():
         if isinstance(m, InputQuantizer):
             dist.all_reduce(m.amax, op=dist.ReduceOp.MAX)
             dist.all_reduce(m.seen, op=dist.ReduceOp.SUM)
+            if m.hessian is not None:
+                dist.all_reduce(m.hessian, op=dist.ReduceOp.SUM)
         if isinstance(m, QuantExpertsMixin):
             dist.all_reduce(m.tokens, op=dist.ReduceOp.SUM)

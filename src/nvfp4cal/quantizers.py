@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nvfp4
+from .hessian import block_hessian
 
 MODES = ("off", "calib", "quant")
 
@@ -34,11 +35,23 @@ class InputQuantizer(nn.Module):
         self.register_buffer("amax", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seen", torch.zeros(n, dtype=torch.int64))  # rows observed
         self.fixed_scale: torch.Tensor | None = None  # set when rebuilt from an export
+        # per-block input Hessians [n, in/16, 16, 16] (fp64 sums) for the Hessian-weighted sweep
+        self.hessian: torch.Tensor | None = None
+
+    def enable_hessian(self, in_features: int) -> None:
+        """Accumulate ``sum_t x_b x_b^T`` per block of 16 input channels during calibration (see hessian.py)."""
+        if self.hessian is None:
+            n, dev = self.amax.numel(), self.amax.device
+            self.hessian = torch.zeros(
+                n, in_features // nvfp4.BLOCK, nvfp4.BLOCK, nvfp4.BLOCK, dtype=torch.float64, device=dev
+            )
 
     def observe(self, x: torch.Tensor, i: int = 0) -> None:
         if x.numel():
             self.amax[i] = torch.maximum(self.amax[i], x.detach().abs().amax().float())
             self.seen[i] += x.numel() // max(x.shape[-1], 1)
+            if self.hessian is not None:
+                self.hessian[i] += block_hessian(x).to(self.hessian.device, torch.float64)
 
     def input_scale(self) -> torch.Tensor:
         """``amax / (6 * 448)`` with the max over all rows of ``amax`` (one scale per tensor/layer)."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from .errors import UserError
 
 FORMATS = ("nvfp4",)
-METHODS = ("max", "mse")
+METHODS = ("max", "mse", "hessian_mse")
+SWEEPS = ("mse", "hessian_mse")  # methods that are an FP8-scale sweep
 KERNELS = ("auto", "reference", "triton")
 KV_FORMATS = ("fp8_cast",)
 
@@ -54,12 +55,19 @@ class Algorithm:
             raise RecipeError(f"algorithm.method {self.method!r} unknown; valid: {list(METHODS)}")
         if self.kernel not in KERNELS:
             raise RecipeError(f"algorithm.kernel {self.kernel!r} unknown; valid: {list(KERNELS)}")
-        if self.fp8_scale_sweep and self.method != "mse":
-            raise RecipeError("algorithm.fp8_scale_sweep needs algorithm.method: mse")
+        if self.fp8_scale_sweep and self.method not in SWEEPS:
+            raise RecipeError(f"algorithm.fp8_scale_sweep needs algorithm.method in {list(SWEEPS)}")
+        if self.method == "hessian_mse" and not self.fp8_scale_sweep:
+            raise RecipeError("algorithm.method hessian_mse is an FP8-scale sweep: set algorithm.fp8_scale_sweep: true")
 
     @property
     def sweep(self) -> bool:
-        return self.method == "mse" and self.fp8_scale_sweep
+        return self.method in SWEEPS and self.fp8_scale_sweep
+
+    @property
+    def hessian(self) -> bool:
+        """Weight the sweep by each block's input Hessian (collected during max calibration)."""
+        return self.method == "hessian_mse" and self.fp8_scale_sweep
 
 
 @dataclass(frozen=True)

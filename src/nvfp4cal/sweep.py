@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .experts import QuantExpertsMixin
+from .hessian import hessian_amax_reference
 from .mse import mse_amax_reference
-from .quantizers import WeightQuantizer
+from .quantizers import InputQuantizer, WeightQuantizer
 from .sharded import local
 
 log = logging.getLogger("nvfp4cal")
@@ -87,6 +88,33 @@ def weight_quantizers(model: nn.Module) -> list[tuple[str, WeightQuantizer, torc
     return found
 
 
+def weight_inputs(model: nn.Module) -> dict[str, InputQuantizer]:
+    """The input quantizer that feeds each weight of :func:`weight_quantizers` (same names)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer):
+            found[name] = m.input_quantizer
+        if isinstance(m, QuantExpertsMixin):
+            found[f"{name}.{m.first_proj}"], found[f"{name}.down_proj"] = m.gate_up_input, m.down_input
+    return found
+
+
+def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, g: torch.Tensor, name: str,
+                    fallback: list[str]) -> torch.Tensor:  # fmt: skip
+    """Hessian-weighted choices for each expert (or the one matrix) of a weight; experts whose input
+    saw no token keep the plain sweep's choices and are listed in ``fallback``."""
+    out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
+    first = wq.rows[0] if wq.rows is not None and wq.block_amax.dim() > 2 else 0  # this rank's experts
+    for e in range(flat_w.shape[0]):
+        i = first + e if iq.hessian.shape[0] > 1 else 0
+        if int(iq.seen[i]) == 0:
+            out[e] = mse_amax_reference(flat_w[e], g[e])
+            fallback.append(f"{name}[{i}]" if iq.hessian.shape[0] > 1 else name)
+        else:
+            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.hessian[i].float())
+    return out
+
+
 def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -105,8 +133,12 @@ def balance(sizes: list[int], world: int) -> list[int]:
 
 
 @torch.no_grad()
-def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> dict:
+def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True, hessian: bool = False) -> dict:
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
+
+    ``hessian=True``: each block's error is weighted by its input Hessian (:mod:`nvfp4cal.hessian`,
+    collected during calibration; the torch reference on every device), ``'fallback'`` lists the
+    experts that got no token and kept the plain sweep's choices.
 
     In a data-parallel run each rank sweeps its share of the weights (:func:`balance`: equal numbers
     of blocks) and broadcasts its results, so every rank ends with the same block amaxes and N ranks
@@ -118,17 +150,21 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
     sharded = any(wq.rows is not None for _, wq, _ in items)
     owner = [rank] * len(items) if sharded else balance([wq.block_amax.numel() for _, wq, _ in items], world)
     mine = [it for it, r in zip(items, owner, strict=True) if r == rank]
-    used, blocks = set(), 0
-    for _name, wq, w in tqdm(mine, desc="MSE sweep", unit="weight", disable=not progress):
+    used, blocks, fallback = set(), 0, []
+    inputs = weight_inputs(model) if hessian else {}
+    desc = "Hessian-weighted sweep" if hessian else "MSE sweep"
+    for name, wq, w in tqdm(mine, desc=desc, unit="weight", disable=not progress):
         w = local(w)
         if not w.numel():  # a rank without rows of this weight
             continue
-        impl, fn = choose_sweep(kernel, w.device)
+        impl, fn = ("hessian_reference", None) if hessian else choose_sweep(kernel, w.device)
         used.add(impl)
         lead = w.shape[:-2]
         flat_w = w.detach().reshape(-1, *w.shape[-2:])
         g = wq.local_global_amax().reshape(-1)
-        if impl == "triton":  # one launch for all experts of the weight
+        if hessian:
+            out = _hessian_blocks(wq, inputs[name], flat_w, g, name, fallback)
+        elif impl == "triton":  # one launch for all experts of the weight
             out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
         else:
             out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
@@ -143,7 +179,13 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True) -> 
             wq.clear_cache()
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (sorted(used), blocks))
-        used = {k for u, _ in gathered for k in u}
-        blocks = sum(b for _, b in gathered)
-    return {"kernel": sorted(used), "weights": len(items), "blocks": blocks, "ranks": world}
+        dist.all_gather_object(gathered, (sorted(used), blocks, fallback))
+        used = {k for u, _, _ in gathered for k in u}
+        blocks = sum(b for _, b, _ in gathered)
+        fallback = sorted({f for _, _, fb in gathered for f in fb})
+    for q in inputs.values():
+        q.hessian = None  # [in/16, 16, 16] per weight (and expert): free it before the export
+    out = {"kernel": sorted(used), "weights": len(items), "blocks": blocks, "ranks": world}
+    if hessian:
+        out["method"], out["fallback"] = "hessian_mse", fallback
+    return out

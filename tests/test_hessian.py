@@ -1,0 +1,159 @@
+"""The Hessian-weighted FP8-scale sweep: reference vs fp64 brute force, the identity case, why it
+cannot prune like the plain sweep, and the pipeline (never worse than max by its own objective)."""
+
+import pytest
+import torch
+
+from nvfp4cal import hessian, mse, nvfp4
+from nvfp4cal.experts import QuantExpertsMixin
+from nvfp4cal.quantizers import QuantLinear
+from nvfp4cal.sweep import mse_sweep, weight_inputs, weight_quantizers
+
+
+def _weight(kind: str, out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(out, inp, generator=g)
+    if kind == "heavy":
+        return torch.distributions.StudentT(2.5).sample((out, inp))
+    raise ValueError(kind)
+
+
+def _correlated_hessian(inp: int, seed: int = 0, tokens: int = 300) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(inp) + 0.5 * torch.randn(inp, inp, generator=g)
+    x = torch.randn(tokens, inp, generator=g) @ mix * torch.rand(inp, generator=g).mul(4).exp()
+    return hessian.block_hessian(x)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy"])
+def test_reference_is_the_fp64_optimum(kind):
+    """Every choice is the fp64 brute force's optimum up to the fp32 evaluation of the objective."""
+    w = _weight(kind)
+    g, h = w.abs().max(), _correlated_hessian(w.shape[1])
+    chosen = hessian.hessian_amax_reference(w, g, h, chunk=256)
+    _, err = hessian.brute_force_fp64(w, g, h)
+    amax_k, _ = mse.candidate_scales(g)
+    k = torch.searchsorted(amax_k, chosen)
+    assert torch.equal(amax_k[k], chosen)
+    got, best = err.gather(1, k.unsqueeze(-1)).squeeze(-1), err.min(-1).values
+    assert (got <= best * (1 + 1e-5) + 1e-30).all()
+    assert (chosen != mse.mse_amax_reference(w, g)).any()  # the weighting changes choices
+
+
+def test_identity_hessian_gives_the_plain_sweep():
+    w = torch.cat([_weight("normal"), _weight("heavy", seed=1)])
+    g = w.abs().max()
+    h = 4 * torch.eye(16).expand(w.shape[1] // 16, 16, 16)  # a power of two: exact scaling
+    assert torch.equal(hessian.hessian_amax_reference(w, g, h, chunk=100), mse.mse_amax_reference(w, g))
+
+
+def test_zero_hessian_blocks_keep_the_plain_choice():
+    w, g = _weight("normal"), torch.tensor(4.0)
+    h = _correlated_hessian(w.shape[1])
+    h[1] = 0  # input channels 16..31 never fired
+    got = hessian.hessian_amax_reference(w, g, h).reshape(w.shape[0], -1)
+    assert torch.equal(got[:, 1], mse.mse_amax_reference(w, g).reshape(w.shape[0], -1)[:, 1])
+    assert (hessian.hessian_amax_reference(w, torch.tensor(0.0), h) == 0).all()
+
+
+def test_the_plain_pruning_facts_do_not_hold_under_a_hessian():
+    """Half-scale dominance (mse.py fact 1) fails: with correlated inputs a candidate whose every
+    element error is no larger can have the larger weighted error."""
+    w = _weight("normal", out=256)
+    g, h = w.abs().max(), _correlated_hessian(w.shape[1], seed=3)
+    _, s_k = mse.candidate_scales(g)
+    xb = w.reshape(w.shape[0], -1, 16).transpose(0, 1)
+    weighted = hessian.weighted_errors(xb, s_k, h.float())  # [nb, rows, 126]
+    plain = mse.block_errors(w.reshape(-1, 16).abs(), s_k.expand(w.numel() // 16, -1))
+    plain = plain.reshape(w.shape[0], -1, 126).transpose(0, 1)
+    a = xb.abs().amax(-1, keepdim=True)
+    ks = torch.arange(15, 126)
+    dominated = (a * nvfp4.rdiv(1.0, s_k[ks]) <= 3.0) & (plain[..., ks - 8] <= plain[..., ks])
+    violated = dominated & (weighted[..., ks - 8] > weighted[..., ks])
+    assert violated.any()
+
+
+def test_block_hessian():
+    x = torch.randn(5, 7, 32)
+    h = hessian.block_hessian(x)
+    xb = x.reshape(-1, 2, 16)
+    assert torch.allclose(h[1], xb[:, 1].T @ xb[:, 1], rtol=1e-5, atol=1e-5)
+
+
+def _weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    d = (w.detach().double() - q.detach().double()).reshape(w.shape[0], -1, 16)
+    return float(torch.einsum("rbi,bij,rbj->", d, h.double(), d))
+
+
+def _calibrated(model_name: str, recipe_name: str):
+    """A tiny model with the recipe's quantizers after max calibration on random tokens (no Lightning)."""
+    from hydra.utils import instantiate
+
+    from conftest import compose
+    from nvfp4cal.experts import bootstrap_dead_experts
+    from nvfp4cal.insert import insert_quantizers
+    from nvfp4cal.quantizers import set_mode
+
+    cfg = compose([f"model={model_name}", f"recipe={recipe_name}"])
+    model = instantiate(cfg.model).model
+    insert_quantizers(model, instantiate(cfg.recipe, _convert_="all"))
+    set_mode(model, "calib")
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 200, (4, 48), generator=torch.Generator().manual_seed(0)))
+    set_mode(model, "off")
+    bootstrap_dead_experts(model)
+    return model
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen3_moe"])
+def test_sweep_is_never_worse_than_max_by_its_objective(model_name):
+    """Per weight and expert, the swept fake-quant weight's Hessian-weighted error is at most max
+    calibration's (max's scale byte is one of the 126 candidates); dead experts are listed."""
+    model = _calibrated(model_name, "nvfp4_hessian_mse")
+    inputs = weight_inputs(model)
+    hs = {n: (inputs[n].hessian.clone(), inputs[n].seen.clone()) for n, _, _ in weight_quantizers(model)}
+    before = {n: wq.fake_quant(w).clone() for n, wq, w in weight_quantizers(model)}
+    out = mse_sweep(model, "reference", progress=False, hessian=True)
+    assert out["method"] == "hessian_mse" and out["kernel"] == ["hessian_reference"]
+    dead, checked, better = [], 0, 0
+    for n, wq, w in weight_quantizers(model):
+        assert inputs[n].hessian is None  # freed after the sweep
+        h, seen = hs[n]
+        after = wq.fake_quant(w)
+        flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
+        for e in range(flat(w).shape[0]):
+            if int(seen[e]) == 0:
+                dead.append(f"{n}[{e}]")
+                continue
+            ew, em = (
+                _weighted_error(flat(w)[e], flat(after)[e], h[e]),
+                _weighted_error(flat(w)[e], flat(before[n])[e], h[e]),
+            )
+            assert ew <= em * (1 + 1e-6), (n, e, ew, em)
+            checked, better = checked + 1, better + (ew < em)
+    assert out["fallback"] == (dead if any(isinstance(m, QuantExpertsMixin) for m in model.modules()) else [])
+    assert checked > 0 and better > 0
+
+
+def test_identity_hessians_in_the_pipeline_equal_the_plain_sweep():
+    model = _calibrated("tiny_qwen3_moe", "nvfp4_mse")
+    mse_sweep(model, "reference", progress=False)
+    plain = {n: wq.block_amax.clone() for n, wq, _ in weight_quantizers(model)}
+    for _, wq, w in weight_quantizers(model):  # back to max calibration, then identity Hessians
+        wq.calibrate(w)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+            m.input_quantizer.hessian = (
+                2 * torch.eye(16, dtype=torch.float64).expand(1, m.in_features // 16, 16, 16).clone()
+            )
+        elif isinstance(m, QuantExpertsMixin):
+            for q, p in ((m.gate_up_input, m.first_proj), (m.down_input, "down_proj")):
+                n, inp = m.tokens.numel(), m.logical_weight(p).shape[-1]
+                q.hessian = 2 * torch.eye(16, dtype=torch.float64).expand(n, inp // 16, 16, 16).clone()
+    from nvfp4cal.insert import share_global_amax
+
+    share_global_amax(model)
+    mse_sweep(model, "reference", progress=False, hessian=True)
+    for n, wq, _ in weight_quantizers(model):
+        assert torch.equal(wq.block_amax, plain[n]), n
