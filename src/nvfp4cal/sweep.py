@@ -100,19 +100,35 @@ def weight_inputs(model: nn.Module) -> dict[str, InputQuantizer]:
 
 
 def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, g: torch.Tensor, name: str,
-                    fallback: list[str]) -> torch.Tensor:  # fmt: skip
-    """Hessian-weighted choices for each expert (or the one matrix) of a weight; experts whose input
-    saw no token keep the plain sweep's choices and are listed in ``fallback``."""
-    out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
+                    kernel: str, fallback: list[str]) -> tuple[str, torch.Tensor]:  # fmt: skip
+    """(implementation, Hessian-weighted choices [E, blocks]) for the experts (or the one matrix) of a
+    weight. Experts whose input saw no token, and column blocks whose Hessian is zero, keep the
+    plain sweep's choices; such experts are listed in ``fallback``."""
+    n = flat_w.shape[0]
     first = wq.rows[0] if wq.rows is not None and wq.block_amax.dim() > 2 else 0  # this rank's experts
-    for e in range(flat_w.shape[0]):
-        i = first + e if iq.hessian.shape[0] > 1 else 0
-        if int(iq.seen[i]) == 0:
+    per_expert = iq.hessian.shape[0] > 1
+    idx = [first + e if per_expert else 0 for e in range(n)]
+    dead = [e for e in range(n) if int(iq.seen[idx[e]]) == 0]
+    fallback += [f"{name}[{idx[e]}]" if per_expert else name for e in dead]
+    plain_impl, plain_fn = choose_sweep(kernel, flat_w.device)
+    if plain_impl == "triton":
+        from .kernels.hessian_sweep import hessian_amax_triton
+
+        h = iq.hessian[idx].float()
+        out = hessian_amax_triton(flat_w, g, h).reshape(n, flat_w.shape[1], -1)
+        plain_cols = (h.flatten(2) == 0).all(-1)[:, None, :].expand_as(out).clone()  # [E, out, nb]
+        plain_cols[dead] = True
+        if bool(plain_cols.any()):
+            plain = plain_fn(flat_w, g).reshape(out.shape)
+            out = torch.where(plain_cols, plain, out)
+        return "hessian_triton", out.reshape(n, -1)
+    out = torch.empty_like(wq.block_amax).reshape(n, -1)
+    for e in range(n):
+        if e in dead:
             out[e] = mse_amax_reference(flat_w[e], g[e])
-            fallback.append(f"{name}[{i}]" if iq.hessian.shape[0] > 1 else name)
         else:
-            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.hessian[i].float())
-    return out
+            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.hessian[idx[e]].float())
+    return "hessian_reference", out
 
 
 def _dist() -> tuple[int, int]:
@@ -137,8 +153,8 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True, hes
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
 
     ``hessian=True``: each block's error is weighted by its input Hessian (:mod:`nvfp4cal.hessian`,
-    collected during calibration; the torch reference on every device), ``'fallback'`` lists the
-    experts that got no token and kept the plain sweep's choices.
+    collected during calibration; the Triton kernel where the plain sweep would use Triton, else the
+    torch reference), ``'fallback'`` lists the experts that got no token and kept the plain choices.
 
     In a data-parallel run each rank sweeps its share of the weights (:func:`balance`: equal numbers
     of blocks) and broadcasts its results, so every rank ends with the same block amaxes and N ranks
@@ -157,19 +173,19 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True, hes
         w = local(w)
         if not w.numel():  # a rank without rows of this weight
             continue
-        impl, fn = ("hessian_reference", None) if hessian else choose_sweep(kernel, w.device)
-        used.add(impl)
         lead = w.shape[:-2]
         flat_w = w.detach().reshape(-1, *w.shape[-2:])
         g = wq.local_global_amax().reshape(-1)
+        impl, fn = choose_sweep(kernel, w.device)
         if hessian:
-            out = _hessian_blocks(wq, inputs[name], flat_w, g, name, fallback)
+            impl, out = _hessian_blocks(wq, inputs[name], flat_w, g, name, kernel, fallback)
         elif impl == "triton":  # one launch for all experts of the weight
             out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
         else:
             out = torch.empty_like(wq.block_amax).reshape(flat_w.shape[0], -1)
             for e in range(flat_w.shape[0]):
                 out[e] = fn(flat_w[e], g[e])
+        used.add(impl)
         wq.block_amax.copy_(out.reshape(*lead, *wq.block_amax.shape[-2:]))
         wq.clear_cache()
         blocks += out.numel()

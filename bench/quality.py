@@ -1,0 +1,109 @@
+"""Quality benchmark: held-out perplexity of one model under several recipes, same tokens for all.
+
+    .venv/bin/python bench/quality.py                                   # dense SmolLM2, max / mse / hessian_mse
+    .venv/bin/python bench/quality.py --model smollm2_moe --recipes nvfp4_experts_only_mse_fp8_cast_kv,...
+    .venv/bin/python bench/quality.py --trainer gpu                     # on a CUDA GPU
+
+Every recipe runs the real pipeline (``nvfp4cal.calibrate.run`` on the composed config) with the same
+model, calibration samples and held-out samples (``data.seed``); the quantized perplexity is what the
+export computes (fake quant with the exported scales). Prints a markdown table (also written to
+``--out``): perplexity, the share of max calibration's perplexity increase the recipe removes, and
+the sweep and total times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def run_recipe(model: str, recipe: str, trainer: str, data: list[str], extra: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from nvfp4cal.calibrate import run
+
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose(
+            config_name="calibrate",
+            overrides=[
+                f"model={model}",
+                f"recipe={recipe}",
+                f"trainer={trainer}",
+                f"export.dir={tmp}/ckpt",
+                *data,
+                *extra,
+            ],
+        )
+        return run(cfg, Path(tmp) / "run").report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--recipes", default="nvfp4_max,nvfp4_mse,nvfp4_hessian_mse")
+    ap.add_argument("--trainer", default="cpu")
+    ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+    ap.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
+    args = ap.parse_args(argv)
+    data = [
+        f"data.num_samples={args.num_samples}",
+        f"data.seq_len={args.seq_len}",
+        f"data.eval_samples={args.eval_samples}",
+        f"data.batch_size={args.batch_size}",
+    ]
+    rows = []
+    for recipe in args.recipes.split(","):
+        rep = run_recipe(args.model, recipe, args.trainer, data, args.overrides)
+        ppl = rep["perplexity"]
+        rows.append(
+            {
+                "recipe": recipe,
+                "original": ppl["original"],
+                "max": ppl.get("max_calibrated", ppl["quantized"]),
+                "quantized": ppl["quantized"],
+                "sweep_s": rep["stages"].get("sweep", {}).get("seconds"),
+                "calibration_s": rep["stages"]["calibration"]["seconds"],
+                "total_s": rep["wall_seconds"],
+                "fallback": len(rep.get("sweep", {}).get("fallback", [])),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    orig = rows[0]["original"]
+    lines = [
+        f"model={args.model}, {args.num_samples} x {args.seq_len} calibration tokens, "
+        f"{args.eval_samples} x {args.seq_len} held-out tokens, trainer={args.trainer}",
+        "",
+        "| recipe | perplexity | vs original | share of max's increase removed | sweep s | calibration s | run s |",
+        "|---|---|---|---|---|---|---|",
+        f"| (original) | {orig:.3f} | | | | | |",
+    ]
+    for r in rows:
+        gap = r["max"] - r["original"]
+        removed = (r["max"] - r["quantized"]) / gap if gap > 0 else float("nan")
+        lines.append(
+            f"| {r['recipe']} | {r['quantized']:.3f} | +{r['quantized'] - r['original']:.3f} | {removed:+.0%} | "
+            f"{r['sweep_s'] if r['sweep_s'] is not None else '-'} | {r['calibration_s']} | {r['total_s']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
