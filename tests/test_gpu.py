@@ -132,13 +132,12 @@ def test_pipeline_hessian_sweep_on_cuda(tmp_path):
     a = run_calibrate(tmp_path / "triton", [*common, "recipe.algorithm.kernel=triton"])
     b = run_calibrate(tmp_path / "reference", [*common, "recipe.algorithm.kernel=reference"])
     assert a.report["sweep"]["kernel"] == ["hessian_triton"] and b.report["sweep"]["kernel"] == ["hessian_reference"]
-    from safetensors import safe_open
+    from nvfp4cal.reload import read_tensors
 
+    ta, tb = read_tensors(tmp_path / "triton" / "ckpt"), read_tensors(tmp_path / "reference" / "ckpt")
     differ = total = 0
-    with safe_open(str(tmp_path / "triton/ckpt/model.safetensors"), "pt") as fa:
-        with safe_open(str(tmp_path / "reference/ckpt/model.safetensors"), "pt") as fb:
-            for k in fa.keys():
-                if k.endswith(".weight_scale"):
-                    x, y = fa.get_tensor(k).view(torch.uint8), fb.get_tensor(k).view(torch.uint8)
-                    differ, total = differ + int((x != y).sum()), total + x.numel()
+    for k in ta:
+        if k.endswith(".weight_scale"):
+            x, y = ta[k].view(torch.uint8), tb[k].view(torch.uint8)
+            differ, total = differ + int((x != y).sum()), total + x.numel()
     assert total > 0 and differ <= total // 1000, (differ, total)

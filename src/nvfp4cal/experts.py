@@ -172,9 +172,12 @@ class QuantExpertsMixin:
             row = x.detach().abs().amax(-1).float() * keep
             q.amax.scatter_reduce_(0, expert, row, "amax")
             q.seen.index_add_(0, expert, keep.long())
-            if q.hessian is not None:  # per expert: its routed rows (tokens are sorted by expert)
-                for e in expert[keep].unique().tolist():
-                    q.hessian[e] += block_hessian(x[(expert == e) & keep]).to(q.hessian.device, torch.float64)
+            if q.hessian is not None:  # per expert: its routed rows, contiguous (sorted by expert)
+                rows = x.float() * keep[:, None]  # rows of other ranks' experts add nothing
+                counts = torch.bincount(expert, minlength=q.hessian.shape[0]).tolist()  # one host sync
+                for e, seg in enumerate(torch.split(rows, counts)):
+                    if seg.shape[0]:
+                        q.hessian[e] += block_hessian(seg).to(q.hessian.device, torch.float64)
             return x
         if q.mode == "quant" and on:
             return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
