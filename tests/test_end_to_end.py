@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import RECIPES, run_calibrate
+from conftest import RECIPES, compose, run_calibrate
 from nvfp4cal import nvfp4
 from nvfp4cal.errors import UserError
 from nvfp4cal.experts import QuantExpertsMixin, logical
@@ -99,7 +99,6 @@ def test_calibration_does_not_change_outputs(tmp_path):
     """During max calibration (mode calib) the model computes exactly the unquantized logits."""
     from hydra.utils import instantiate
 
-    from conftest import compose
     from nvfp4cal.insert import insert_quantizers
 
     cfg = compose(["model=tiny_qwen3_moe", "recipe=nvfp4_mse"])
@@ -178,3 +177,15 @@ def test_scale_bytes_match_fake_quant(tmp_path):
     want = nvfp4.block_scales(m.weight_quantizer.block_amax, m.weight_quantizer.scale_2())
     assert torch.equal(sc.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(s2, m.weight_quantizer.scale_2())
+
+
+def test_default_trainer_uses_what_the_machine_has(tmp_path, caplog):
+    """trainer=auto (the default): the GPU when CUDA is available, else the CPU, and the log says which."""
+    import logging
+
+    assert compose([]).trainer.accelerator == "auto"
+    with caplog.at_level(logging.INFO, logger="nvfp4cal"):
+        res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", *SMALL])
+    where = "GPU" if torch.cuda.is_available() else "CPU"
+    assert any(f"calibrating on the {where}" in r.getMessage() and "auto" in r.getMessage() for r in caplog.records)
+    assert res.report["quantized"] > 0

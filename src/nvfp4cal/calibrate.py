@@ -79,6 +79,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
             "overrides (gpu, ddp and fsdp run on CUDA GPUs unless trainer.accelerator=cpu)"
         ) from err
     sharded = isinstance(trainer.strategy, ShardedStrategy)
+    if rank0:
+        where = "CPU" if isinstance(trainer.accelerator, CPUAccelerator) else f"GPU ({trainer.strategy.root_device})"
+        asked = cfg.trainer.get("accelerator")
+        log.info("calibrating on the %s%s", where, " (trainer.accelerator=auto)" if asked == "auto" else "")
     with stage(stages, "load"):
         recipe = instantiate(cfg.recipe, _convert_="all")
         if recipe.algorithm.sweep and cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto"):

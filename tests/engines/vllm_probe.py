@@ -38,6 +38,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import torch  # noqa: E402
+
+if os.environ.get("NVFP4CAL_PROBE_AS_AVX2") == "1":  # behave like a CPU without AVX-512/AMX (tests the FP8-KV refusal)
+    torch.cpu._is_avx512_supported = lambda: False
+    torch.cpu._is_amx_tile_supported = lambda: False
 from safetensors.torch import save_file  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [72, 101, 108, 108, 111, 44, 32, 119]]
