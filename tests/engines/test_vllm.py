@@ -86,7 +86,8 @@ def _probe(python: str, ckpt: Path, out: Path, kv: bool) -> tuple[dict, Path]:
         reason = json.loads((out / "probe.json").read_text())["build_error"]
         assert any(w in reason.lower() for w in ("fp8", "kv", "avx")), f"vLLM refused {ckpt}: {reason}"
         not_run["fp8_kv_cache"] = reason.strip().splitlines()[-1][:300]
-        r = _run_probe(python, ckpt, out, "auto")
+        # "auto" would take FP8 from the checkpoint's kv_cache_scheme again: ask for the model dtype
+        r = _run_probe(python, ckpt, out, "bfloat16")
     if r.returncode != 0 or not (out / "probe.json").is_file():
         raise AssertionError(f"vLLM failed on {ckpt} (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
     probe = json.loads((out / "probe.json").read_text())
@@ -321,3 +322,16 @@ def test_vllm_rejects_what_we_wrote_before(vllm_python, checkpoints, tmp_path):
     error = json.loads((tmp_path / "probe" / "probe.json").read_text())["build_error"]
     # lm_head's bf16 [vocab, hidden] weight offered to an NVFP4 uint8 [vocab, hidden/2] parameter
     assert "must match the size" in error or "never loaded" in error, error
+
+
+def test_fp8_kv_refusal_is_recorded_not_hidden(vllm_python, checkpoints, tmp_path, monkeypatch):
+    """On a CPU without AVX-512/AMX vLLM refuses an FP8 KV cache: the test then loads the checkpoint
+    with an unquantized cache and records why (the probe acts as such a CPU here)."""
+    ckpt = checkpoints[2]  # dense_kv, modelopt
+    assert _has_kv_scales(ckpt)
+    monkeypatch.setenv("NVFP4CAL_PROBE_AS_AVX2", "1")
+    probe, _ = _probe(vllm_python, ckpt, tmp_path / "probe", kv=True)
+    assert "AVX-512" in probe["not_run"]["fp8_kv_cache"], probe["not_run"]
+    assert probe["kv_cache_dtype"] == "bfloat16"
+    assert probe["unexpected"] == [] and probe["missing"] == []
+    assert all(state["k_scale"] == 1.0 for state in probe["kv"].values())  # the scales still load
