@@ -3,6 +3,8 @@
     .venv/bin/python bench/quality.py                                   # dense SmolLM2, max / mse / hessian_mse
     .venv/bin/python bench/quality.py --model smollm2_moe --recipes nvfp4_experts_only_mse_fp8_cast_kv,...
     .venv/bin/python bench/quality.py --trainer gpu                     # on a CUDA GPU
+    .venv/bin/python bench/quality.py --dump-tokens T.safetensors       # the tokens, for a peer tool
+    .venv/bin/python bench/quality.py --judge DIR [DIR ...]             # any checkpoints, one judge
 
 Every recipe runs the real pipeline (``nvfp4cal.calibrate.run`` on the composed config) with the same
 model, calibration samples and held-out samples (``data.seed``); the quantized perplexity is what the
@@ -47,6 +49,41 @@ def run_recipe(model: str, recipe: str, trainer: str, data: list[str], extra: li
         return run(cfg, Path(tmp) / "run").report
 
 
+def tokens(model: str, data: list[str]):
+    """(calibration, held-out) token tensors exactly as a run with these overrides sees them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from nvfp4cal.data import CalibrationData
+
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose(config_name="calibrate", overrides=[f"model={model}", *data])
+    loaded = instantiate(cfg.model, _convert_="all")
+    d = cfg.data
+    dm = CalibrationData(
+        instantiate(d.source, _convert_="all"),
+        loaded.tokenizer,
+        num_samples=d.num_samples,
+        seq_len=d.seq_len,
+        batch_size=d.batch_size,
+        seed=d.seed,
+        eval_samples=d.eval_samples,
+    )
+    dm.setup("validate")
+    return dm.calib, dm.held_out, dm
+
+
+def judge(ckpt: str, dm) -> float:
+    """Held-out perplexity of any NVFP4 checkpoint (ours or a peer's) through our W4A4 reader, in fp32."""
+    import torch
+
+    from nvfp4cal.evaluate import perplexity
+    from nvfp4cal.reload import rebuild_model
+
+    model = rebuild_model(ckpt, dtype=torch.float32)
+    return perplexity(model, dm.eval_dataloader(), "quant")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -57,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+    ap.add_argument("--dump-tokens", help="write the calibration and held-out tokens (safetensors) and stop")
+    ap.add_argument("--judge", nargs="*", help="score these checkpoint dirs with our reader instead of calibrating")
+    ap.add_argument("--keep", help="keep each recipe's export under this dir (for --judge)")
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
     args = ap.parse_args(argv)
     data = [
@@ -65,9 +105,23 @@ def main(argv=None) -> int:
         f"data.eval_samples={args.eval_samples}",
         f"data.batch_size={args.batch_size}",
     ]
+    if args.dump_tokens or args.judge:
+        calib, held_out, dm = tokens(args.model, data)
+        if args.dump_tokens:
+            from safetensors.torch import save_file
+
+            save_file({"calib": calib.contiguous(), "held_out": held_out.contiguous()}, args.dump_tokens)
+            print(f"{args.dump_tokens}: calib {tuple(calib.shape)}, held-out {tuple(held_out.shape)}")
+            return 0
+        rows = [f"| {c} | {judge(c, dm):.3f} |" for c in args.judge]
+        table = "\n".join(["| checkpoint | perplexity (our W4A4 reader, fp32) |", "|---|---|", *rows])
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+        return 0
     rows = []
     for recipe in args.recipes.split(","):
-        rep = run_recipe(args.model, recipe, args.trainer, data, args.overrides)
+        rep = run_recipe(args.model, recipe, args.trainer, data, args.overrides, args.keep)
         ppl = rep["perplexity"]
         rows.append(
             {
