@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from mse_sweep import rotating  # noqa: E402 (the same input rotation as the plain sweep's benchmark)
+
 SHAPES = "8192x4096,8x3072x576,8x576x1536,4x1536x2048"
 
 
@@ -35,16 +37,6 @@ def make(shape, seed: int, device: str):
     h = block_hessian(x).expand(n, -1, -1, -1).contiguous()
     w, h = w.to(device), h.to(device)
     return (w if lead else w[0]), w.float().abs().flatten(1).amax(-1).reshape(lead or []), (h if lead else h[0])
-
-
-def rotating(fn, args_list):
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(args_list)
-        fn(*args_list[state["i"]])
-
-    return call
 
 
 def reference(w, g, h):

@@ -54,21 +54,11 @@ def tokens(model: str, data: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from nvfp4cal.data import CalibrationData
+    from nvfp4cal.calibrate import calibration_data
 
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose(config_name="calibrate", overrides=[f"model={model}", *data])
-    loaded = instantiate(cfg.model, _convert_="all")
-    d = cfg.data
-    dm = CalibrationData(
-        instantiate(d.source, _convert_="all"),
-        loaded.tokenizer,
-        num_samples=d.num_samples,
-        seq_len=d.seq_len,
-        batch_size=d.batch_size,
-        seed=d.seed,
-        eval_samples=d.eval_samples,
-    )
+    dm = calibration_data(cfg, instantiate(cfg.model, _convert_="all").tokenizer)
     dm.setup("validate")
     return dm.calib, dm.held_out, dm
 

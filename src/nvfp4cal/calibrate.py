@@ -34,6 +34,24 @@ class RunResult:
     data: object
 
 
+def calibration_data(cfg: DictConfig, tokenizer):
+    """The run's DataModule from the ``data`` group (also what benchmarks use to see the same tokens)."""
+    from hydra.utils import instantiate
+
+    from .data import CalibrationData
+
+    d = cfg.data
+    return CalibrationData(
+        instantiate(d.source, _convert_="all"),
+        tokenizer,
+        num_samples=d.num_samples,
+        seq_len=d.seq_len,
+        batch_size=d.batch_size,
+        seed=d.seed,
+        eval_samples=d.eval_samples,
+    )
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
     import lightning as L
@@ -43,7 +61,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     from lightning.pytorch.accelerators import CPUAccelerator
 
     from .callback import ExportConfig, PostCalibration
-    from .data import CalibrationData
     from .evaluate import stage
     from .export.common import check_target
     from .insert import insert_quantizers
@@ -107,16 +124,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     with stage(stages, "plan"):
         export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
 
-    d = cfg.data
-    data = CalibrationData(
-        instantiate(d.source, _convert_="all"),
-        loaded.tokenizer,
-        num_samples=d.num_samples,
-        seq_len=d.seq_len,
-        batch_size=d.batch_size,
-        seed=d.seed,
-        eval_samples=d.eval_samples,
-    )
+    data = calibration_data(cfg, loaded.tokenizer)
     with stage(stages, "data"):
         data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
     eval_batches = data.eval_dataloader if rep.get("perplexity", True) else None
