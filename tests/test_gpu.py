@@ -18,6 +18,23 @@ pytestmark = [
 ]
 
 
+def _mixtral_576(layers: int) -> list[str]:
+    """A bf16 Mixtral with the default model's widths on the GPU (32 x 128 calibration tokens)."""
+    return [
+        "model=tiny_mixtral",
+        "model.dtype=bfloat16",
+        "model.config.hidden_size=576",
+        "model.config.intermediate_size=1536",
+        f"model.config.num_hidden_layers={layers}",
+        "model.config.head_dim=64",
+        "model.config.num_attention_heads=9",
+        "model.config.num_key_value_heads=3",
+        "trainer=gpu",
+        "data.num_samples=32",
+        "data.seq_len=128",
+    ]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dist", ["normal", "student_t3", "tiny_beside_outlier"])
 def test_compiled_kernels_match_reference(dtype, dist):
@@ -40,20 +57,7 @@ def test_compiled_kernels_match_reference(dtype, dist):
 
 
 def test_pipeline_same_bytes_with_kernel_and_reference(tmp_path):
-    common = [
-        "model=tiny_mixtral",
-        "model.dtype=bfloat16",
-        "model.config.hidden_size=576",
-        "model.config.intermediate_size=1536",
-        "model.config.num_hidden_layers=4",
-        "model.config.head_dim=64",
-        "model.config.num_attention_heads=9",
-        "model.config.num_key_value_heads=3",
-        "recipe=nvfp4_mse",
-        "trainer=gpu",
-        "data.num_samples=32",
-        "data.seq_len=128",
-    ]
+    common = [*_mixtral_576(layers=4), "recipe=nvfp4_mse"]
     a = run_calibrate(tmp_path / "triton", [*common, "recipe.algorithm.kernel=triton"])
     b = run_calibrate(tmp_path / "reference", [*common, "recipe.algorithm.kernel=reference"])
     assert a.report["sweep"]["kernel"] == ["triton"] and b.report["sweep"]["kernel"] == ["reference"]
@@ -115,20 +119,7 @@ def test_hessian_kernel_matches_reference_on_cuda():
 
 
 def test_pipeline_hessian_sweep_on_cuda(tmp_path):
-    common = [
-        "model=tiny_mixtral",
-        "model.dtype=bfloat16",
-        "model.config.hidden_size=576",
-        "model.config.intermediate_size=1536",
-        "model.config.num_hidden_layers=2",
-        "model.config.head_dim=64",
-        "model.config.num_attention_heads=9",
-        "model.config.num_key_value_heads=3",
-        "recipe=nvfp4_hessian_mse",
-        "trainer=gpu",
-        "data.num_samples=32",
-        "data.seq_len=128",
-    ]
+    common = [*_mixtral_576(layers=2), "recipe=nvfp4_hessian_mse"]
     a = run_calibrate(tmp_path / "triton", [*common, "recipe.algorithm.kernel=triton"])
     b = run_calibrate(tmp_path / "reference", [*common, "recipe.algorithm.kernel=reference"])
     assert a.report["sweep"]["kernel"] == ["hessian_triton"] and b.report["sweep"]["kernel"] == ["hessian_reference"]

@@ -100,17 +100,18 @@ def weight_inputs(model: nn.Module) -> dict[str, InputQuantizer]:
 
 
 def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, g: torch.Tensor, name: str,
-                    kernel: str, fallback: list[str]) -> tuple[str, torch.Tensor]:  # fmt: skip
+                    plain: tuple[str, SweepFn], fallback: list[str]) -> tuple[str, torch.Tensor]:  # fmt: skip
     """(implementation, Hessian-weighted choices [E, blocks]) for the experts (or the one matrix) of a
     weight. Experts whose input saw no token, and column blocks whose Hessian is zero, keep the
-    plain sweep's choices; such experts are listed in ``fallback``."""
+    plain sweep's choices (``plain``: its implementation for this device); such experts are listed
+    in ``fallback``."""
     n = flat_w.shape[0]
     first = wq.rows[0] if wq.rows is not None and wq.block_amax.dim() > 2 else 0  # this rank's experts
     per_expert = iq.hessian.shape[0] > 1
     idx = [first + e if per_expert else 0 for e in range(n)]
     dead = [e for e in range(n) if int(iq.seen[idx[e]]) == 0]
     fallback += [f"{name}[{idx[e]}]" if per_expert else name for e in dead]
-    plain_impl, plain_fn = choose_sweep(kernel, flat_w.device)
+    plain_impl, plain_fn = plain
     if plain_impl == "triton":
         from .kernels.hessian_sweep import hessian_amax_triton
 
@@ -178,7 +179,7 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True, hes
         g = wq.local_global_amax().reshape(-1)
         impl, fn = choose_sweep(kernel, w.device)
         if hessian:
-            impl, out = _hessian_blocks(wq, inputs[name], flat_w, g, name, kernel, fallback)
+            impl, out = _hessian_blocks(wq, inputs[name], flat_w, g, name, (impl, fn), fallback)
         elif impl == "triton":  # one launch for all experts of the weight
             out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
         else:
