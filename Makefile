@@ -43,9 +43,10 @@ test-engines: install ## vLLM's CPU build (own venv under .cache/engines, ~3 min
 test-all: install ## run every test that this machine can run, slow ones included
 	$(PY) -m pytest $(ARGS)
 
-lint: install ## ruff check and format check
+lint: install ## ruff check, format check, and the import layers (import-linter, contracts in pyproject.toml)
 	$(PY) -m ruff check src tests bench
 	$(PY) -m ruff format --check src tests bench
+	$(VENV)/bin/lint-imports
 
 format: install ## ruff fix and format
 	$(PY) -m ruff check --fix src tests bench

@@ -53,24 +53,15 @@ def calibrate(args: list[str], log: Path) -> int:
 
 def baseline_forward(layers: int) -> dict:
     """bf16 forward over the calibration batches, no quantizers: the yardstick for calibration."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from nvfp4cal.data import CalibrationData
+    from nvfp4cal.calibrate import calibration_data
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
         cfg = compose("calibrate", [*MODEL, *DATA, f"model.config.num_hidden_layers={layers}", "+model.device=cuda"])
     loaded = instantiate(cfg.model, _convert_="all")
-    d = cfg.data
-    data = CalibrationData(
-        instantiate(d.source, _convert_="all"),
-        loaded.tokenizer,
-        d.num_samples,
-        d.seq_len,
-        d.batch_size,
-        d.seed,
-        d.eval_samples,
-    )
+    data = calibration_data(cfg, loaded.tokenizer)
     data.setup("validate")
     batches = [b["input_ids"].cuda() for b in data.val_dataloader()]
     model = loaded.model

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e import MODEL, ROOT  # noqa: E402
+from e2e import MODEL  # noqa: E402
 
 
 def profiled(name: str, fn, top: int):
@@ -35,10 +35,12 @@ def profiled(name: str, fn, top: int):
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from nvfp4cal.export.modelopt import export_modelopt
+    from nvfp4cal.comm import RunContext
+    from nvfp4cal.export.modelopt import MODELOPT
+    from nvfp4cal.export.plan import write_checkpoint
     from nvfp4cal.insert import insert_quantizers
     from nvfp4cal.quantizers import InputQuantizer
     from nvfp4cal.sweep import mse_sweep
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
         cfg = compose("calibrate", [*MODEL, f"model.config.num_hidden_layers={a.layers}", "+model.device=cuda"])
     model = instantiate(cfg.model, _convert_="all").model
     recipe = instantiate(cfg.recipe, _convert_="all")
@@ -56,11 +58,12 @@ def main() -> None:
     for m in model.modules():
         if isinstance(m, InputQuantizer):
             m.amax.fill_(1.0)
-    mse_sweep(model, progress=False)  # compile
-    profiled("sweep", lambda: mse_sweep(model, progress=False), a.top)
+    ctx = RunContext.single("cuda")
+    mse_sweep(model, ctx)  # compile
+    profiled("sweep", lambda: mse_sweep(model, ctx), a.top)
     out = Path("/tmp/nvfp4cal-profile")
     shutil.rmtree(out, ignore_errors=True)
-    profiled("export", lambda: export_modelopt(model, out, progress=False), a.top)
+    profiled("export", lambda: write_checkpoint(model, out, MODELOPT, progress=False), a.top)
     profiled("verify", lambda: verify(out), a.top)
 
 

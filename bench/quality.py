@@ -26,15 +26,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def run_recipe(model: str, recipe: str, trainer: str, data: list[str], extra: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from nvfp4cal.calibrate import run
 
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(CONF), version_base=None):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        initialize_config_module(config_module="nvfp4cal.conf", version_base=None),
+    ):
         cfg = compose(
             config_name="calibrate",
             overrides=[
@@ -51,12 +52,12 @@ def run_recipe(model: str, recipe: str, trainer: str, data: list[str], extra: li
 
 def tokens(model: str, data: list[str]):
     """(calibration, held-out) token tensors exactly as a run with these overrides sees them."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     from nvfp4cal.calibrate import calibration_data
 
-    with initialize_config_dir(str(CONF), version_base=None):
+    with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
         cfg = compose(config_name="calibrate", overrides=[f"model={model}", *data])
     dm = calibration_data(cfg, instantiate(cfg.model, _convert_="all").tokenizer)
     dm.setup("validate")

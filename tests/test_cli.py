@@ -1,4 +1,8 @@
-"""The command line: a user's mistake is one line on stderr and exit code 2, never a traceback."""
+"""The command line: a user's mistake is one line on stderr and exit code 2, never a traceback.
+
+The messages are checked in-process (the entry point prints ``_user_error``'s line for them); one
+subprocess keeps the exit-code contract of the real command.
+"""
 
 import os
 import subprocess
@@ -6,13 +10,24 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import compose, run_calibrate
+from nvfp4cal.calibrate import _user_error, run
 
 
 def _cli(tmp_path, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "nvfp4cal.calibrate", f"hydra.run.dir={tmp_path}/run", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _message(tmp_path, args) -> str:
+    """The one line the command prints for ``args`` (failing the test if it would be a traceback)."""
+    with pytest.raises(Exception) as info:  # noqa: PT011 (any error; _user_error decides)
+        run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
+    msg = _user_error(info.value)
+    assert msg is not None, f"a traceback, not a one-line error: {info.value!r}"
+    assert "\n" not in msg
+    return msg
 
 
 @pytest.mark.parametrize(
@@ -20,11 +35,14 @@ def _cli(tmp_path, *args):
     [
         (["model=hf", "model.path=/no/such/dir"], "model.path /no/such/dir is not a directory"),
         (["model=hf"], "missing value for model.path"),
-        (["model=tiny_llama", "recipe=nvfp4_max", "data=text", "data.path=/no/such/*.txt"], "matches no file"),
+        (["model=tiny_llama", "recipe=nvfp4_max", "data=text", "data.source.path=/no/such/*.txt"], "matches no file"),
         (["model=tiny_llama", "recipe=nvfp4_max", "data.num_samples=0"], "data.num_samples must be >= 1"),
-        (["model=tiny_llama", "recipe.algorithm.method=awq"], "algorithm.method 'awq' unknown"),
+        (["model=tiny_llama", "recipe.algorithm.method=awq"], "recipe.algorithm.method='awq' unknown"),
         (["model=tiny_llama", "+recipe.rules.0.enabled=true"], "unknown key(s) ['enabled']"),
         (["model=tiny_llama", "export.format=gguf"], "export.format='gguf' unknown"),
+        (["model=tiny_llama", "+recipe.algorithm.fp8_scale_sweep=false"], "algorithm.fp8_scale_sweep is gone"),
+        (["model=tiny_llama", "+export.shard_size=1"], "export: "),
+        (["model=tiny_llama", "data=text"], "missing value for data.source.path"),
         (["model=tiny_llama", "trainer.devices=abc"], "`devices` selected with `CPUAccelerator` should be an int"),
         (
             ["model=tiny_gpt_oss", "recipe=nvfp4_max", "export.format=both"],
@@ -33,23 +51,21 @@ def _cli(tmp_path, *args):
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
-    r = _cli(tmp_path, *args)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    err = [line for line in r.stderr.splitlines() if line.startswith("nvfp4cal: error:")]
-    assert len(err) == 1 and message in err[0], r.stderr[-2000:]
+    assert message in _message(tmp_path, args)
 
 
-def test_existing_export_is_never_overwritten(tmp_path):
+def test_exit_code_and_one_line_and_nothing_overwritten(tmp_path, capsys):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("earlier result")
     small = ["model=tiny_llama", "recipe=nvfp4_max", "data.num_samples=2", "data.seq_len=16", f"export.dir={out}"]
     r = _cli(tmp_path, *small)
-    assert r.returncode == 2 and "already exists" in r.stderr and "export.overwrite=true" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("nvfp4cal: error:")]
+    assert len(err) == 1 and "already exists" in err[0] and "export.overwrite=true" in err[0], r.stderr[-2000:]
     assert (out / "keep.txt").read_text() == "earlier result"
-    r = _cli(tmp_path, *small, "export.overwrite=true")
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_calibrate(tmp_path, [*small, "export.overwrite=true"])
+    printed = capsys.readouterr().out
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert "checkpoint :" in r.stdout and "dead experts" in r.stdout and "stage times" in r.stdout
+    assert "checkpoint :" in printed and "dead experts" in printed and "stage times" in printed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]  # no temp dirs left

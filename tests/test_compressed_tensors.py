@@ -20,13 +20,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_calibrate
+from helpers import run_calibrate
 from nvfp4cal import nvfp4
-from nvfp4cal.export.common import model_tensors, saved_layout, take
-from nvfp4cal.export.plan import quant_sources
 from nvfp4cal.quantizers import QuantLinear, set_mode
 from nvfp4cal.reload import dequantized, read_tensors, rebuild_model
 from nvfp4cal.verify import verify
+from nvfp4cal.view import model_tensors, quant_sources, saved_layout, take
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from nvfp4cal.data import CalibrationData, DataError, local_texts, pydoc_texts
+from nvfp4cal.data import CalibrationData
 from nvfp4cal.models import byte_tokenizer
+from nvfp4cal.texts import DataError, local_texts, pydoc_texts
 
 
 def _dm(source, **kw):

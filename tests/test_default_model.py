@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import run_calibrate
+from helpers import run_calibrate
 from nvfp4cal.verify import verify
 
 pytestmark = pytest.mark.slow

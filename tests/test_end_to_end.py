@@ -6,42 +6,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import RECIPES, compose, run_calibrate
+from helpers import RECIPES, SMALL, check_round_trip, compose, run_calibrate
 from nvfp4cal import nvfp4
 from nvfp4cal.errors import UserError
-from nvfp4cal.experts import QuantExpertsMixin, logical
+from nvfp4cal.experts import QuantExpertsMixin
 from nvfp4cal.quantizers import QuantLinear, set_mode
-from nvfp4cal.reload import rebuild_model
-
-SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
-
-
-def _fake_quant_weights(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-            out[f"{name}.weight"] = m.weight_quantizer.fake_quant(m.weight)
-        if isinstance(m, QuantExpertsMixin):
-            for wq, p in ((m.gate_up_weight, m.first_proj), (m.down_weight, "down_proj")):
-                if wq is not None:  # in the stored layout ([E, in, out] for transposed experts)
-                    out[f"{name}.{p}"] = logical(wq.fake_quant(m.logical_weight(p)), m.transposed)
-    return out
-
-
-def _check_round_trip(res, ckpt):
-    fq = _fake_quant_weights(res.model)
-    assert fq, "nothing was quantized"
-    rebuilt = rebuild_model(ckpt, dtype=next(res.model.parameters()).dtype)
-    params = dict(rebuilt.named_parameters())
-    for name, w in fq.items():
-        assert torch.equal(params[name], w), f"{name} differs after export and reload"
-    set_mode(res.model, "quant")
-    batch = next(iter(res.data.eval_dataloader()))["input_ids"]
-    with torch.no_grad():
-        want = res.model(input_ids=batch, use_cache=False).logits
-        got = rebuilt(input_ids=batch, use_cache=False).logits
-    assert torch.isfinite(want).all()
-    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -61,7 +30,7 @@ def test_calibrate_export_reload(tmp_path, model, recipe):
     assert (hq["quantization"]["kv_cache_quant_algo"] == "FP8") == recipe.endswith("fp8_cast_kv")
     assert (tmp_path / "run" / "report.json").is_file()
     assert res.report["quantized"] > 0
-    _check_round_trip(res, ckpt)
+    check_round_trip(res, ckpt)
 
 
 def test_export_tensors_layout(tmp_path):
@@ -142,7 +111,7 @@ def test_dead_experts_are_bootstrapped(tmp_path):
                 for p in ("gate_proj", "up_proj", "down_proj"):
                     s = f.get_tensor(f"{base}.{e}.{p}.input_scale")
                     assert torch.isfinite(s) and s > 0
-    _check_round_trip(res, tmp_path / "ckpt")
+    check_round_trip(res, tmp_path / "ckpt")
 
 
 def test_mse_sweep_lowers_weight_error(tmp_path):
@@ -165,7 +134,7 @@ def test_odd_in_features_stay_unquantized(tmp_path):
     assert res.report["excluded_shape"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     hq = json.loads((tmp_path / "ckpt" / "hf_quant_config.json").read_text())
     assert "model.layers.0.mlp.down_proj" in hq["quantization"]["exclude_modules"]
-    _check_round_trip(res, tmp_path / "ckpt")
+    check_round_trip(res, tmp_path / "ckpt")
 
 
 def test_scale_bytes_match_fake_quant(tmp_path):

@@ -1,4 +1,4 @@
-"""Export building blocks: atomic directory, shards, refusal of bad scales, saved names."""
+"""Export building blocks through the writer the product runs: atomic directory, shards, bad scales, saved names."""
 
 import json
 
@@ -6,42 +6,62 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nvfp4cal.export.common import ExportError, Item, atomic_dir, model_tensors, saved_layout, write_shards
-from nvfp4cal.export.plan import check_tensors
-from nvfp4cal.insert import BadWeightError, insert_quantizers
+from helpers import tiny_config
+from nvfp4cal.errors import ExportError
+from nvfp4cal.export.io import Item, Staging, plan_shards, write_groups, write_index
+from nvfp4cal.export.modelopt import MODELOPT
+from nvfp4cal.export.plan import check_tensors, write_checkpoint
+from nvfp4cal.insert import insert_quantizers
 from nvfp4cal.models import build_tiny
 from nvfp4cal.recipe import build_recipe
+from nvfp4cal.view import BadWeightError, model_tensors, saved_layout
 
 
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target, overwrite=False) as tmp:
-            (tmp / "half.safetensors").write_text("x")
-            raise RuntimeError("interrupted")
-    assert not target.exists() and list(tmp_path.iterdir()) == []
+def _tiny_quantized():
+    loaded = build_tiny("LlamaConfig", tiny_config("tiny_llama"))
+    insert_quantizers(loaded.model, build_recipe("t", rules=["*", {"pattern": "*lm_head*", "enable": False}]))
+    return loaded.model
 
 
-def test_atomic_dir_replaces_only_with_overwrite(tmp_path):
-    target = tmp_path / "out"
+def test_export_replaces_a_directory_only_with_overwrite(tmp_path):
+    model, target = _tiny_quantized(), tmp_path / "out"
     target.mkdir()
     (target / "old").write_text("1")
     with pytest.raises(ExportError, match="already exists"):
-        with atomic_dir(target, overwrite=False):
-            pass
-    with atomic_dir(target, overwrite=True) as tmp:
-        (tmp / "new").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        write_checkpoint(model, target, MODELOPT)
+    assert (target / "old").read_text() == "1"
+    write_checkpoint(model, target, MODELOPT, overwrite=True, progress=False)
+    assert "old" not in {p.name for p in target.iterdir()} and (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 
 
-def test_shards_and_index(tmp_path):
+def test_export_leaves_nothing_when_the_layout_fails(tmp_path, monkeypatch):
+    def broken(*_):
+        raise ExportError("injected failure")
+
+    monkeypatch.setattr(MODELOPT, "configure", broken)
+    with pytest.raises(ExportError, match="injected failure"):
+        write_checkpoint(_tiny_quantized(), tmp_path / "out", MODELOPT, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_and_index_as_huggingface_hub_plans_them(tmp_path):
+    """The product's writer with a small shard limit: huggingface_hub's grouping and names, a true index."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
     items = [Item(4000, (f"t{i}",), lambda i=i: {f"t{i}": torch.full((1000,), float(i))}) for i in range(5)]
-    wm = write_shards(tmp_path, items, max_shard_bytes=9000, check=lambda t: None, progress=False)
-    files = sorted(set(wm.values()))
-    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    items.insert(2, Item(12000, ("big",), lambda: {"big": torch.zeros(3000)}))  # over the limit: a shard of its own
+    shards = plan_shards(items, 9000)
+    hub = split_state_dict_into_shards_factory(
+        {i.names[0]: i for i in items}, get_storage_size=lambda i: i.nbytes, max_shard_size=9000,
+        filename_pattern="model{suffix}.safetensors",
+    )  # fmt: skip
+    assert [[i.names[0] for i in g] for g in shards] == list(hub.filename_to_tensors.values())
+    wm, total = write_groups(tmp_path, shards, 0, len(shards), lambda t: None, Staging())
+    write_index(tmp_path, wm, total)
+    assert wm == hub.tensor_to_filename and total == 32000
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == wm and index["metadata"]["total_size"] == 20000
+    assert index["weight_map"] == wm and index["metadata"]["total_size"] == 32000
     with safe_open(str(tmp_path / wm["t4"]), "pt") as f:
         assert f.get_tensor("t4")[0].item() == 4.0
 
@@ -62,7 +82,7 @@ def test_streamed_safetensors_read_back_exactly(tmp_path):
         "i64": torch.arange(5),
     }
     items = [Item(8, (k,), lambda k=k, v=v: {k: v}) for k, v in want.items()]
-    wm = write_shards(tmp_path, items, max_shard_bytes=1 << 20, check=lambda t: None, progress=False)
+    wm, _ = write_groups(tmp_path, plan_shards(items, 1 << 20), 0, 1, lambda t: None, Staging())
     assert set(wm.values()) == {"model.safetensors"}
     got = load_file(str(tmp_path / "model.safetensors"))
     assert set(got) == set(want)
@@ -128,14 +148,13 @@ def test_saved_layout_uses_save_pretrained_names():
 
 def test_early_write_gives_the_same_tensors(tmp_path):
     """Unquantized tensors written first (as a GPU run does during calibration), quantized ones after."""
-    from conftest import run_calibrate
-    from nvfp4cal.export.modelopt import MODELOPT, configure
+    from helpers import run_calibrate
     from nvfp4cal.export.plan import CheckpointWriter
     from nvfp4cal.reload import read_tensors
 
     small = ["data.num_samples=2", "data.seq_len=16", "data.eval_samples=1", "report.perplexity=false"]
     r = run_calibrate(tmp_path, ["model=tiny_qwen3_moe", "recipe=nvfp4_mlp_only_mse_fp8_cast_kv", *small])
-    w = CheckpointWriter(r.model, tmp_path / "early", MODELOPT, configure, max_shard_size_gb=1e-4, early=True)
+    w = CheckpointWriter(r.model, tmp_path / "early", MODELOPT, max_shard_size_gb=1e-4, early=True)
     w.start_early()
     summary = w.finish()
     assert len(summary["files"]) > 2 and (tmp_path / "early" / "model.safetensors.index.json").is_file()
@@ -143,7 +162,7 @@ def test_early_write_gives_the_same_tensors(tmp_path):
     assert set(want) == set(got)
     for k in want:
         assert torch.equal(want[k].reshape(-1).view(torch.uint8), got[k].reshape(-1).view(torch.uint8)), k
-    aborted = CheckpointWriter(r.model, tmp_path / "aborted", MODELOPT, configure, early=True)
+    aborted = CheckpointWriter(r.model, tmp_path / "aborted", MODELOPT, early=True)
     aborted.start_early()
     aborted.abort()
     assert not (tmp_path / "aborted").exists() and not list(tmp_path.glob(".aborted.tmp-*"))
@@ -151,14 +170,13 @@ def test_early_write_gives_the_same_tensors(tmp_path):
 
 def test_failed_second_layout_leaves_no_temporary_dir(tmp_path, monkeypatch):
     """export.format=both: when the second checkpoint fails, the first stays and no temp dir is left."""
-    from conftest import run_calibrate
-    from nvfp4cal import callback
+    from helpers import run_calibrate
+    from nvfp4cal.export.compressed_tensors import COMPRESSED_TENSORS
 
     def broken(tmp, kv_cache, excluded):
         raise ExportError("injected failure")
 
-    layout, _ = callback.EXPORTERS["compressed_tensors"]
-    monkeypatch.setitem(callback.EXPORTERS, "compressed_tensors", (layout, broken))
+    monkeypatch.setattr(COMPRESSED_TENSORS, "configure", broken)
     small = ["data.num_samples=2", "data.seq_len=16", "data.eval_samples=1", "report.perplexity=false"]
     with pytest.raises(ExportError, match="injected failure"):
         run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", "export.format=both", *small])

@@ -5,12 +5,11 @@ import torch
 from hydra.utils import instantiate
 from safetensors import safe_open
 
-from conftest import compose, run_calibrate
+from helpers import check_round_trip, compose, run_calibrate
 from nvfp4cal.experts import QuantExpertsMixin, UnsupportedExpertsError
 from nvfp4cal.insert import insert_quantizers
 from nvfp4cal.quantizers import set_mode
 from nvfp4cal.recipe import build_recipe
-from test_end_to_end import _check_round_trip
 
 FAMILIES = [
     "tiny_qwen3_moe",
@@ -93,7 +92,7 @@ def test_family_calibrate_export_reload(tmp_path, family, recipe):
             for e in range(8):
                 g = f.get_tensor(f"{base}.{e}.{gate}.weight_scale_2")
                 assert torch.equal(g, f.get_tensor(f"{base}.{e}.{up}.weight_scale_2"))
-    _check_round_trip(res, tmp_path / "ckpt")
+    check_round_trip(res, tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -69,10 +69,12 @@ def test_zero_global_amax():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="builds CPU models: interpreter only")
 def test_pipeline_sweep_with_kernel_equals_reference():
     """The sweep driver through the (interpreted) kernel gives the reference's block amaxes."""
+    from nvfp4cal.comm import RunContext
     from nvfp4cal.insert import insert_quantizers
     from nvfp4cal.models import build_tiny
     from nvfp4cal.recipe import build_recipe
-    from nvfp4cal.sweep import mse_sweep, weight_quantizers
+    from nvfp4cal.sweep import mse_sweep
+    from nvfp4cal.view import weight_quantizers
 
     cfg = {
         "hidden_size": 64,
@@ -87,8 +89,8 @@ def test_pipeline_sweep_with_kernel_equals_reference():
     models = [build_tiny("MixtralConfig", cfg, seed=3).model for _ in range(2)]
     for m in models:
         insert_quantizers(m, build_recipe("t", rules=["*"]))
-    assert mse_sweep(models[0], "triton", progress=False)["kernel"] == ["triton"]
-    assert mse_sweep(models[1], "reference", progress=False)["kernel"] == ["reference"]
+    assert mse_sweep(models[0], RunContext.single(), "triton")["kernel"] == ["triton"]
+    assert mse_sweep(models[1], RunContext.single(), "reference")["kernel"] == ["reference"]
     for (_, a, _), (_, b, _) in zip(weight_quantizers(models[0]), weight_quantizers(models[1]), strict=True):
         assert torch.equal(a.block_amax, b.block_amax)
 

@@ -9,7 +9,7 @@ import filecmp
 import pytest
 import torch
 
-from conftest import run_calibrate
+from helpers import run_calibrate
 from nvfp4cal import mse
 
 pytestmark = [

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from nvfp4cal import hessian, mse, nvfp4
+from nvfp4cal.comm import RunContext
 from nvfp4cal.experts import QuantExpertsMixin
 from nvfp4cal.quantizers import QuantLinear
-from nvfp4cal.sweep import mse_sweep, weight_inputs, weight_quantizers
+from nvfp4cal.sweep import mse_sweep
+from nvfp4cal.view import weight_inputs, weight_quantizers
 
 
 def _weight(kind: str, out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
@@ -90,8 +92,8 @@ def _calibrated(model_name: str, recipe_name: str):
     """A tiny model with the recipe's quantizers after max calibration on random tokens (no Lightning)."""
     from hydra.utils import instantiate
 
-    from conftest import compose
-    from nvfp4cal.experts import bootstrap_dead_experts
+    from helpers import compose
+    from nvfp4cal.bootstrap import bootstrap_dead_experts
     from nvfp4cal.insert import insert_quantizers
     from nvfp4cal.quantizers import set_mode
 
@@ -114,7 +116,7 @@ def test_sweep_is_never_worse_than_max_by_its_objective(model_name):
     inputs = weight_inputs(model)
     hs = {n: (inputs[n].hessian.clone(), inputs[n].seen.clone()) for n, _, _ in weight_quantizers(model)}
     before = {n: wq.fake_quant(w).clone() for n, wq, w in weight_quantizers(model)}
-    out = mse_sweep(model, "reference", progress=False, hessian=True)
+    out = mse_sweep(model, RunContext.single(), "reference", hessian=True)
     assert out["method"] == "hessian_mse" and out["kernel"] == ["hessian_reference"]
     dead, checked, better = [], 0, 0
     for n, wq, w in weight_quantizers(model):
@@ -138,7 +140,7 @@ def test_sweep_is_never_worse_than_max_by_its_objective(model_name):
 
 def test_identity_hessians_in_the_pipeline_equal_the_plain_sweep():
     model = _calibrated("tiny_qwen3_moe", "nvfp4_mse")
-    mse_sweep(model, "reference", progress=False)
+    mse_sweep(model, RunContext.single(), "reference")
     plain = {n: wq.block_amax.clone() for n, wq, _ in weight_quantizers(model)}
     for _, wq, w in weight_quantizers(model):  # back to max calibration, then identity Hessians
         wq.calibrate(w)
@@ -154,7 +156,7 @@ def test_identity_hessians_in_the_pipeline_equal_the_plain_sweep():
     from nvfp4cal.insert import share_global_amax
 
     share_global_amax(model)
-    mse_sweep(model, "reference", progress=False, hessian=True)
+    mse_sweep(model, RunContext.single(), "reference", hessian=True)
     for n, wq, _ in weight_quantizers(model):
         assert torch.equal(wq.block_amax, plain[n]), n
 

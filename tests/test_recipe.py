@@ -3,7 +3,7 @@
 import pytest
 from hydra.utils import instantiate
 
-from conftest import RECIPES, TINY_MODELS, compose
+from helpers import RECIPES, TINY_MODELS, compose
 from nvfp4cal.insert import insert_quantizers
 from nvfp4cal.recipe import RecipeError, build_recipe
 

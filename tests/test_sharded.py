@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 
+from helpers import one_process, torchrun
+from nvfp4cal.comm import rows
 from nvfp4cal.models import CheckpointRows, RandomRows, build_tiny
-from nvfp4cal.sharded import params_on_meta, rows
-from test_distributed import _one_process, _torchrun
 
 ARGS = [
     "recipe=nvfp4_mse",  # every Linear and the experts: row-sharded Linears and expert-sharded experts
@@ -39,8 +40,8 @@ def _same_files(a, b):
 def test_fsdp_on_three_ranks_writes_the_one_process_checkpoint(tmp_path):
     # 3 ranks: 8 experts split 3/3/2, 64-row Linears 22/22/20 - uneven shards everywhere
     args = ["model=tiny_qwen3_moe", *ARGS]
-    _one_process(tmp_path, args, "one")
-    r = _torchrun(tmp_path, [*args, f"export.dir={tmp_path}/fsdp"], "fsdp", 3)
+    one_process(tmp_path, args, "one")
+    r = torchrun(tmp_path, [*args, f"export.dir={tmp_path}/fsdp"], "fsdp", 3)
     assert r.returncode == 0, r.stderr[-3000:]
     _same_files(tmp_path / "one", tmp_path / "fsdp")
     (run,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
@@ -54,8 +55,8 @@ def test_fsdp_reads_only_its_rows_of_an_hf_checkpoint(tmp_path):
     src.model.save_pretrained(tmp_path / "hf")
     src.tokenizer.save_pretrained(tmp_path / "hf")
     args = ["model=hf", f"model.path={tmp_path}/hf", *ARGS, "export.format=both"]
-    _one_process(tmp_path, args, "one")
-    r = _torchrun(tmp_path, [*args, f"export.dir={tmp_path}/fsdp"], "fsdp", 2)
+    one_process(tmp_path, args, "one")
+    r = torchrun(tmp_path, [*args, f"export.dir={tmp_path}/fsdp"], "fsdp", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     _same_files(tmp_path / "one" / "modelopt", tmp_path / "fsdp" / "modelopt")
     for f in ("model.safetensors", "config.json"):
@@ -75,7 +76,7 @@ def test_fsdp_names_a_nan_weight_in_one_line(tmp_path):
         src.model.model.layers[1].mlp.experts.down_proj[7, 3, 5] = float("nan")  # rank 1's expert
     src.model.save_pretrained(tmp_path / "hf")
     src.tokenizer.save_pretrained(tmp_path / "hf")
-    r = _torchrun(tmp_path, ["model=hf", f"model.path={tmp_path}/hf", *ARGS, f"export.dir={tmp_path}/x"], "fsdp", 2)
+    r = torchrun(tmp_path, ["model=hf", f"model.path={tmp_path}/hf", *ARGS, f"export.dir={tmp_path}/x"], "fsdp", 2)
     assert r.returncode != 0
     assert "nvfp4cal: error: weight model.layers.1.mlp.experts.down_proj holds NaN or Inf values" in r.stderr + r.stdout
     assert not (tmp_path / "x").exists()
@@ -111,7 +112,7 @@ def test_checkpoint_rows_match_the_loaded_model(tmp_path):
     src = build_tiny("Qwen3MoeConfig", TINY_MOE, dtype="bfloat16")
     src.model.save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    with params_on_meta():
+    with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(ref.config, dtype=torch.bfloat16)
     fill = CheckpointRows(tmp_path, skeleton)
     for name, p in ref.named_parameters():  # experts are fused [E, ...] here, saved one expert at a time

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_calibrate
+from helpers import run_calibrate
 from nvfp4cal.reload import read_tensors
 
 ct = pytest.importorskip("compressed_tensors")

@@ -40,7 +40,7 @@ def test_experts_differ_and_the_dead_expert_gets_no_tokens():
     assert not torch.equal(ex.gate_up_proj[0], ex.gate_up_proj[1])
     insert_quantizers(moe, build_recipe("t", rules=["*.experts.*"]))
     set_mode(moe, "calib")
-    from nvfp4cal.data import pydoc_texts
+    from nvfp4cal.texts import pydoc_texts
 
     text = "\n".join(pydoc_texts()["text"][-20:])
     ids = dense.tokenizer(text, return_tensors="pt").input_ids[:, :512]

@@ -23,7 +23,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from .errors import UserError
 
 log = logging.getLogger("nvfp4cal")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @dataclass
@@ -34,40 +33,48 @@ class RunResult:
     data: object
 
 
-def calibration_data(cfg: DictConfig, tokenizer):
-    """The run's DataModule from the ``data`` group (also what benchmarks use to see the same tokens)."""
+def build(node: DictConfig, key: str, **runtime):
+    """``instantiate`` one config group; ``runtime`` passes values known only during the run (the
+    tokenizer). Failures caused by the user's values become one line naming the group."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from .data import CalibrationData
+    try:
+        return instantiate(node, _convert_="all", **runtime)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, (UserError, OmegaConfBaseException)):
+            raise cause from err
+        if isinstance(cause, TypeError) and "argument" in str(cause):  # an unknown or missing key
+            raise UserError(f"{key}: {str(cause).splitlines()[0]} - check the {key}.* keys") from err
+        raise
 
-    d = cfg.data
-    return CalibrationData(
-        instantiate(d.source, _convert_="all"),
-        tokenizer,
-        num_samples=d.num_samples,
-        seq_len=d.seq_len,
-        batch_size=d.batch_size,
-        seed=d.seed,
-        eval_samples=d.eval_samples,
-    )
+
+def calibration_data(cfg: DictConfig, tokenizer):
+    """The run's DataModule from the ``data`` group (also what benchmarks use to see the same tokens)."""
+    return build(cfg.data, "data", tokenizer=tokenizer)
+
+
+def environment() -> dict[str, str]:
+    """Every ``NVFP4CAL_*`` environment variable of this run (the report records them)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NVFP4CAL_")}
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
+    import dataclasses
+
     import lightning as L
     import torch
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_method, instantiate
-    from lightning.pytorch.accelerators import CPUAccelerator
+    from hydra.utils import get_method
 
-    from .callback import ExportConfig, PostCalibration
+    from .callback import PostCalibration
     from .evaluate import stage
-    from .export.common import check_target
     from .insert import insert_quantizers
     from .models import upcast_for_cpu
     from .module import CalibrationModule
     from .report import OBJECTIVES, objective, write_report
-    from .sharded import ShardedStrategy
+    from .steps import Results, post_calibration
     from .sweep import warm_up
 
     t_start = time.perf_counter()
@@ -76,48 +83,53 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    export = ExportConfig(**OmegaConf.to_container(cfg.export, resolve=True))
-    for _, target in export.targets():
-        check_target(target, export.overwrite)  # before any work
+    env = environment()
+    export = build(cfg.export, "export")
+    export.check_targets()  # before any work
     L.seed_everything(cfg.seed, verbose=False)
-    rep = cfg.get("report", {})
-    objective_name = rep.get("objective", "quantized_ppl")
+    objective_name = cfg.report.objective
     if objective_name not in OBJECTIVES:
         raise UserError(f"report.objective={objective_name!r} unknown; use one of {list(OBJECTIVES)}")
     stages = {}
 
     try:
-        trainer = instantiate(cfg.trainer)
-    except InstantiationException as err:  # Lightning's own checks of accelerator, devices, strategy
+        trainer = build(cfg.trainer, "trainer")
+    except Exception as err:  # Lightning's own checks of accelerator, devices, strategy
+        if isinstance(err, UserError):
+            raise
         cause = err.__cause__ or err
         raise UserError(
             f"trainer: {type(cause).__name__}: {str(cause).splitlines()[0]} - check trainer=... and the trainer.* "
             "overrides (gpu, ddp and fsdp run on CUDA GPUs unless trainer.accelerator=cpu)"
         ) from err
-    sharded = isinstance(trainer.strategy, ShardedStrategy)
-    if rank0:
-        where = "CPU" if isinstance(trainer.accelerator, CPUAccelerator) else f"GPU ({trainer.strategy.root_device})"
-        asked = cfg.trainer.get("accelerator")
+    device = trainer.strategy.root_device
+    holding = getattr(trainer.strategy, "holding", "whole")
+    if trainer.is_global_zero:
+        where = "CPU" if device.type == "cpu" else f"GPU ({device})"
+        asked = cfg.trainer.accelerator
         log.info("calibrating on the %s%s", where, " (trainer.accelerator=auto)" if asked == "auto" else "")
     with stage(stages, "load"):
-        recipe = instantiate(cfg.recipe, _convert_="all")
-        if recipe.algorithm.sweep and cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto"):
-            warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype", "bfloat16")), torch.bfloat16))
+        recipe = build(cfg.recipe, "recipe")
+        if "NVFP4CAL_KERNEL" in env:  # recorded in the report's environment
+            log.info("NVFP4CAL_KERNEL=%s overrides recipe.algorithm.kernel", env["NVFP4CAL_KERNEL"])
+            algorithm = dataclasses.replace(recipe.algorithm, kernel=env["NVFP4CAL_KERNEL"])
+            recipe = dataclasses.replace(recipe, algorithm=algorithm)
+        if recipe.algorithm.sweep:
+            warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
         extra = {}
-        if sharded:  # loaders that can build on the meta device let each rank read only its rows
+        if holding == "rows":  # loaders that can build on the meta device let each rank read only its rows
             if "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters:
                 extra["sharded"] = True
             else:
                 log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
-        loaded = instantiate(cfg.model, _convert_="all", **extra)
+        loaded = build(cfg.model, "model", **extra)
 
     with stage(stages, "insert", next(loaded.model.parameters()).device):
         plan = insert_quantizers(loaded.model, recipe)
     log.info("recipe %s quantizes %d weights in NVFP4:\n%s", recipe.name, len(plan.quantized), plan.summary())
     if plan.kv_cache:
         log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))
-    if rank0:
+    if trainer.is_global_zero:
         (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
     if not plan.quantized:
         raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
@@ -127,12 +139,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     data = calibration_data(cfg, loaded.tokenizer)
     with stage(stages, "data"):
         data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
-    eval_batches = data.eval_dataloader if rep.get("perplexity", True) else None
-    post = PostCalibration(export, recipe.algorithm, loaded.tokenizer, eval_batches)
-    trainer.callbacks.append(post)
-    if isinstance(trainer.accelerator, CPUAccelerator):
-        post.dtypes = upcast_for_cpu(loaded.model)
-    trainer.validate(CalibrationModule(loaded.model, loaded.fill), datamodule=data, verbose=False)
+    dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
+    eval_batches = data.eval_dataloader if cfg.report.perplexity else None
+    results = Results()
+
+    def make_steps(ctx):
+        return post_calibration(ctx, recipe.algorithm, export, loaded.tokenizer, eval_batches, dtypes)
+
+    trainer.callbacks.append(PostCalibration(make_steps, results))
+    trainer.validate(CalibrationModule(loaded.model, results, loaded.fill), datamodule=data, verbose=False)
 
     report = {
         "model": loaded.name,
@@ -143,8 +158,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         "quantized": len(plan.quantized),
         "excluded_shape": plan.skipped_shape,
         "kv_cache": plan.kv_cache,
-        "stages": {**stages, **post.stages},
-        **post.results,
+        **results.as_dict(),
+        "stages": {**stages, **results.stages},
+        "environment": env,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -175,14 +191,15 @@ def versions() -> dict[str, str]:
 
 
 def print_summary(report: dict, run_dir: Path) -> None:
-    exp = report.get("export", {})
+    exports = report.get("exports") or [{}]
+    exp = exports[0]
     ppl = report.get("perplexity", {})
     ppl_line = " -> ".join(f"{k} {ppl[k]:.2f}" for k in ("original", "max_calibrated", "quantized") if k in ppl)
     dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
     lines = [
         "",
         f"nvfp4cal: {report['model']} with {report['recipe']}",
-        *(f"  checkpoint : {e.get('dir')} ({e.get('format')} layout)" for e in report.get("exports", [exp])),
+        *(f"  checkpoint : {e.get('dir')} ({e.get('format')} layout)" for e in exports),
         f"  quantized  : {report['quantized']} weights ({exp.get('quantized_tensors')} tensors in the export)",
         f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
         f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"
@@ -240,7 +257,7 @@ if not OmegaConf.has_resolver("nvfp4cal_launch_id"):
     OmegaConf.register_new_resolver("nvfp4cal_launch_id", launch_id, use_cache=True)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="calibrate")
+@hydra.main(version_base="1.3", config_path="pkg://nvfp4cal.conf", config_name="calibrate")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 

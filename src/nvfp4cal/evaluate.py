@@ -18,10 +18,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .comm import RunContext, local
 from .nvfp4 import block_steps, row_chunks
 from .quantizers import set_mode
-from .sharded import all_reduce_sums, local
-from .sweep import weight_quantizers
+from .view import weight_quantizers
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def perplexity(model: nn.Module, batches: Iterable[dict], mode: str) -> float:
 
 
 @torch.no_grad()
-def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, float]]:
+def weight_errors(model: nn.Module, ctx: RunContext, keep: bool = False) -> dict[str, dict[str, float]]:
     """{weight name: {sqnr_db, rel_mse}} under the quantizers' current block amaxes.
 
     ``keep=True`` leaves each fake-quant weight cached for a following ``quant``-mode forward.
@@ -69,8 +69,8 @@ def weight_errors(model: nn.Module, keep: bool = False) -> dict[str, dict[str, f
                 sig += float(w32.pow(2).sum())  # not in place: w32 may be the weight itself
             del fq
             sums[name] = (err, sig)
-    if any(wq.rows is not None for _, wq, _ in items):
-        flat = all_reduce_sums([float(v) for e in sums.values() for v in e], next(model.parameters()).device)
+    if ctx.sharded:  # each rank summed its own rows
+        flat = ctx.comm.sum_floats([float(v) for e in sums.values() for v in e], ctx.device)
         sums = {n: (flat[2 * i], flat[2 * i + 1]) for i, n in enumerate(sums)}
     out = {}
     for name, (err, sig) in sums.items():

@@ -12,25 +12,15 @@ from torch import nn
 
 from . import experts as experts_mod
 from .errors import UserError
+from .export.layout import FUSED_SCALE_GROUPS
 from .nvfp4 import BLOCK
 from .quantizers import QuantLinear
 from .recipe import Recipe
-from .sharded import local
+from .view import check_finite
 
 log = logging.getLogger("nvfp4cal")
 
-# Sibling projections that engines fuse and that must share one weight_scale_2.
-SHARED_SCALE_GROUPS = (
-    ("gate_proj", "up_proj"),
-    ("w1", "w3"),
-    ("q_proj", "k_proj", "v_proj"),
-    ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA: engines fuse these two
-)
 KV_PROJ = {"k_proj", "v_proj"}
-
-
-class BadWeightError(UserError):
-    pass
 
 
 @dataclass
@@ -59,14 +49,6 @@ def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
             out[f"{name}.{experts_mod.first_proj_name(m)}"] = ("gate_up", m)
             out[f"{name}.down_proj"] = ("down", m)
     return out
-
-
-def check_finite(model: nn.Module) -> None:
-    """Every floating parameter finite (a sharded one: this rank's rows; a meta one is checked when filled)."""
-    for name, p in model.named_parameters():
-        p = local(p)
-        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
-            raise BadWeightError(f"weight {name} holds NaN or Inf values; fix or re-export the model before quantizing")
 
 
 def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
@@ -148,7 +130,7 @@ def share_global_amax(model: nn.Module) -> None:
     Fused experts' gate and up already share one: the global amax of ``gate_up_proj[e]``.
     """
     for pname, parent in model.named_modules():
-        for group in SHARED_SCALE_GROUPS:
+        for group in FUSED_SCALE_GROUPS:
             mods = [getattr(parent, n, None) for n in group]
             wqs = [getattr(m, "weight_quantizer", None) for m in mods if isinstance(m, QuantLinear)]
             wqs = [q for q in wqs if q is not None]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 
 from .errors import UserError
-from .sharded import params_on_meta
+from .view import model_tensors, saved_layout
 
 log = logging.getLogger("nvfp4cal")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +50,16 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         ) from None
 
 
+def _on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` with its parameters on the meta device and its buffers (RoPE tables) real
+    (accelerate's ``init_empty_weights``), tied parameters tied again: the context re-wraps every
+    parameter it sees registered, which unties ``lm_head`` from the embedding."""
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    model.tie_weights()
+    return model
+
+
 def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False, sharded: bool = False) -> LoadedModel:
     """Load a local Hugging Face causal-LM directory (config.json, weights, tokenizer).
 
@@ -73,8 +84,9 @@ def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False, sha
             if dt == "auto":
                 dt = getattr(config, "dtype", None) or torch.float32
                 dt = getattr(torch, dt.replace("torch.", "")) if isinstance(dt, str) else dt
-            with params_on_meta():
-                model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
+            model = _on_meta(
+                lambda: AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
+            )
             fill = CheckpointRows(p, model)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=_dtype(dtype), **kw)
@@ -89,13 +101,11 @@ class CheckpointRows:
     """Reads rows of a model's parameters straight from a HF checkpoint's safetensors files.
 
     Saved names map to parameter slices as ``save_pretrained`` would write them
-    (:func:`export.common.saved_layout`: per-expert tensors of fused experts, ...); only the rows
+    (:func:`view.saved_layout`: per-expert tensors of fused experts, ...); only the rows
     asked for are read. Persistent buffers (e.g. a router's score bias) are loaded whole right away.
     """
 
     def __init__(self, path: Path, model: torch.nn.Module):
-        from .export.common import model_tensors, saved_layout
-
         index = path / "model.safetensors.index.json"
         if index.is_file():
             files = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
@@ -247,8 +257,7 @@ def build_tiny(
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
         return LoadedModel(model.eval(), tok, name)
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype))
+    model = _on_meta(lambda: AutoModelForCausalLM.from_config(cfg, dtype=_dtype(dtype)))
     fill = RandomRows(seed, getattr(cfg, "initializer_range", 0.02))
     if not sharded:  # draw every parameter whole, here
         keep = {n: b.clone() for n, b in model.named_buffers()}

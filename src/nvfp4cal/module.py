@@ -7,40 +7,66 @@ import os
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
-from .experts import QuantExpertsMixin
-from .quantizers import InputQuantizer, set_mode
+from .comm import RunContext, default_comm
+from .evaluate import stage
+from .quantizers import set_mode
+from .steps import Results
+from .view import sync_statistics
+
+
+def run_context(trainer: L.Trainer) -> RunContext:
+    """The run's context, decided once from the trainer (after its process group is up).
+
+    ``holding`` comes from the strategy (``holding = "rows"`` on :class:`nvfp4cal.fsdp.ShardedStrategy`,
+    whole weights otherwise); progress bars follow ``trainer.enable_progress_bar`` on global rank 0.
+    """
+    strategy = trainer.strategy
+    holding = getattr(strategy, "holding", "whole")
+    return RunContext(
+        device=strategy.root_device,
+        progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        holding=holding,
+        comm=default_comm(),
+        tensors=getattr(strategy, "tensor_source", None),
+    )
 
 
 class CalibrationModule(L.LightningModule):
     """``Trainer.validate(module, datamodule)`` = one max-calibration pass over the data.
 
     Run the Trainer with ``inference_mode=False``: the quantizers update their amax buffers.
+    ``results.stages["calibration"]`` gets the pass's time and memory peaks.
     """
 
-    def __init__(self, model: torch.nn.Module, fill=None):
+    def __init__(self, model: torch.nn.Module, results: Results, fill=None):
         super().__init__()
         self.model = model
+        self.results = results
         self.fill = fill  # rows of a meta-device model's parameters (trainer=fsdp), see models.LoadedModel
-        self.shards: dict | None = None  # trainer=fsdp: what each rank holds (sharded.shard_model)
+        self.ctx: RunContext | None = None
+        self.shards: dict | None = None  # trainer=fsdp: what each rank holds (fsdp.shard_model)
+        self._timer = None
         # calibration needs no logits: compute the LM head for the last position only (a 150k-word
         # vocabulary over a batch of 8 x 512 tokens would be a 1.2 GiB bf16 tensor)
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
-    def configure_model(self) -> None:
-        """``trainer=fsdp``: shard the model over every rank (Lightning calls this once per process)."""
-        from .sharded import ShardedStrategy, shard_model
+    def setup(self, stage: str) -> None:
+        self.ctx = run_context(self.trainer)
 
-        if isinstance(self.trainer.strategy, ShardedStrategy) and self.shards is None:
-            mesh = self.device_mesh["data_parallel"]
-            self.shards = shard_model(self.model, mesh, self.trainer.strategy.root_device, self.fill)
+    def configure_model(self) -> None:
+        """Let the strategy lay the model out (``trainer=fsdp``: shard it over every rank), once."""
+        shard = getattr(self.trainer.strategy, "shard_model", None)
+        if shard is not None and self.shards is None:
+            self.shards = shard(self.model, self.device_mesh["data_parallel"], self.ctx, self.fill)
 
     def on_validation_start(self) -> None:
         fail = os.environ.get("NVFP4CAL_FAIL_ON_RANK")  # fault injection for the distributed tests
         if fail is not None and int(fail) == self.global_rank:
             raise RuntimeError(f"NVFP4CAL_FAIL_ON_RANK={fail}: rank {self.global_rank} fails on purpose")
         set_mode(self.model, "calib")
+        self._timer = stage(self.results.stages, "calibration", self.ctx.device)
+        self._timer.__enter__()
 
     def validation_step(self, batch, batch_idx):
         with torch.no_grad():
@@ -48,24 +74,18 @@ class CalibrationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         set_mode(self.model, "off")
-        sync_statistics(self.model)
+        sync_statistics(self.model, self.ctx.comm)
+        if self._timer is not None:
+            self._timer.__exit__(None, None, None)
+            self._timer = None
 
     def on_validation_end(self) -> None:
         """Runs after the PostCalibration callback: let go of the model, so that the strategy's teardown
         does not copy it to the CPU (Lightning's ``Strategy.teardown`` calls ``module.cpu()``: about 50 s
-        for a 58 GB model, after all the work is done). The caller still holds it, where it is."""
+        for a 58 GB model, after all the work is done). The caller still holds it, where it is.
+        Before that, what the ranks hold and their GPU memory peaks go into the results."""
+        self.results.sharding = self.shards
+        if self.ctx.world > 1 and self.ctx.device.type == "cuda":
+            mine = max(v.get("gpu_peak_gib", 0.0) for v in self.results.stages.values())
+            self.results.gpu_peak_gib_per_rank = self.ctx.comm.gather_objects(round(mine, 3))
         self._modules.pop("model", None)
-
-
-def sync_statistics(model: torch.nn.Module) -> None:
-    """All-reduce input amaxes with MAX, and expert token counts and input Hessians with SUM, across ranks."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for m in model.modules():
-        if isinstance(m, InputQuantizer):
-            dist.all_reduce(m.amax, op=dist.ReduceOp.MAX)
-            dist.all_reduce(m.seen, op=dist.ReduceOp.SUM)
-            if m.hessian is not None:
-                dist.all_reduce(m.hessian, op=dist.ReduceOp.SUM)
-        if isinstance(m, QuantExpertsMixin):
-            dist.all_reduce(m.tokens, op=dist.ReduceOp.SUM)

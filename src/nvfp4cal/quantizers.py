@@ -29,6 +29,9 @@ class InputQuantizer(nn.Module):
     ``input_scale = amax / (6 * 448)``.
     """
 
+    # how each calibration statistic combines across data-parallel ranks (see view.sync_statistics)
+    STATISTICS = {"amax": "max", "seen": "sum", "hessian": "sum"}
+
     def __init__(self, n: int = 1):
         super().__init__()
         self.mode = "off"

@@ -46,28 +46,28 @@ class Rule:
 
 @dataclass(frozen=True)
 class Algorithm:
+    """How the block scales are chosen: ``max`` (max calibration), ``mse`` (then the FP8-scale MSE
+    sweep) or ``hessian_mse`` (then the sweep weighted by each block's input Hessian); ``kernel`` is
+    the sweep's implementation (auto | triton | reference: the same choices, bit for bit)."""
+
     method: str = "max"
-    fp8_scale_sweep: bool = False
     kernel: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise RecipeError(f"algorithm.method {self.method!r} unknown; valid: {list(METHODS)}")
+            raise RecipeError(f"recipe.algorithm.method={self.method!r} unknown; valid: {list(METHODS)}")
         if self.kernel not in KERNELS:
-            raise RecipeError(f"algorithm.kernel {self.kernel!r} unknown; valid: {list(KERNELS)}")
-        if self.fp8_scale_sweep and self.method not in SWEEPS:
-            raise RecipeError(f"algorithm.fp8_scale_sweep needs algorithm.method in {list(SWEEPS)}")
-        if self.method == "hessian_mse" and not self.fp8_scale_sweep:
-            raise RecipeError("algorithm.method hessian_mse is an FP8-scale sweep: set algorithm.fp8_scale_sweep: true")
+            raise RecipeError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
 
     @property
     def sweep(self) -> bool:
-        return self.method in SWEEPS and self.fp8_scale_sweep
+        """Run the FP8-scale sweep after max calibration."""
+        return self.method in SWEEPS
 
     @property
     def hessian(self) -> bool:
         """Weight the sweep by each block's input Hessian (collected during max calibration)."""
-        return self.method == "hessian_mse" and self.fp8_scale_sweep
+        return self.method == "hessian_mse"
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,11 @@ def build_recipe(name: str = "custom", rules=(), algorithm=None, kv_cache=None, 
     if not parsed:
         raise RecipeError(f"recipe {name!r} has no rules; add at least one {{pattern, enable}}")
     algorithm = dict(algorithm or {})
+    if "fp8_scale_sweep" in algorithm:
+        raise RecipeError(
+            f"recipe {name!r}: algorithm.fp8_scale_sweep is gone - algorithm.method says it "
+            f"(max: no sweep; {' or '.join(SWEEPS)}: the FP8-scale sweep); remove the key"
+        )
     _check_keys(f"recipe {name!r} algorithm", algorithm, Algorithm)
     if kv_cache is not None and kv_cache not in KV_FORMATS:
         raise RecipeError(f"recipe {name!r}: kv_cache {kv_cache!r} unknown; valid: {list(KV_FORMATS)} or null")

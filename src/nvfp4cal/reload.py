@@ -1,7 +1,8 @@
 """Read an exported checkpoint (modelopt or compressed-tensors layout) back: dequantized tensors and a W4A4 model.
 
-Each layout dequantizes as it defines: modelopt ``e2m1 * (byte * weight_scale_2)``, compressed-tensors
-``e2m1 * (byte / weight_global_scale)`` (the two differ in the last bit of the step for some bytes).
+Each layout dequantizes as its :class:`~nvfp4cal.export.layout.Layout` object defines: modelopt
+``e2m1 * (byte * weight_scale_2)``, compressed-tensors ``e2m1 * (byte / weight_global_scale)`` (the two
+differ in the last bit of the step for some bytes).
 
 Used by the tests (export round trips) and by anyone who wants to evaluate an export on CPU.
 """
@@ -17,6 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import nvfp4
+from .experts import QuantExpertsMixin, convert
+from .export.formats import layout_of, layout_of_tensors
+from .export.layout import Layout
+from .quantizers import KVCastQuantizer, QuantLinear, set_mode
+from .view import model_tensors, saved_layout
 
 
 def read_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
@@ -29,37 +35,12 @@ def read_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def dequantized(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(saved name -> tensor with NVFP4 weights dequantized to fp32, module -> input_scale, module -> kv scales)."""
-    weights, inputs, kv = {}, {}, {}
-    for k, v in tensors.items():
-        mod, _, leaf = k.rpartition(".")
-        if leaf in ("weight_scale", "weight_scale_2", "weight_global_scale") or k.endswith(
-            ("_weight_scale", "_weight_scale_2")
-        ):
-            continue
-        if leaf == "weight_packed":  # compressed-tensors: global scales are divisors
-            step = tensors[f"{mod}.weight_scale"].float() / tensors[f"{mod}.weight_global_scale"].float()
-            weights[f"{mod}.weight"] = nvfp4.dequantize_with_step(nvfp4.unpack(v), step)
-        elif leaf == "input_global_scale":
-            inputs[mod] = 1 / v.reshape(())
-        elif leaf == "input_scale":
-            inputs[mod] = v
-        elif k.endswith("_input_scale"):  # fused experts: inputs keyed by the parameter's name
-            inputs[k[: -len("_input_scale")]] = v
-        elif leaf in ("k_scale", "v_scale") and mod.endswith(("k_proj", "v_proj")):
-            kv[mod] = v
-        elif leaf in ("k_scale", "v_scale"):  # compressed-tensors keeps them on the attention module
-            kv[f"{mod}.{leaf[0]}_proj"] = v
-        elif leaf == "weight" and f"{mod}.weight_scale" in tensors:
-            nib = nvfp4.unpack(v)
-            weights[k] = nvfp4.dequantize(nib, tensors[f"{mod}.weight_scale"], tensors[f"{mod}.weight_scale_2"])
-        elif f"{k}_weight_scale" in tensors:  # fused experts [E, out, in/2], one scale_2 per expert
-            s2 = tensors[f"{k}_weight_scale_2"][:, None, None]
-            weights[k] = nvfp4.dequantize(nvfp4.unpack(v), tensors[f"{k}_weight_scale"], s2)
-        else:
-            weights[k] = v
-    return weights, inputs, kv
+def dequantized(
+    tensors: dict[str, torch.Tensor], layout: Layout | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(saved name -> tensor with NVFP4 weights dequantized to fp32, module -> input_scale, module -> kv scales),
+    read as ``layout`` defines it (default: the layout whose names the tensors carry)."""
+    return (layout or layout_of_tensors(tensors)).dequantize(tensors)
 
 
 def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
@@ -68,13 +49,9 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .experts import QuantExpertsMixin, convert
-    from .export.common import model_tensors, saved_layout
-    from .quantizers import KVCastQuantizer, QuantLinear, set_mode
-
     ckpt = Path(ckpt)
-    weights, inputs, kv = dequantized(read_tensors(ckpt))
     cfg = json.loads((ckpt / "config.json").read_text())
+    weights, inputs, kv = dequantized(read_tensors(ckpt), layout_of(cfg.get("quantization_config")))
     cfg.pop("quantization_config", None)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))

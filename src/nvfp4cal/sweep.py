@@ -2,8 +2,8 @@
 
 For each weight (each expert of fused experts separately) with global amax ``g``, the block amax
 becomes the best of the 126 FP8 candidates ``c_k * g`` (see :mod:`nvfp4cal.mse`). On CUDA tensors
-the Triton kernel is used when available; elsewhere, or with ``kernel=reference`` or the env var
-``NVFP4CAL_KERNEL=reference``, the torch reference.
+the Triton kernel is used when available; elsewhere, or with ``recipe.algorithm.kernel=reference``,
+the torch reference (both choose the same codes: a test holds them bit-identical).
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import threading
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .comm import RunContext, local
 from .errors import UserError
-from .experts import QuantExpertsMixin
 from .hessian import hessian_amax_reference
 from .mse import mse_amax_reference
 from .quantizers import InputQuantizer, WeightQuantizer
-from .sharded import local
+from .view import weight_inputs, weight_quantizers
 
 log = logging.getLogger("nvfp4cal")
 SweepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,7 +30,6 @@ SweepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
     """(name, fn) of the implementation for weights on ``device``."""
-    kernel = os.environ.get("NVFP4CAL_KERNEL", kernel)
     if kernel == "reference" or (kernel == "auto" and device.type != "cuda"):
         return "reference", mse_amax_reference
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -45,17 +43,15 @@ def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
     return "triton", mse_amax_triton
 
 
-def warm_up(kernel: str, dtype: torch.dtype) -> threading.Thread | None:
+def warm_up(kernel: str, dtype: torch.dtype, device: torch.device) -> threading.Thread | None:
     """Compile (or load from Triton's cache) the sweep kernel in a background thread.
 
     Started before the model loads, so the JIT (seconds on a fresh machine) overlaps loading and
     calibration instead of delaying the sweep. A tiny launch with every size a multiple of 16
     gets the same specialization as real weights. Failures are left to the real call to report.
     """
-    if kernel == "reference" or os.environ.get("NVFP4CAL_KERNEL") == "reference" or not torch.cuda.is_available():
+    if kernel == "reference" or device.type != "cuda":
         return None
-
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # this rank's GPU under torchrun
 
     def run():
         try:
@@ -72,31 +68,6 @@ def warm_up(kernel: str, dtype: torch.dtype) -> threading.Thread | None:
     t = threading.Thread(target=run, name="nvfp4cal-kernel-warm-up", daemon=True)
     t.start()
     return t
-
-
-def weight_quantizers(model: nn.Module) -> list[tuple[str, WeightQuantizer, torch.Tensor]]:
-    """(name, quantizer, weight) for every enabled NVFP4 weight quantizer."""
-    found = []
-    for name, m in model.named_modules():
-        wq = getattr(m, "weight_quantizer", None)
-        if isinstance(wq, WeightQuantizer):
-            found.append((name, wq, m.weight))
-        if isinstance(m, QuantExpertsMixin):
-            for wq, param in ((m.gate_up_weight, m.first_proj), (m.down_weight, "down_proj")):
-                if wq is not None:
-                    found.append((f"{name}.{param}", wq, m.logical_weight(param)))
-    return found
-
-
-def weight_inputs(model: nn.Module) -> dict[str, InputQuantizer]:
-    """The input quantizer that feeds each weight of :func:`weight_quantizers` (same names)."""
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer):
-            found[name] = m.input_quantizer
-        if isinstance(m, QuantExpertsMixin):
-            found[f"{name}.{m.first_proj}"], found[f"{name}.down_proj"] = m.gate_up_input, m.down_input
-    return found
 
 
 def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, g: torch.Tensor, name: str,
@@ -132,45 +103,27 @@ def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tenso
     return "hessian_reference", out
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def balance(sizes: list[int], world: int) -> list[int]:
-    """The rank that sweeps each weight: largest first, each to the least loaded rank (ties: the lower
-    rank), so the ranks get about equal numbers of blocks. The same answer on every rank."""
-    load, owner = [0] * world, [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += sizes[i]
-    return owner
-
-
 @torch.no_grad()
-def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True, hessian: bool = False) -> dict:
+def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: bool = False) -> dict:
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
 
     ``hessian=True``: each block's error is weighted by its input Hessian (:mod:`nvfp4cal.hessian`,
     collected during calibration; the Triton kernel where the plain sweep would use Triton, else the
     torch reference), ``'fallback'`` lists the experts that got no token and kept the plain choices.
 
-    In a data-parallel run each rank sweeps its share of the weights (:func:`balance`: equal numbers
-    of blocks) and broadcasts its results, so every rank ends with the same block amaxes and N ranks
-    sweep about N times faster. In a sharded run
-    (``trainer=fsdp``) every rank sweeps its own rows of every weight: blocks are independent.
+    In a data-parallel run each rank sweeps its share of the weights (:meth:`RunContext.split`: equal
+    numbers of blocks) and broadcasts its results, so every rank ends with the same block amaxes and
+    N ranks sweep about N times faster. Where each rank holds rows of every weight (``trainer=fsdp``)
+    every rank sweeps its own rows: blocks are independent.
     """
     items = weight_quantizers(model)
-    rank, world = _dist()
-    sharded = any(wq.rows is not None for _, wq, _ in items)
-    owner = [rank] * len(items) if sharded else balance([wq.block_amax.numel() for _, wq, _ in items], world)
+    rank, world, sharded = ctx.rank, ctx.world, ctx.sharded
+    owner = [rank] * len(items) if sharded else ctx.split([wq.block_amax.numel() for _, wq, _ in items])
     mine = [it for it, r in zip(items, owner, strict=True) if r == rank]
     used, blocks, fallback = set(), 0, []
     inputs = weight_inputs(model) if hessian else {}
     desc = "Hessian-weighted sweep" if hessian else "MSE sweep"
-    for name, wq, w in tqdm(mine, desc=desc, unit="weight", disable=not progress):
+    for name, wq, w in tqdm(mine, desc=desc, unit="weight", disable=not ctx.progress):
         w = local(w)
         if not w.numel():  # a rank without rows of this weight
             continue
@@ -192,11 +145,10 @@ def mse_sweep(model: nn.Module, kernel: str = "auto", progress: bool = True, hes
         blocks += out.numel()
     if world > 1 and not sharded:
         for (_name, wq, _w), src in zip(items, owner, strict=True):
-            dist.broadcast(wq.block_amax, src=src)
+            ctx.comm.broadcast_(wq.block_amax, src)
             wq.clear_cache()
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (sorted(used), blocks, fallback))
+        gathered = ctx.comm.gather_objects((sorted(used), blocks, fallback))
         used = {k for u, _, _ in gathered for k in u}
         blocks = sum(b for _, b, _ in gathered)
         fallback = sorted({f for _, _, fb in gathered for f in fb})

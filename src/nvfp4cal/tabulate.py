@@ -47,7 +47,7 @@ def markdown(table: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m nvfp4cal.tabulate MULTIRUN_DIR", file=sys.stderr)
+        print("usage: nvfp4cal-tabulate MULTIRUN_DIR", file=sys.stderr)
         return 2
     root = Path(argv[0])
     text = markdown(rows(root))
@@ -56,5 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: exit with :func:`main`'s status."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,7 +17,7 @@ from .models import LoadedModel, load_smollm2
 
 @torch.no_grad()
 def _mlp_input_means(dense, tokenizer, n_tokens: int = 2048) -> list[torch.Tensor]:
-    from .data import pydoc_texts
+    from .texts import pydoc_texts
 
     text = "\n\n".join(pydoc_texts()["text"][:200])
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_calibrate
+from helpers import run_calibrate
 from nvfp4cal import nvfp4
 from nvfp4cal.reload import dequantized, read_tensors
 

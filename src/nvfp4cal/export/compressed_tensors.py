@@ -22,29 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import __version__, nvfp4
-from .plan import Layout, update_config, write_checkpoint
+from .layout import Layout, fp4_dequantize, update_config
 
 
 def _reciprocal(s: torch.Tensor) -> torch.Tensor:
     return (1 / s.float()).reshape(1)
-
-
-COMPRESSED_TENSORS = Layout(
-    name="compressed_tensors",
-    quant_names=lambda p: (
-        f"{p}.weight_packed",
-        f"{p}.weight_scale",
-        f"{p}.weight_global_scale",
-        f"{p}.input_global_scale",
-    ),
-    fused_names=None,
-    store=lambda packed, scales, s2, in_s2: (packed, scales, _reciprocal(s2), _reciprocal(in_s2)),
-    kv_name=lambda proj, which: f"{proj.rsplit('.', 1)[0]}.{which}_scale",
-    kv_value=lambda: torch.ones(1, dtype=torch.float32),
-)
 
 
 def _fp4_args(dynamic) -> dict:
@@ -89,10 +73,47 @@ def quantization_config(kv_cache: bool, excluded: list[str]) -> dict:
     }
 
 
-def configure(tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
-    update_config(tmp, quantization_config(kv_cache, excluded))
+class CompressedTensors(Layout):
+    """The compressed-tensors ``nvfp4-pack-quantized`` layout (see the module docstring)."""
+
+    name = "compressed_tensors"
+    quant_method = "compressed-tensors"
+    suffixes = (".weight_packed", ".weight_scale", ".weight_global_scale", ".input_global_scale")
+    fused_suffixes = None  # compressed-tensors schemes target Linear modules
+
+    def store(self, packed, scales, s2, input_s2):
+        return packed, scales, _reciprocal(s2), _reciprocal(input_s2)
+
+    def weight_values(self, packed, scales, global_scale):
+        return fp4_dequantize(packed, scales.float() / global_scale.float())  # global scales are divisors
+
+    def input_s2(self, stored):
+        return 1 / stored.reshape(())
+
+    def kv_name(self, proj, which):
+        return f"{proj.rsplit('.', 1)[0]}.{which}_scale"  # on the attention module
+
+    def kv_proj(self, name):
+        mod, _, leaf = name.rpartition(".")
+        return f"{mod}.{leaf[0]}_proj"
+
+    def kv_value(self):
+        return torch.ones(1, dtype=torch.float32)
+
+    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
+        update_config(tmp, quantization_config(kv_cache, excluded))
+
+    def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
+        """(excluded-module patterns, FP8 KV cache) from config.json's ``quantization_config``."""
+        if qc.get("format") != "nvfp4-pack-quantized":
+            problems.append(f"compressed-tensors format is {qc.get('format')!r}, expected 'nvfp4-pack-quantized'")
+        for gname, group in (qc.get("config_groups") or {}).items():
+            w = group.get("weights") or {}
+            if (w.get("num_bits"), w.get("type"), w.get("group_size")) != (4, "float", 16):
+                problems.append(f"config group {gname}: weights are not FP4 with group_size 16")
+        if not qc.get("config_groups"):
+            problems.append("compressed-tensors config has no config_groups")
+        return list(qc.get("ignore") or []), qc.get("kv_cache_scheme") is not None
 
 
-def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=None, **kw) -> dict:
-    """Write the compressed-tensors checkpoint into ``out_dir`` atomically (see :func:`plan.write_checkpoint`)."""
-    return write_checkpoint(model, out_dir, COMPRESSED_TENSORS, configure, tokenizer, **kw)
+COMPRESSED_TENSORS = CompressedTensors()

@@ -20,26 +20,12 @@ its dtype. config.json's ``quantization_config`` (what vLLM and SGLang read) and
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import __version__, nvfp4
-from .plan import Layout, update_config, write_checkpoint
-
-log = logging.getLogger("nvfp4cal")
-
-
-MODELOPT = Layout(
-    name="modelopt",
-    quant_names=lambda p: (f"{p}.weight", f"{p}.weight_scale", f"{p}.weight_scale_2", f"{p}.input_scale"),
-    fused_names=lambda p: (p, f"{p}_weight_scale", f"{p}_weight_scale_2", f"{p}_input_scale"),
-    store=lambda packed, scales, s2, in_s2: (packed, scales, s2, in_s2),
-    kv_name=lambda proj, which: f"{proj}.{which}_scale",
-    kv_value=lambda: torch.tensor(1.0, dtype=torch.float32),
-)
+from .layout import Layout, fp4_dequantize, update_config
 
 
 def quant_config(kv_cache: bool, excluded: list[str]) -> dict:
@@ -79,11 +65,85 @@ def config_json_quantization(kv_cache: bool, excluded: list[str]) -> dict:
     return qc
 
 
-def configure(tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
-    (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config(kv_cache, excluded), indent=2))
-    update_config(tmp, config_json_quantization(kv_cache, excluded))
+class ModelOpt(Layout):
+    """The modelopt layout (see the module docstring)."""
+
+    name = "modelopt"
+    quant_method = "modelopt"
+    suffixes = (".weight", ".weight_scale", ".weight_scale_2", ".input_scale")
+    fused_suffixes = ("", "_weight_scale", "_weight_scale_2", "_input_scale")
+
+    def store(self, packed, scales, s2, input_s2):
+        return packed, scales, s2, input_s2
+
+    def weight_values(self, packed, scales, global_scale):
+        return fp4_dequantize(packed, scales.float() * global_scale.float())
+
+    def input_s2(self, stored):
+        return stored
+
+    def kv_name(self, proj, which):
+        return f"{proj}.{which}_scale"
+
+    def kv_proj(self, name):
+        return name.rsplit(".", 1)[0]
+
+    def kv_value(self):
+        return torch.tensor(1.0, dtype=torch.float32)
+
+    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
+        (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config(kv_cache, excluded), indent=2))
+        update_config(tmp, config_json_quantization(kv_cache, excluded))
+
+    def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
+        """(excluded-module patterns, FP8 KV cache) of a modelopt checkpoint, read where engines read them.
+
+        vLLM and SGLang take config.json's ``quantization_config`` when there is one (ModelOpt's flat
+        form: ``ignore``, ``kv_cache_scheme``; or the nested ``quantization`` form of hf_quant_config.json)
+        and fall back to ``hf_quant_config.json`` only without it; TensorRT-LLM reads hf_quant_config.json.
+        Both files, when present, must say the same.
+        """
+        hq_file = ckpt / "hf_quant_config.json"
+        hq = json.loads(hq_file.read_text()).get("quantization") if hq_file.is_file() else None
+        if qc and qc.get("quant_method") != "modelopt":
+            problems.append(f"config.json quant_method is {qc.get('quant_method')!r}, expected 'modelopt'")
+        if qc and "quantization" not in qc:  # ModelOpt's config.json form
+            if "ignore" not in qc:
+                problems.append(
+                    "config.json quantization_config has no 'ignore': vLLM and SGLang read the unquantized "
+                    "modules there (exclude_modules is not read in config.json)"
+                )
+            exclude = qc.get("ignore") or []
+            scheme = qc.get("kv_cache_scheme")
+            kv = isinstance(scheme, dict) and (scheme.get("type"), scheme.get("num_bits")) == ("float", 8)
+            if qc.get("kv_cache_quant_algo") and not kv:
+                problems.append(
+                    "config.json sets kv_cache_quant_algo but no FP8 kv_cache_scheme: vLLM reads only "
+                    "kv_cache_scheme in config.json and would run the KV cache unquantized"
+                )
+            algo = qc.get("quant_algo")
+        else:
+            src = (qc.get("quantization") if qc else hq) or {}
+            if not qc and hq is None:
+                problems.append(
+                    "no quantization config: neither config.json quantization_config nor hf_quant_config.json"
+                )
+            exclude, kv, algo = (
+                src.get("exclude_modules") or [],
+                src.get("kv_cache_quant_algo") == "FP8",
+                src.get("quant_algo"),
+            )
+        if not isinstance(exclude, list):
+            problems.append(f"excluded modules must be a list, got {type(exclude).__name__}")
+            exclude = []
+        if hq is not None:
+            if sorted(hq.get("exclude_modules") or []) != sorted(exclude):
+                problems.append("hf_quant_config.json exclude_modules and config.json ignore list different modules")
+            if (hq.get("kv_cache_quant_algo") == "FP8") != kv:
+                problems.append("hf_quant_config.json and config.json disagree on the FP8 KV cache")
+        if str(algo).upper() != "NVFP4":
+            problems.append(f"quantization config says quant_algo={algo!r}, expected 'NVFP4'")
+        return list(exclude), kv
 
 
-def export_modelopt(model: nn.Module, out_dir: str | Path, tokenizer=None, **kw) -> dict:
-    """Write the modelopt-layout checkpoint into ``out_dir`` atomically (see :func:`plan.write_checkpoint`)."""
-    return write_checkpoint(model, out_dir, MODELOPT, configure, tokenizer, **kw)
+MODELOPT = ModelOpt()

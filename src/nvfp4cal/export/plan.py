@@ -1,5 +1,5 @@
-"""Layout-independent export planning: which saved tensors are quantized, their NVFP4 values,
-and the streaming, verified write of a checkpoint (used by every layout module).
+"""The export step's planning and writing: which saved tensors are quantized, their NVFP4 values,
+and the streaming, verified write of a checkpoint in any :class:`~.layout.Layout`.
 
 Values of a quantized weight ``w`` with global amax ``g`` and block amaxes ``a_b`` (see nvfp4.py):
 ``s2 = g / 2688``, block bytes ``E4M3(a_b / 6 / s2)``, nibbles ``E2M1(w / (byte * s2))``; a
@@ -15,8 +15,6 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,64 +23,11 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from .. import nvfp4
-from ..experts import QuantExpertsMixin
-from ..quantizers import InputQuantizer, QuantLinear, WeightQuantizer
-from .common import (
-    ExportError,
-    Item,
-    Slice,
-    Staging,
-    commit_tmp,
-    make_tmp,
-    model_tensors,
-    plan_shards,
-    saved_layout,
-    take,
-    write_groups,
-    write_index,
-)
-
-
-@dataclass
-class QuantSource:
-    weight: WeightQuantizer
-    inputs: InputQuantizer
-    transposed: bool = False  # stored [E, in, out]
-
-
-def quant_sources(model: nn.Module) -> tuple[dict[str, QuantSource], dict[str, str]]:
-    """(parameter name -> NVFP4 quantizers, parameter name -> 'k'|'v' for KV-cache projections)."""
-    quant, kv = {}, {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            if m.weight_quantizer is not None:
-                quant[f"{name}.weight"] = QuantSource(m.weight_quantizer, m.input_quantizer)
-            if m.output_quantizer is not None:
-                kv[f"{name}.weight"] = name.rsplit(".", 1)[-1][0]
-        elif isinstance(m, QuantExpertsMixin):
-            if m.gate_up_weight is not None:
-                quant[f"{name}.{m.first_proj}"] = QuantSource(m.gate_up_weight, m.gate_up_input, m.transposed)
-            if m.down_weight is not None:
-                quant[f"{name}.down_proj"] = QuantSource(m.down_weight, m.down_input, m.transposed)
-    return quant, kv
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one checkpoint layout names and stores the four NVFP4 tensors of a quantized weight.
-
-    ``quant_names(prefix)`` gives the names of (packed weight, block scales, global scale, input
-    scale) of module ``prefix``; ``fused_names(param)`` those of an experts parameter saved fused
-    (None: the layout cannot hold it); ``store(packed, scales, s2, input_s2)`` turns our values
-    (``s2 = g / 2688``) into what the layout writes; ``kv_name(proj, "k"|"v")`` names a KV scale.
-    """
-
-    name: str
-    quant_names: Callable[[str], tuple[str, str, str, str]]
-    fused_names: Callable[[str], tuple[str, str, str, str]] | None
-    store: Callable[..., tuple[torch.Tensor, ...]]
-    kv_name: Callable[[str, str], str]
-    kv_value: Callable[[], torch.Tensor]
+from ..errors import ExportError
+from ..view import QuantSource, Slice, model_tensors, quant_sources, saved_layout, take
+from .check import verify
+from .io import Item, Staging, commit_tmp, make_tmp, plan_shards, write_groups, write_index
+from .layout import Layout
 
 
 class PackedParams:
@@ -164,20 +109,43 @@ def slice_numel(shape: torch.Size, s: Slice) -> int:
     return (s.stop - s.start) * math.prod(shape[1:])
 
 
+class TensorSource:
+    """Where an export reads the model's tensors when it produces them: here, the model itself (one
+    process, or DDP where every rank holds everything).
+
+    Another way of holding weights subclasses it: FSDP's gathered units (:class:`nvfp4cal.fsdp.UnitGate`),
+    or layers streamed from disk. ``tensor(name)`` is called on the writing rank (global rank 0) in
+    write order; ``follow(name)`` on every other rank in the same order (to take part in collectives);
+    ``close()`` once at the end, also after an error.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.tensors = model_tensors(model)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def follow(self, name: str | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def plan_export(
     model: nn.Module,
     layout: Layout,
     dtypes: dict[str, torch.dtype] | None = None,
-    lookup: Callable[[str], torch.Tensor] | None = None,
+    source: TensorSource | None = None,
 ) -> tuple[list[Item], list[str], int, bool]:
     """(items to write, excluded module names, number of quantized tensors, FP8 KV cache or not).
 
     ``dtypes`` maps parameter names to the dtype to write unquantized tensors in (default: as they are).
-    ``lookup(name)`` gives a model tensor when an item is produced (a sharded run: the gathered one).
+    ``source`` gives a model tensor when an item is produced (default: the model's own).
     """
     dtypes = dtypes or {}
     tensors = model_tensors(model)
-    get = lookup or tensors.__getitem__
+    get = source.tensor if source is not None else tensors.__getitem__
     saved = saved_layout(model, tensors)
     quant, kv = quant_sources(model)
     modules = dict(model.named_modules())
@@ -190,7 +158,7 @@ def plan_export(
             if out_name.endswith(".weight"):
                 names = layout.quant_names(out_name[: -len(".weight")])
             elif s.expert is None and t.dim() == 3:
-                if layout.fused_names is None:
+                if layout.fused_suffixes is None:
                     raise ExportError(
                         f"{out_name}: experts saved fused (GPT-OSS) have no {layout.name} layout; use export.format=modelopt"
                     )
@@ -234,9 +202,9 @@ class CheckpointWriter:
     With ``early=True``, ``start_early()`` (a GPU run calls it when calibration starts) writes, on a
     background thread and a side CUDA stream, every shard of tensors that calibration cannot change -
     the unquantized ones, planned into shards of their own - while the GPU calibrates. ``finish()`` writes the
-    quantized weights, the index and the configs, runs :mod:`nvfp4cal.verify` on the result and
-    renames it into place; alone it does all of that. ``abort()`` removes the temporary directory.
-    ``configure(tmp_dir, kv_cache, excluded)`` writes the layout's config files.
+    quantized weights, the index and the layout's configs, runs the checkpoint check
+    (:func:`nvfp4cal.export.check.verify`) on the result and renames it into place; alone it does all
+    of that. ``abort()`` removes the temporary directory.
     """
 
     def __init__(
@@ -244,19 +212,19 @@ class CheckpointWriter:
         model: nn.Module,
         out_dir: str | Path,
         layout: Layout,
-        configure: Callable[[Path, bool, list[str]], None],
+        *,
         tokenizer=None,
         overwrite: bool = False,
         max_shard_size_gb: float = 5.0,
         progress: bool = True,
         dtypes: dict[str, torch.dtype] | None = None,
         early: bool = False,
-        lookup: Callable[[str], torch.Tensor] | None = None,
+        source: TensorSource | None = None,
     ):
         t0 = time.perf_counter()
-        self.model, self.out_dir, self.layout, self.configure = model, Path(out_dir), layout, configure
+        self.model, self.out_dir, self.layout = model, Path(out_dir), layout
         self.tokenizer, self.progress = tokenizer, progress
-        items, self.excluded, self.n_quant, self.kv_cache = plan_export(model, layout, dtypes, lookup)
+        items, self.excluded, self.n_quant, self.kv_cache = plan_export(model, layout, dtypes, source)
         limit = int(max_shard_size_gb * 2**30)
         if early:  # unquantized tensors first, in shards of their own: written while calibration runs
             fixed = [i for i in items if not i.quantized]
@@ -314,15 +282,13 @@ class CheckpointWriter:
             if self.n > 1:
                 write_index(self.tmp, weight_map, self.early_result[1] + late[1])
             save_config(self.model, self.tmp)
-            self.configure(self.tmp, self.kv_cache, self.excluded)
+            self.layout.configure(self.tmp, self.kv_cache, self.excluded)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(self.tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(self.tmp)
-            from ..verify import verify  # a checkpoint that fails verification never reaches out_dir
-
             t0 = time.perf_counter()
-            verdict = verify(self.tmp)
+            verdict = verify(self.tmp)  # a checkpoint that fails verification never reaches out_dir
             self.seconds["verify"] = time.perf_counter() - t0
             if not verdict.ok:
                 raise ExportError(
@@ -348,16 +314,20 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def follow_export(model: nn.Module, layout: Layout, dtypes, enter: Callable[[str | None], None]) -> None:
-    """A sharded run's other ranks: enter each item's unit in the order global rank 0 writes them
-    (a :class:`CheckpointWriter` without ``early`` writes its items in plan order)."""
-    for item in plan_export(model, layout, dtypes)[0]:
-        enter(item.param)
+def follow_export(
+    model: nn.Module, layout: Layout, dtypes, source: TensorSource, max_shard_size_gb: float = 5.0
+) -> None:
+    """A rank that does not write: follow each item in the order the writing rank produces them
+    (a :class:`CheckpointWriter` without ``early`` writes shard after shard)."""
+    items = plan_export(model, layout, dtypes)[0]
+    for shard in plan_shards(items, int(max_shard_size_gb * 2**30)):
+        for item in shard:
+            source.follow(item.param)
 
 
-def write_checkpoint(model: nn.Module, out_dir: str | Path, layout: Layout, configure, tokenizer=None, **kw) -> dict:
+def write_checkpoint(model: nn.Module, out_dir: str | Path, layout: Layout, **kw) -> dict:
     """Plan, write, verify and rename a checkpoint in one go (see :class:`CheckpointWriter`)."""
-    return CheckpointWriter(model, out_dir, layout, configure, tokenizer, **kw).finish()
+    return CheckpointWriter(model, out_dir, layout, **kw).finish()
 
 
 def save_config(model: nn.Module, tmp: Path) -> None:
@@ -372,10 +342,3 @@ def save_config(model: nn.Module, tmp: Path) -> None:
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["architectures"] = [cls.__name__]
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def update_config(tmp: Path, quantization_config: dict) -> None:
-    """Add ``quantization_config`` to the config.json written in ``tmp``."""
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))

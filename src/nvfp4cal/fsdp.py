@@ -1,4 +1,4 @@
-"""Sharded calibration (``trainer=fsdp``): FSDP2 through Lightning's ModelParallelStrategy.
+"""The FSDP adapter (``trainer=fsdp``): FSDP2 through Lightning's ModelParallelStrategy.
 
 Every parameter is split along dim 0 across the ranks (``torch.chunk`` rows: rank ``r`` holds rows
 ``[r * ceil(n / N), ...)``), one ``fully_shard`` unit per decoder layer plus the root. What each
@@ -15,22 +15,27 @@ step needs, and why nothing ever gathers the whole model:
 
 A model can also start on the meta device (``model.path`` loaders with ``sharded=True``): each
 rank then allocates only its rows and fills them from the checkpoint (or a seeded random init).
+What each rank holds is ``RunContext.holding == "rows"`` (:mod:`nvfp4cal.comm`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 from . import nvfp4
+from .comm import Comm, RunContext, TorchComm, local, rows
 from .errors import UserError
+from .experts import QuantExpertsMixin
+from .export.plan import TensorSource
+from .insert import share_global_amax
+from .quantizers import InputQuantizer, KVCastQuantizer, WeightQuantizer
+from .view import check_finite, decoder_layers, quant_sources, weight_quantizers
 
 log = logging.getLogger("nvfp4cal")
 # fill(param_name, out, start, stop, rows): write rows [start, stop) of dim 0 of the named
@@ -39,100 +44,61 @@ Fill = Callable[[str, torch.Tensor, int, int, int], None]
 
 
 class ShardedStrategy(ModelParallelStrategy):
-    """FSDP2 over every rank (data-parallel size = world size, no tensor parallelism)."""
+    """FSDP2 over every rank (data-parallel size = world size, no tensor parallelism).
+
+    What the run context reads from a strategy: ``holding`` (each rank holds rows of every
+    parameter), ``shard_model`` (the module's ``configure_model`` calls it) and ``tensor_source``
+    (how the export reads full tensors: one gathered unit at a time).
+    """
+
+    holding = "rows"
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    @staticmethod
+    def shard_model(model: nn.Module, mesh, ctx: RunContext, fill: Fill | None = None) -> dict:
+        return shard_model(model, mesh, ctx, fill)
 
-def is_sharded(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a sharded tensor (the tensor itself otherwise)."""
-    return t.to_local() if is_sharded(t) else t
+    @staticmethod
+    def tensor_source(model: nn.Module) -> UnitGate:
+        return UnitGate(model, TorchComm())
 
 
-def rows(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of ``n`` that ``torch.chunk`` (and so FSDP2) gives to ``rank`` of ``world``."""
-    per = math.ceil(n / world) if n else 0
-    start = min(rank * per, n)
-    return start, min(start + per, n)
-
-
-def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every entry of the model's ``...layers`` ModuleList(s): the FSDP units."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
-            out += [(f"{name}.{i}", layer) for i, layer in enumerate(m)]
-    return out
-
-
-@contextlib.contextmanager
-def params_on_meta():
-    """Build a model with its parameters on the meta device and its buffers (RoPE tables) real."""
-    register = nn.Module.register_parameter
-
-    def on_meta(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(self, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def shard_model(model: nn.Module, mesh, device: torch.device, fill: Fill | None = None) -> dict:
+def shard_model(model: nn.Module, mesh, ctx: RunContext, fill: Fill | None = None) -> dict:
     """``fully_shard`` each decoder layer and the root, allocate and fill meta rows, localize quantizers.
 
     Returns {"ranks", "param_bytes_per_rank", "param_bytes"}: what each rank holds of the parameters.
     """
-    from torch.distributed.fsdp import fully_shard
-
-    from .insert import share_global_amax
-    from .sweep import weight_quantizers
-
     layers = decoder_layers(model)
     if not layers:
         raise UserError(f"trainer=fsdp: {type(model).__name__} has no decoder-layer list to shard; use trainer=ddp")
     for _, layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    _materialize(model, device, fill)
+    _materialize(model, ctx, fill)
     for _, wq, w in weight_quantizers(model):
-        calibrate_rows(wq, w)
+        calibrate_rows(wq, w, ctx)
     share_global_amax(model)
     params = list(model.parameters())
     held = sum(local(p).numel() * p.element_size() for p in params)
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, held)
+    per_rank = ctx.comm.gather_objects(held)
     total = sum(p.numel() * p.element_size() for p in params)
-    if dist.get_rank() == 0:
+    if ctx.rank0:
         gib = ", ".join(f"{b / 2**30:.3f}" for b in per_rank)
         log.info("sharded over %d ranks: they hold %s of %.3f GiB of parameters", len(per_rank), gib, total / 2**30)
     return {"ranks": len(per_rank), "param_bytes_per_rank": per_rank, "param_bytes": total}
 
 
-def _materialize(model: nn.Module, device: torch.device, fill: Fill | None) -> None:
+def _materialize(model: nn.Module, ctx: RunContext, fill: Fill | None) -> None:
     """Allocate this rank's rows of meta parameters and fill them; quantizer statistics start at zero."""
-    from .experts import QuantExpertsMixin
-    from .insert import check_finite
-    from .quantizers import InputQuantizer, KVCastQuantizer
-
     if not any(local(p).is_meta for p in model.parameters()):
         return
     if fill is None:
         raise UserError("trainer=fsdp: the model starts on the meta device but its loader gave no weights")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     keep = {n: b.detach().to(device) for n, b in model.named_buffers() if not b.is_meta}  # RoPE tables, ...
     model.to_empty(device=device)  # FSDP2: each rank allocates its own rows only
     with torch.no_grad():
@@ -154,15 +120,14 @@ def _materialize(model: nn.Module, device: torch.device, fill: Fill | None) -> N
 
 
 @torch.no_grad()
-def calibrate_rows(wq, w: torch.Tensor) -> None:
+def calibrate_rows(wq: WeightQuantizer, w: torch.Tensor, ctx: RunContext) -> None:
     """Max-calibrate ``wq`` from this rank's rows of the sharded weight ``w`` ([*lead, out, in]).
 
     ``block_amax`` becomes ``[local rows, ...]``; the global amax (a scalar, or one per expert
     for fused experts, whose experts are the rows) is the all-reduced MAX of every rank's part.
     """
-    rank, world = dist.get_rank(), dist.get_world_size()
     wl = local(w)
-    start, stop = rows(w.shape[0], rank, world)
+    start, stop = rows(w.shape[0], ctx.rank, ctx.world)
     wq.rows = (start, stop)
     wq.block_amax = torch.zeros(*wl.shape[:-1], wl.shape[-1] // nvfp4.BLOCK, dtype=torch.float32, device=wl.device)
     g = torch.zeros(wq.global_amax.shape, dtype=torch.float32, device=wl.device)
@@ -172,41 +137,21 @@ def calibrate_rows(wq, w: torch.Tensor) -> None:
             g = part
         else:
             g[start:stop] = part
-    dist.all_reduce(g, op=dist.ReduceOp.MAX)
+    ctx.comm.max_(g)
     wq.global_amax = g.reshape(wq.global_amax.shape)
     wq.clear_cache()
 
 
-def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """The full ``[n, ...]`` tensor from every rank's ``torch.chunk`` rows of it (a collective)."""
-    world = dist.get_world_size()
-    per = math.ceil(n / world)
-    padded = torch.zeros((per, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat(parts)[:n]
-
-
-def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
-    """Sum per-rank partial sums (float64) across ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-class UnitGate:
-    """One FSDP unit unsharded at a time, entered in the same order on every rank.
+class UnitGate(TensorSource):
+    """The export's tensors under FSDP: one unit unsharded at a time, entered in the same order on every rank.
 
     ``tensor(name)`` (global rank 0, producing the export) enters the unit that owns ``name`` and
-    returns the full tensor; ``enter_for(name)`` (the other ranks) takes part in the same gathers.
+    returns the full tensor; ``follow(name)`` (the other ranks) takes part in the same gathers.
     The owning unit's weight quantizers hold their full block amaxes while it is entered.
     """
 
-    def __init__(self, model: nn.Module):
-        from .export.plan import quant_sources
-
-        self.model = model
+    def __init__(self, model: nn.Module, comm: Comm):
+        self.model, self.comm = model, comm
         self.units = [(f"{n}.", m) for n, m in decoder_layers(model)]
         self.quant = {}
         for pname, src in quant_sources(model)[0].items():
@@ -221,7 +166,7 @@ class UnitGate:
                 return m
         return self.model
 
-    def enter_for(self, name: str | None) -> None:
+    def follow(self, name: str | None) -> None:
         if name is None:
             return
         unit = self._unit(name)
@@ -231,17 +176,20 @@ class UnitGate:
         unit.unshard()
         for wq, n in self.quant.get(unit, []):
             self.saved.append((wq, wq.block_amax, wq.rows))
-            wq.block_amax, wq.rows = gather_rows(wq.block_amax, n), None
+            wq.block_amax, wq.rows = self.comm.gather_rows(wq.block_amax, n), None
         self.current = unit
 
     def tensor(self, name: str) -> torch.Tensor:
         """The full tensor; a CPU one is copied (file writer threads may still read it after the reshard)."""
-        self.enter_for(name)
+        self.follow(name)
         try:
             t = self.model.get_parameter(name).detach()
         except AttributeError:
             t = self.model.get_buffer(name).detach()
         return t if t.is_cuda else t.clone()
+
+    def close(self) -> None:
+        self.leave()
 
     def leave(self) -> None:
         if self.current is None:

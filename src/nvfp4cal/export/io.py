@@ -1,16 +1,14 @@
-"""What every export layout shares: saved names, sharded streaming writes, atomic directories.
+"""Safetensors I/O of a checkpoint: streamed shard files, the index, atomic directories.
 
-Saved names come from transformers itself: each parameter gets a small probe tensor of ids
-(one id per row, per expert), and ``revert_weight_conversion`` - what ``save_pretrained`` runs -
-renames, splits and unfuses the probes exactly as it would the weights. Reading the ids back
-tells, for every saved tensor, which parameter, expert and rows it holds, for any architecture
-transformers knows (``mlp.experts.{e}.gate_proj`` for Qwen3-MoE, ``block_sparse_moe.experts.{e}.w1``
-for Mixtral, ...).
+Items (tensors produced when written) are grouped into shards by huggingface_hub's
+``split_state_dict_into_shards_factory`` (consecutive items up to ``max_shard_size``; an item larger
+than that gets a shard of its own) under its file names (``model.safetensors`` or
+``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``). Each shard file is
+written as its tensors are produced (:class:`ShardWriter`), so no shard is ever held in memory.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import queue
@@ -18,112 +16,16 @@ import shutil
 import struct
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
+from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.constants import SAFETENSORS_WEIGHTS_FILE_PATTERN
 
-from ..errors import UserError
-
-
-class ExportError(UserError):
-    pass
-
-
-@dataclass(frozen=True)
-class Slice:
-    """A saved tensor's origin: ``param[expert, rows]`` (expert None for 1-D/2-D parameters)."""
-
-    param: str
-    expert: int | None
-    start: int
-    stop: int
-    full: bool  # the whole parameter (or the whole expert)
-
-
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own state (no quantizer statistics), tied duplicates dropped."""
-    from ..experts import QuantExpertsMixin
-    from ..quantizers import InputQuantizer, KVCastQuantizer, WeightQuantizer
-    from ..sharded import is_sharded
-
-    ours = (InputQuantizer, WeightQuantizer, KVCastQuantizer)
-    skip = {f"{n}." for n, m in model.named_modules() if isinstance(m, ours)}
-    skip |= {f"{n}.tokens" for n, m in model.named_modules() if isinstance(m, QuantExpertsMixin)}
-    out, seen = {}, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name in skip or name.rsplit(".", 1)[0] + "." in skip:
-            continue
-        if not t.numel():
-            key = None
-        elif t.is_meta or is_sharded(t):
-            key = id(t)  # no storage to compare; tied parameters are one object
-        else:
-            key = (t.data_ptr(), tuple(t.shape))
-        if key is not None and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach()
-    return out
-
-
-def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Slice]:
-    """Map each name ``save_pretrained`` would write to the slice of our parameters it holds.
-
-    The result depends only on the model's structure; it is remembered on the model (planning an
-    export before calibration and exporting after it pay for it once).
-    """
-    key = tuple((n, tuple(t.shape)) for n, t in tensors.items())
-    memo = model.__dict__.get("_nvfp4cal_saved_layout")
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    from transformers.core_model_loading import revert_weight_conversion
-
-    probes, starts, owners, base = {}, [], [], 0
-    for name, t in tensors.items():
-        rows = t.shape[0] * (t.shape[1] if t.dim() == 3 else 1) if t.dim() else 1
-        shape = (*t.shape[:-1], 1) if t.dim() >= 2 else (max(t.numel(), 1),)
-        probes[name] = (torch.arange(rows, dtype=torch.float64) + base).reshape(shape)
-        starts.append(base)
-        owners.append((name, t))
-        base += rows
-    reverted = revert_weight_conversion(model, probes) if hasattr(model, "config") else probes
-    layout = {}
-    for out_name, probe in reverted.items():
-        ids = probe.reshape(-1).numpy().astype(np.int64)
-        i = bisect.bisect_right(starts, int(ids[0])) - 1
-        pname, t = owners[i]
-        rel = ids - starts[i]
-        contiguous = bool(np.all(np.diff(rel) == 1))
-        if t.dim() == 3 and contiguous and rel[0] == 0 and len(rel) == t.shape[0] * t.shape[1]:
-            layout[out_name] = Slice(pname, None, 0, t.shape[1], True)  # saved fused, as stored (GPT-OSS)
-            continue
-        per = t.shape[1] if t.dim() == 3 else (t.shape[0] if t.dim() else 1)
-        e = int(rel[0] // per) if t.dim() == 3 else None
-        if t.dim() == 3 and int(rel[-1] // per) != e:
-            raise ExportError(f"{out_name}: saved tensor spans several experts of {pname}; layout not supported")
-        if not contiguous:
-            raise ExportError(
-                f"{out_name}: saved tensor is not a contiguous row slice of {pname}; layout not supported"
-            )
-        start = int(rel[0] % per) if t.dim() == 3 else int(rel[0])
-        stop = start + len(rel)
-        layout[out_name] = Slice(pname, e, start, stop, start == 0 and stop == per)
-    model.__dict__["_nvfp4cal_saved_layout"] = (key, layout)
-    return layout
-
-
-def take(t: torch.Tensor, s: Slice) -> torch.Tensor:
-    if s.expert is not None:
-        t = t[s.expert]
-    return t if s.full or t.dim() == 0 else t[s.start : s.stop]
-
+from ..errors import ExportError
 
 Producer = Callable[[], dict[str, torch.Tensor]]
 
@@ -265,20 +167,18 @@ class ShardWriter:
 
 
 def plan_shards(items: list[Item], max_shard_bytes: int) -> list[list[Item]]:
-    """Consecutive items in shards of at most ``max_shard_bytes`` (by their size estimates)."""
-    shards: list[list[Item]] = [[]]
-    size = 0
-    for item in items:
-        if shards[-1] and size + item.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.nbytes
-    return shards
+    """Items in shards of about ``max_shard_bytes`` (by their size estimates), as huggingface_hub splits
+    a state dict: consecutive items, an item over the limit in a shard of its own."""
+    split = split_state_dict_into_shards_factory(
+        dict(enumerate(items)), get_storage_size=lambda item: item.nbytes, filename_pattern="{suffix}",
+        max_shard_size=max_shard_bytes,
+    )  # fmt: skip
+    return [[items[i] for i in keys] for keys in split.filename_to_tensors.values()]
 
 
 def shard_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    """The file name of shard ``i`` of ``n``, as huggingface_hub names them."""
+    return SAFETENSORS_WEIGHTS_FILE_PATTERN.format(suffix="" if n == 1 else f"-{i + 1:05d}-of-{n:05d}")
 
 
 def write_shard(
@@ -324,30 +224,6 @@ def write_index(out_dir: Path, weight_map: dict[str, str], total: int) -> None:
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_shards(
-    out_dir: Path,
-    items: list[Item],
-    max_shard_bytes: int,
-    check: Callable[[dict[str, torch.Tensor]], None],
-    progress: bool = True,
-) -> dict[str, str]:
-    """Stream items into safetensors shards of at most ``max_shard_bytes``.
-
-    Items are assigned to shards by their size estimate up front; each item's tensors are produced,
-    checked and handed to the shard's writer one item at a time, so no shard is ever held in memory
-    whole. Writes ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` with
-    ``model.safetensors.index.json``. Returns name -> file.
-    """
-    shards = plan_shards(items, max_shard_bytes)
-    n = len(shards)
-    bar = tqdm(total=sum(i.nbytes for i in items), desc="export", unit="B", unit_scale=True, disable=not progress)
-    weight_map, total = write_groups(out_dir, shards, 0, n, check, Staging(), bar)
-    bar.close()
-    if n > 1:
-        write_index(out_dir, weight_map, total)
-    return weight_map
-
-
 def check_target(target: Path, overwrite: bool) -> None:
     """Fail before any work when the export would need to overwrite an existing result."""
     target = Path(target)
@@ -380,15 +256,3 @@ def commit_tmp(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
-
-
-@contextmanager
-def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; rename it into place only on success."""
-    tmp = make_tmp(target, overwrite)
-    try:
-        yield tmp
-        commit_tmp(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,0 +1,127 @@
+"""What the tests share: the real config composed as the CLI builds it, tiny-model runs, round trips."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from nvfp4cal.experts import QuantExpertsMixin, logical
+from nvfp4cal.quantizers import QuantLinear, set_mode
+from nvfp4cal.reload import rebuild_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "src" / "nvfp4cal" / "conf"
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
+SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
+
+
+def compose(overrides: list[str]):
+    """The real config (nvfp4cal/conf/calibrate.yaml, as the package ships it) with overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
+        return hydra_compose(config_name="calibrate", overrides=overrides)
+
+
+def run_calibrate(tmp_path: Path, overrides: list[str]):
+    """Run the pipeline in-process on the composed config; returns its RunResult."""
+    from nvfp4cal.calibrate import run
+
+    out = tmp_path / "ckpt"
+    cfg = compose([f"export.dir={out}", "trainer.enable_progress_bar=false", *overrides])
+    return run(cfg, tmp_path / "run")
+
+
+def tiny_config(name: str) -> dict:
+    """A tiny model's transformers config values, as its yaml under conf/model/ gives them."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))["config"]
+
+
+def fake_quant_weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+            out[f"{name}.weight"] = m.weight_quantizer.fake_quant(m.weight)
+        if isinstance(m, QuantExpertsMixin):
+            for wq, p in ((m.gate_up_weight, m.first_proj), (m.down_weight, "down_proj")):
+                if wq is not None:  # in the stored layout ([E, in, out] for transposed experts)
+                    out[f"{name}.{p}"] = logical(wq.fake_quant(m.logical_weight(p)), m.transposed)
+    return out
+
+
+def check_round_trip(res, ckpt):
+    fq = fake_quant_weights(res.model)
+    assert fq, "nothing was quantized"
+    rebuilt = rebuild_model(ckpt, dtype=next(res.model.parameters()).dtype)
+    params = dict(rebuilt.named_parameters())
+    for name, w in fq.items():
+        assert torch.equal(params[name], w), f"{name} differs after export and reload"
+    set_mode(res.model, "quant")
+    batch = next(iter(res.data.eval_dataloader()))["input_ids"]
+    with torch.no_grad():
+        want = res.model(input_ids=batch, use_cache=False).logits
+        got = rebuilt(input_ids=batch, use_cache=False).logits
+    assert torch.isfinite(want).all()
+    assert torch.equal(got, want)
+
+
+def subprocess_env(tmp_path, **extra):
+    """The environment of a CLI subprocess: offline, one thread per rank, its own cache."""
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        NVFP4CAL_CACHE=str(tmp_path / "cache"),
+        **extra,
+    )
+
+
+def torchrun(tmp_path, args, trainer="ddp", n=2, **env):
+    """``torchrun`` of the CLI with ``n`` CPU ranks (gloo) in ``tmp_path``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+        "nvfp4cal.calibrate",
+        f"trainer={trainer}",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={n}",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=subprocess_env(tmp_path, **env), capture_output=True, text=True, timeout=300
+    )
+
+
+def one_process(tmp_path, args, name):
+    """The CLI in one process, exporting to ``tmp_path/name``; fails the test on a non-zero exit."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nvfp4cal.calibrate",
+            *args,
+            f"export.dir={tmp_path}/{name}",
+            f"hydra.run.dir={tmp_path}/run_{name}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
