@@ -107,21 +107,14 @@ def torchrun(tmp_path, args, trainer="ddp", n=2, **env):
 
 
 def one_process(tmp_path, args, name):
-    """The CLI in one process, exporting to ``tmp_path/name``; fails the test on a non-zero exit."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nvfp4cal.calibrate",
-            *args,
-            f"export.dir={tmp_path}/{name}",
-            f"hydra.run.dir={tmp_path}/run_{name}",
-        ],
-        cwd=tmp_path,
-        env=subprocess_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    """The pipeline in this process on one CPU thread (as each torchrun rank runs), exporting to
+    ``tmp_path/name``: the reference a distributed run must reproduce byte for byte."""
+    from nvfp4cal.calibrate import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = compose([*args, f"export.dir={tmp_path}/{name}", "trainer.enable_progress_bar=false"])
+        return run(cfg, tmp_path / f"run_{name}")
+    finally:
+        torch.set_num_threads(threads)

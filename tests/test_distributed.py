@@ -16,7 +16,7 @@ COMMON = [
 ]
 
 
-def test_ddp_export_is_byte_identical_toone_process(tmp_path):
+def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
     one_process(tmp_path, COMMON, "one")
     two = torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/two"])
     assert two.returncode == 0, two.stderr[-3000:]

@@ -158,3 +158,10 @@ def test_default_trainer_uses_what_the_machine_has(tmp_path, caplog):
     where = "GPU" if torch.cuda.is_available() else "CPU"
     assert any(f"calibrating on the {where}" in r.getMessage() and "auto" in r.getMessage() for r in caplog.records)
     assert res.report["quantized"] > 0
+
+
+def test_environment_that_changes_a_run_is_in_its_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVFP4CAL_KERNEL", "reference")
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_mse", "recipe.algorithm.kernel=triton", *SMALL])
+    assert res.report["environment"]["NVFP4CAL_KERNEL"] == "reference"
+    assert res.report["sweep"]["kernel"] == ["reference"]  # the variable won over the recipe, and says so
