@@ -165,3 +165,13 @@ def test_environment_that_changes_a_run_is_in_its_report(tmp_path, monkeypatch):
     res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_mse", "recipe.algorithm.kernel=triton", *SMALL])
     assert res.report["environment"]["NVFP4CAL_KERNEL"] == "reference"
     assert res.report["sweep"]["kernel"] == ["reference"]  # the variable won over the recipe, and says so
+
+
+def test_progress_bars_follow_the_trainer(tmp_path, capsys):
+    """``trainer.enable_progress_bar`` governs every bar of the run, the sweep's and the export's too."""
+    run_calibrate(tmp_path / "quiet", ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL])  # bars off
+    err = capsys.readouterr().err
+    assert "MSE sweep" not in err and "export:" not in err
+    run_calibrate(tmp_path / "shown", ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL, "trainer.enable_progress_bar=true"])
+    err = capsys.readouterr().err
+    assert "MSE sweep" in err and "export:" in err
