@@ -29,7 +29,7 @@ if "sharding" in r:
     sh = r["sharding"]
     print(sys.argv[2], "| parameters held per rank (GiB)", [round(b / 2**30, 2) for b in sh["param_bytes_per_rank"]],
           "of", round(sh["param_bytes"] / 2**30, 2))
-print(sys.argv[2], "| export", {k: v for k, v in r["export"]["seconds"].items()}, "files", len(r["export"]["files"]))
+print(sys.argv[2], "| export", {k: v for k, v in r["exports"][0]["seconds"].items()}, "files", len(r["exports"][0]["files"]))
 PY
 }
 if [ "$mode" = ddp ]; then

@@ -172,6 +172,8 @@ def test_progress_bars_follow_the_trainer(tmp_path, capsys):
     run_calibrate(tmp_path / "quiet", ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL])  # bars off
     err = capsys.readouterr().err
     assert "MSE sweep" not in err and "export:" not in err
-    run_calibrate(tmp_path / "shown", ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL, "trainer.enable_progress_bar=true"])
+    run_calibrate(
+        tmp_path / "shown", ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL, "trainer.enable_progress_bar=true"]
+    )
     err = capsys.readouterr().err
     assert "MSE sweep" in err and "export:" in err
