@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "nvfp4cal" / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
+MOE_FAMILIES = [m for m in TINY_MODELS if m != "tiny_llama"]  # every tiny model but the dense one is an MoE
 SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
 
 
@@ -36,6 +37,13 @@ def run_calibrate(tmp_path: Path, overrides: list[str]):
     out = tmp_path / "ckpt"
     cfg = compose([f"export.dir={out}", "trainer.enable_progress_bar=false", *overrides])
     return run(cfg, tmp_path / "run")
+
+
+def tiny_model(name: str):
+    """A tiny model from its yaml under conf/model/ (random weights, seeded), without quantizers."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose([f"model={name}"]).model, _convert_="all").model
 
 
 def tiny_config(name: str) -> dict:

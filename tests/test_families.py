@@ -5,21 +5,13 @@ import torch
 from hydra.utils import instantiate
 from safetensors import safe_open
 
-from helpers import check_round_trip, compose, run_calibrate
+from helpers import MOE_FAMILIES, check_round_trip, compose, run_calibrate, tiny_model
 from nvfp4cal.experts import QuantExpertsMixin, UnsupportedExpertsError
 from nvfp4cal.insert import insert_quantizers
 from nvfp4cal.quantizers import set_mode
 from nvfp4cal.recipe import build_recipe
 
-FAMILIES = [
-    "tiny_qwen3_moe",
-    "tiny_qwen2_moe",
-    "tiny_mixtral",
-    "tiny_deepseek_v3",
-    "tiny_gpt_oss",
-    "tiny_olmoe",
-    "tiny_qwen3_5_moe",
-]
+FAMILIES = MOE_FAMILIES
 # what `save_pretrained` calls expert 0's first and down projections in layer L of each family
 EXPORT_NAMES = {
     "tiny_qwen3_moe": ("mlp.experts.0.gate_proj.weight", "mlp.experts.0.down_proj.weight"),
@@ -33,15 +25,11 @@ EXPORT_NAMES = {
 FEW = ["data.num_samples=1", "data.seq_len=4", "data.batch_size=1", "data.eval_samples=1"]  # 8 routed slots, 8 experts
 
 
-def _model(family):
-    return instantiate(compose([f"model={family}"]).model, _convert_="all").model
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_calibration_sees_every_expert_and_keeps_outputs(family):
-    ref = _model(family)
+    ref = tiny_model(family)
     ref.set_experts_implementation("eager")
-    m = _model(family)
+    m = tiny_model(family)
     insert_quantizers(m, build_recipe("t", rules=["*.experts.*"]))
     set_mode(m, "calib")
     ids = torch.randint(0, 200, (2, 16))
@@ -106,7 +94,7 @@ def test_shipped_recipes_cover_every_family(family):
         "nvfp4_experts_only_hessian_mse_fp8_cast_kv",
         "nvfp4_hessian_mse",
     ):
-        m = _model(family)
+        m = tiny_model(family)
         plan = insert_quantizers(m, instantiate(compose([f"recipe={recipe}"]).recipe, _convert_="all"))
         q = plan.quantized
         assert any(n.endswith(".experts.down_proj") for n in q)
@@ -120,7 +108,7 @@ def test_shipped_recipes_cover_every_family(family):
 
 
 def test_deepseek_mla_pair_shares_scale():
-    m = _model("tiny_deepseek_v3")
+    m = tiny_model("tiny_deepseek_v3")
     insert_quantizers(m, build_recipe("t", rules=["*"]))
     attn = m.model.layers[1].self_attn
     assert torch.equal(attn.q_a_proj.weight_quantizer.global_amax, attn.kv_a_proj_with_mqa.weight_quantizer.global_amax)

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from helpers import MOE_FAMILIES as FAMILIES
+from helpers import tiny_model
 from nvfp4cal.experts import QuantExpertsMixin
 from nvfp4cal.insert import insert_quantizers
 from nvfp4cal.quantizers import set_mode
 from nvfp4cal.recipe import build_recipe
-from test_families import FAMILIES, _model
 
 
 def _experts(m):
@@ -24,7 +25,7 @@ def _run(m, impl, mode, ids):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grouped_matches_eager(family):
-    eager, grouped = _model(family), _model(family)
+    eager, grouped = tiny_model(family), tiny_model(family)
     for m in (eager, grouped):
         insert_quantizers(m, build_recipe("t", rules=["*.experts.*"]))
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -49,7 +50,7 @@ def test_grouped_matches_eager(family):
 
 def test_grouped_ignores_pairs_of_other_ranks():
     """Expert ids outside [0, E) (expert parallelism) get no tokens, no amax and no output."""
-    m = _model("tiny_qwen3_moe")
+    m = tiny_model("tiny_qwen3_moe")
     insert_quantizers(m, build_recipe("t", rules=["*.experts.*"]))
     x = _experts(m)[0]
     set_mode(m, "calib")
@@ -72,7 +73,7 @@ def test_grouped_ignores_pairs_of_other_ranks():
 @pytest.mark.parametrize("family", ["tiny_qwen3_moe", "tiny_gpt_oss"])
 def test_grouped_and_eager_collect_the_same_hessians(family):
     """Per-expert input Hessians (Hessian-weighted sweep) from the grouped forward equal the eager loop's."""
-    eager, grouped = _model(family), _model(family)
+    eager, grouped = tiny_model(family), tiny_model(family)
     for m in (eager, grouped):
         insert_quantizers(m, build_recipe("t", rules=["*.experts.*"], algorithm={"method": "hessian_mse"}))
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
