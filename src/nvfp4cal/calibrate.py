@@ -104,6 +104,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         ) from err
     device = trainer.strategy.root_device
     holding = getattr(trainer.strategy, "holding", "whole")
+    calibration = build(cfg.calibration, "calibration")
+    if calibration.layerwise and holding == "rows":
+        raise UserError("calibration=layerwise holds one layer at a time: use trainer=cpu, gpu or ddp, not fsdp")
     if trainer.is_global_zero:
         where = "CPU" if device.type == "cpu" else f"GPU ({device})"
         asked = cfg.trainer.accelerator
@@ -117,12 +120,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         if recipe.algorithm.sweep:
             warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
         extra = {}
-        if holding == "rows":  # loaders that can build on the meta device let each rank read only its rows
-            if "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters:
+        on_meta = "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
+        if holding == "rows" or calibration.layerwise:  # built on the meta device, rows read when needed
+            if on_meta:
                 extra["sharded"] = True
+            elif calibration.layerwise:
+                raise UserError(f"calibration=layerwise: {cfg.model._target_} cannot build a model on the meta device")
             else:
                 log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
         loaded = build(cfg.model, "model", **extra)
+        if calibration.layerwise and loaded.fill is None:
+            raise UserError(
+                "calibration=layerwise needs a model read row by row: model=hf, or a tiny model with +model.init=per_param"
+            )
 
     with stage(stages, "insert", next(loaded.model.parameters()).device):
         plan = insert_quantizers(loaded.model, recipe)
@@ -139,15 +149,34 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     data = calibration_data(cfg, loaded.tokenizer)
     with stage(stages, "data"):
         data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
-    dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
     eval_batches = data.eval_dataloader if cfg.report.perplexity else None
+    schedule = None
+    if calibration.layerwise:
+        from .layerwise import LayerwiseSchedule
+
+        dtypes = {n: t.dtype for n, t in loaded.model.state_dict().items() if t.is_floating_point()}
+        fingerprint = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "recipe", "data")}
+        fingerprint["calibration.propagate"] = calibration.propagate
+        schedule = LayerwiseSchedule(calibration, loaded.fill, fingerprint, hessian=recipe.algorithm.hessian)
+        if eval_batches is not None and trainer.is_global_zero:
+            log.info("calibration=layerwise: held-out perplexity is not measured (the weight SQNR is)")
+        eval_batches = None
+    else:
+        dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
     results = Results()
 
     def make_steps(ctx):
-        return post_calibration(ctx, recipe.algorithm, export, loaded.tokenizer, eval_batches, dtypes)
+        steps = post_calibration(ctx, recipe.algorithm, export, loaded.tokenizer, eval_batches, dtypes)
+        if schedule is None:
+            return steps
+        schedule.per_layer = [s for s in steps if s.per_layer]  # once per decoder layer
+        return [s for s in steps if not s.per_layer]
 
     trainer.callbacks.append(PostCalibration(make_steps, results))
-    trainer.validate(CalibrationModule(loaded.model, results, loaded.fill), datamodule=data, verbose=False)
+    module = CalibrationModule(loaded.model, results, loaded.fill, schedule)
+    trainer.validate(module, datamodule=data, verbose=False)
+    if schedule is not None:
+        schedule.finish()  # the checkpoint is written: the progress kept for a resume goes
 
     report = {
         "model": loaded.name,
@@ -160,6 +189,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         "kv_cache": plan.kv_cache,
         **results.as_dict(),
         "stages": {**stages, **results.stages},
+        **({"layers": schedule.layers, "layers_materialized_at_once": schedule.materializer.peak} if schedule else {}),
         "environment": env,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),

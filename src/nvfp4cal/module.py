@@ -39,9 +39,13 @@ class CalibrationModule(L.LightningModule):
     ``results.stages["calibration"]`` gets the pass's time and memory peaks.
     """
 
-    def __init__(self, model: torch.nn.Module, results: Results, fill=None):
+    def __init__(self, model: torch.nn.Module, results: Results, fill=None, schedule=None):
         super().__init__()
-        self.model = model
+        self.schedule = schedule  # a layerwise.LayerwiseSchedule, or None: the whole model at once
+        if schedule is None:
+            self.model = model
+        else:  # on the meta device: kept out of Lightning's reach (it would move it to the device)
+            object.__setattr__(self, "model", model)
         self.results = results
         self.fill = fill  # rows of a meta-device model's parameters (trainer=fsdp), see models.LoadedModel
         self.ctx: RunContext | None = None
@@ -53,6 +57,8 @@ class CalibrationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.ctx = run_context(self.trainer)
+        if self.schedule is not None:
+            self.ctx = self.schedule.context(self.model, self.ctx)
 
     def configure_model(self) -> None:
         """Let the strategy lay the model out (``trainer=fsdp``: shard it over every rank), once."""
@@ -64,17 +70,27 @@ class CalibrationModule(L.LightningModule):
         fail = os.environ.get("NVFP4CAL_FAIL_ON_RANK")  # fault injection for the distributed tests
         if fail is not None and int(fail) == self.global_rank:
             raise RuntimeError(f"NVFP4CAL_FAIL_ON_RANK={fail}: rank {self.global_rank} fails on purpose")
-        set_mode(self.model, "calib")
         self._timer = stage(self.results.stages, "calibration", self.ctx.device)
         self._timer.__enter__()
+        if self.schedule is not None:
+            self.schedule.start_capture(self.model, self.ctx)
+        else:
+            set_mode(self.model, "calib")
 
     def validation_step(self, batch, batch_idx):
+        if self.schedule is not None:  # the layers' inputs, kept for the layer-by-layer pass
+            n = self.trainer.num_val_batches[0]
+            self.schedule.capture(self.model, batch, self.extra, self.ctx, int(n))
+            return
         with torch.no_grad():
             self.model(input_ids=batch["input_ids"], use_cache=False, **self.extra)
 
     def on_validation_epoch_end(self) -> None:
-        set_mode(self.model, "off")
-        sync_statistics(self.model, self.ctx.comm)
+        if self.schedule is not None:  # calibrate, sweep and save the decoder layers one at a time
+            self.schedule.run_layers(self.model, self.ctx, self.results)
+        else:
+            set_mode(self.model, "off")
+            sync_statistics(self.model, self.ctx.comm)
         if self._timer is not None:
             self._timer.__exit__(None, None, None)
             self._timer = None

@@ -53,6 +53,7 @@ class Step:
     """One post-calibration step: ``start`` when calibration begins, ``run`` after it, ``abort`` on an error."""
 
     name: str
+    per_layer = False  # True: runs on one decoder layer at a time in a layer-by-layer run
 
     def start(self, model: nn.Module, ctx: RunContext) -> None:
         pass
@@ -66,6 +67,7 @@ class Step:
 
 class Bootstrap(Step):
     name = "bootstrap"
+    per_layer = True
 
     def run(self, model, ctx, results):
         check_inputs_calibrated(model)
@@ -77,6 +79,8 @@ class Measure(Step):
 
     ``keep``: leave the fake-quant weights cached for a quant-mode perplexity that follows.
     """
+
+    per_layer = True
 
     def __init__(self, name: str, key: str, keep: bool):
         self.name, self.key, self.keep = name, key, keep
@@ -99,6 +103,7 @@ class Perplexity(Step):
 
 class Sweep(Step):
     name = "sweep"
+    per_layer = True
 
     def __init__(self, algorithm: Algorithm):
         self.algorithm = algorithm
@@ -138,7 +143,8 @@ def post_calibration(
     dtypes: dict[str, torch.dtype] | None = None,
 ) -> list[Step]:
     """The steps of this run, in order. Perplexity is measured on global rank 0 of a run that holds
-    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given."""
+    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given. In a
+    layer-by-layer run the steps marked ``per_layer`` run once per decoder layer (:mod:`nvfp4cal.layerwise`)."""
     evaluate = eval_batches is not None and ctx.rank0 and not ctx.sharded
     if eval_batches is not None and ctx.sharded and ctx.rank0:
         log.info("trainer=fsdp: held-out perplexity is not measured (the weight SQNR is)")

@@ -68,8 +68,8 @@ class Export:
 def early_writers(model: nn.Module, ctx: RunContext, export: Export, tokenizer=None, dtypes=None) -> list:
     """On one GPU holding whole weights: writers that start writing the tensors calibration cannot
     change (the unquantized ones) while the GPU calibrates; elsewhere none."""
-    if ctx.device.type != "cuda" or not ctx.rank0 or ctx.sharded:
-        return []
+    if ctx.device.type != "cuda" or not ctx.rank0 or ctx.sharded or ctx.tensors is not None:
+        return []  # (a tensor source of its own: the weights are not all there while calibrating)
     writers = []
     for layout, out in export.targets():
         writers.append(export.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes, early=True))

@@ -1,0 +1,513 @@
+"""Layer-by-layer calibration (``calibration=layerwise``): a model larger than the device, one decoder
+layer at a time, resumable.
+
+The model is built on the meta device; its loader gives ``fill`` (rows of any parameter, from the
+checkpoint's safetensors or from seeds). Schedule, driven by ``Trainer.validate``:
+
+1. **Capture** (the Trainer's pass over the DataModule's batches): the parameters outside the decoder
+   layers (embeddings, final norm, LM head) are materialized, every decoder layer is replaced by a
+   recorder that keeps the keyword inputs the model passes it (masks per attention type, position
+   embeddings, ...) and returns its input; the first layer's inputs are kept per batch in an
+   :class:`ActivationStore` (on the device, in CPU memory, or in files: ``calibration.offload``).
+2. **Layers**, in order: materialize the layer (``fill``), recalibrate its weight quantizers, run every
+   cached batch through it with the quantizers calibrating (its outputs become the next layer's
+   inputs: the unquantized outputs by default, ``calibration.propagate=quantized`` the W4A4 ones),
+   reduce its statistics across ranks, run the per-layer steps (bootstrap, measure, sweep) on it,
+   save its buffers (quantizer state) to the state directory, free it.
+3. **Export**: the usual writer, reading the model's tensors through :class:`LayerwiseSource`, which
+   materializes one layer at a time with its saved quantizer state.
+
+With unquantized propagation every layer sees exactly the inputs it sees in a whole-model forward, so
+the checkpoint is byte-identical to a whole-model run of the same weights, data and recipe.
+Progress is durable: ``state_dir/progress.json`` (the configuration's fingerprint and the finished
+layers) and one file of buffers per finished layer. ``calibration.resume=true`` recomputes the inputs
+of the first unfinished layer by running the finished ones again (their weights and saved state) and
+continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import nvfp4
+from .comm import RunContext
+from .errors import UserError
+from .evaluate import stage
+from .experts import QuantExpertsMixin
+from .export.plan import TensorSource
+from .insert import enable_hessians, share_global_amax
+from .quantizers import InputQuantizer, KVCastQuantizer, clear_caches, set_mode
+from .steps import Results, Step
+from .view import check_finite, decoder_layers, sync_statistics, weight_quantizers
+
+log = logging.getLogger("nvfp4cal")
+OFFLOADS = ("auto", "gpu", "cpu", "disk")
+PROPAGATIONS = ("unquantized", "quantized")
+Fill = Callable[[str, torch.Tensor, int, int, int], None]
+
+
+class StateError(UserError):
+    pass
+
+
+@dataclass
+class WholeModel:
+    """``calibration=whole`` (the default): the whole model is held by the trainer's strategy."""
+
+    layerwise = False
+
+
+@dataclass
+class Layerwise:
+    """``calibration=layerwise``: see the module docstring."""
+
+    state_dir: str
+    offload: str = "auto"
+    resume: bool = False
+    propagate: str = "unquantized"
+    layerwise = True
+
+    def __post_init__(self):
+        if self.offload not in OFFLOADS:
+            raise UserError(f"calibration.offload={self.offload!r} unknown; use one of {list(OFFLOADS)}")
+        if self.propagate not in PROPAGATIONS:
+            raise UserError(f"calibration.propagate={self.propagate!r} unknown; use one of {list(PROPAGATIONS)}")
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
+
+
+def _to(obj, device: torch.device, pin: bool = False):
+    """``obj`` (tensors in lists, tuples, dicts) on ``device``, the same tensor moved once."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def move(o):
+        if isinstance(o, torch.Tensor):
+            if id(o) not in memo:
+                t = o.detach().to(device)
+                memo[id(o)] = t.pin_memory() if pin and t.device.type == "cpu" else t
+            return memo[id(o)]
+        if isinstance(o, tuple):
+            return tuple(move(x) for x in o)
+        if isinstance(o, list):
+            return [move(x) for x in o]
+        if isinstance(o, dict):
+            return {k: move(v) for k, v in o.items()}
+        return o
+
+    return move(obj)
+
+
+class ActivationStore:
+    """Per calibration batch: the current layer's input hidden states and every layer's keyword inputs.
+
+    ``where``: ``gpu`` (the compute device), ``cpu`` (pinned when computing on a GPU) or ``disk``
+    (one file per batch under ``root``, read back memory-mapped).
+    """
+
+    def __init__(self, where: str, device: torch.device, root: Path):
+        self.where, self.device, self.root = where, device, root
+        self.items: list = []
+        if where == "disk":
+            root.mkdir(parents=True, exist_ok=True)
+
+    def _put(self, i: int, item) -> None:
+        if self.where == "disk":
+            path = self.root / f"batch_{i:06d}.pt"
+            tmp = path.with_suffix(".tmp")
+            torch.save(_to(item, torch.device("cpu")), tmp)
+            os.replace(tmp, path)
+            item = path
+        elif self.where == "cpu":
+            item = _to(item, torch.device("cpu"), pin=self.device.type == "cuda")
+        else:
+            item = _to(item, self.device)
+        if i == len(self.items):
+            self.items.append(item)
+        else:
+            self.items[i] = item
+
+    def add(self, hidden: torch.Tensor, layer_kwargs: list[dict]) -> None:
+        self._put(len(self.items), (hidden, layer_kwargs))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, i: int) -> tuple[torch.Tensor, list[dict]]:
+        item = self.items[i]
+        if self.where == "disk":
+            item = torch.load(item, mmap=True, weights_only=False)
+        return _to(item, self.device)
+
+    def set_hidden(self, i: int, hidden: torch.Tensor) -> None:
+        """The next layer's input for batch ``i`` (its keyword inputs stay)."""
+        item = self.items[i]
+        if self.where == "disk":
+            kwargs = torch.load(item, mmap=True, weights_only=False)[1]
+        else:
+            kwargs = item[1]
+        self._put(i, (hidden, kwargs))
+
+    def close(self) -> None:
+        self.items = []
+        if self.where == "disk":
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def choose_offload(asked: str, estimate: int, device: torch.device) -> str:
+    """``auto``: the device if the activations take at most half of its free memory, else CPU memory
+    if they take at most half of what is available, else files."""
+    if asked != "auto":
+        if asked == "gpu" and device.type != "cuda":
+            return "cpu"  # on a CPU run "the device" is CPU memory
+        return asked
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if estimate <= free // 2:
+            return "gpu"
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 0
+    return "cpu" if estimate <= available // 2 else "disk"
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records the layer's keyword inputs, returns its input."""
+
+    def __init__(self, index: int, sink: dict):
+        super().__init__()
+        self.index, self.sink = index, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise UserError("calibration=layerwise: a decoder layer got positional inputs besides hidden_states")
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        self.sink.setdefault("kwargs", {})[self.index] = kwargs
+        return hidden_states
+
+
+def _scope(prefix: str, module: nn.Module) -> nn.Module:
+    """A container whose ``named_modules`` names ``module`` as ``prefix`` (the steps then name weights
+    as in the whole model)."""
+    root = cur = nn.Module()
+    *parents, last = prefix.split(".")
+    for part in parents:
+        nxt = nn.Module()
+        cur.add_module(part, nxt)
+        cur = nxt
+    cur.add_module(last, module)
+    return root
+
+
+def _reset_statistics(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, InputQuantizer):
+            m.amax.zero_()
+            m.seen.zero_()
+            m.hessian = None
+        elif isinstance(m, QuantExpertsMixin):
+            m.tokens.zero_()
+        elif isinstance(m, KVCastQuantizer):
+            m.amax.fill_(nvfp4.FP8_MAX)
+
+
+class LayerMaterializer:
+    """Makes one decoder layer real (from ``fill``) and sends it back to the meta device; counts how many
+    are real at once (``peak``)."""
+
+    def __init__(self, model: nn.Module, fill: Fill, device: torch.device, upcast: bool):
+        self.model, self.fill, self.device, self.upcast = model, fill, device, upcast
+        self.layers = decoder_layers(model)
+        self.real: set[int] = set()
+        self.peak = 0
+
+    def outside(self) -> None:
+        """Materialize every parameter outside the decoder layers (embeddings, norms, LM head)."""
+        prefixes = tuple(f"{n}." for n, _ in self.layers)
+        owners = dict(self.model.named_modules())
+        with torch.no_grad():
+            for name, p in list(self.model.named_parameters()):
+                if name.startswith(prefixes) or not p.is_meta:
+                    continue
+                t = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+                rows = p.shape[0] if p.dim() else 1
+                self.fill(name, t, 0, rows, rows)
+                if self.upcast and t.is_floating_point():
+                    t = t.float()
+                mod, _, leaf = name.rpartition(".")
+                owners[mod]._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                self.model.tie_weights()
+            if self.upcast:
+                for mod in owners.values():
+                    for leaf, b in list(mod._buffers.items()):
+                        if b is not None and b.is_floating_point() and not b.is_meta:
+                            mod._buffers[leaf] = b.float()
+
+    def enter(self, i: int, state: dict | None = None) -> nn.Module:
+        """Layer ``i`` with real weights; its buffers from ``state`` (saved) or fresh (statistics zero,
+        weight quantizers calibrated from the weights)."""
+        name, layer = self.layers[i]
+        keep = {n: b.detach().clone() for n, b in layer.named_buffers() if not b.is_meta}
+        layer.to_empty(device=self.device)
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                rows = p.shape[0] if p.dim() else 1
+                self.fill(f"{name}.{n}", p, 0, rows, rows)
+            for n, b in keep.items():
+                layer.get_buffer(n).copy_(b)
+            if self.upcast:
+                layer.float()
+            if state is not None:
+                for n, b in layer.named_buffers():
+                    b.copy_(state[n])
+        self.real.add(i)
+        self.peak = max(self.peak, len(self.real))
+        return layer
+
+    def leave(self, i: int) -> None:
+        _, layer = self.layers[i]
+        clear_caches(layer)
+        for m in layer.modules():
+            if isinstance(m, InputQuantizer):
+                m.hessian = None
+        layer.to("meta")
+        self.real.discard(i)
+
+
+class LayerwiseSource(TensorSource):
+    """The export's tensors in layer-by-layer mode: each decoder layer materialized once more, with the
+    quantizer state saved when it was calibrated; everything else as it is."""
+
+    def __init__(self, model: nn.Module, materializer: LayerMaterializer, state: LayerState):
+        super().__init__(model)
+        self.model, self.m, self.state = model, materializer, state
+        self.prefixes = [f"{n}." for n, _ in materializer.layers]
+        self.current: int | None = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        i = next((k for k, p in enumerate(self.prefixes) if name.startswith(p)), None)
+        if i is not None and i != self.current:
+            self.close()
+            self.m.enter(i, self.state.load(i))
+            self.current = i
+        try:
+            return self.model.get_parameter(name).detach()
+        except AttributeError:
+            return self.model.get_buffer(name).detach()
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.m.leave(self.current)
+            self.current = None
+
+
+class LayerState:
+    """The durable progress of a layerwise run: ``progress.json`` and one buffers file per finished layer."""
+
+    def __init__(self, root: Path, fingerprint: dict, resume: bool, writer: bool):
+        self.root, self.fingerprint, self.writer = root, fingerprint, writer
+        self.progress = root / "progress.json"
+        self.done = 0
+        self.results: list[dict] = []
+        if self.progress.is_file():
+            if not resume:
+                raise StateError(
+                    f"{root} holds the progress of an earlier layerwise run: pass calibration.resume=true "
+                    "to continue it, or remove the directory"
+                )
+            saved = json.loads(self.progress.read_text())
+            differ = [k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k]]
+            if differ:
+                raise StateError(
+                    f"calibration.resume=true: {root} was made with another {', '.join(differ)}; "
+                    "resume with the same settings or remove the directory"
+                )
+            self.done, self.results = saved["done"], saved["results"]
+            log.info("resuming a layerwise run: %d layers done, from %s", self.done, root)
+        elif writer:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, i: int) -> Path:
+        return self.root / f"layer_{i:05d}.pt"
+
+    def save(self, i: int, layer: nn.Module, results: dict) -> None:
+        if self.writer:
+            tmp = self._file(i).with_suffix(".tmp")
+            torch.save({n: b.detach().cpu() for n, b in layer.named_buffers()}, tmp)
+            os.replace(tmp, self._file(i))
+        self.results.append(results)
+        self.done = i + 1
+        if self.writer:
+            tmp = self.progress.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "results": self.results}))
+            os.replace(tmp, self.progress)
+
+    def load(self, i: int) -> dict:
+        return torch.load(self._file(i), map_location="cpu", weights_only=True)
+
+    def remove(self) -> None:
+        if self.writer:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class LayerwiseSchedule:
+    """The layer-by-layer schedule of one run (see the module docstring)."""
+
+    config: Layerwise
+    fill: Fill
+    fingerprint: dict
+    hessian: bool = False
+    per_layer: list[Step] = field(default_factory=list)  # set by the run: bootstrap, measure, sweep, measure_mse
+    layers: list[dict] = field(default_factory=list)  # per-layer seconds, for the report
+    store: ActivationStore | None = None
+    materializer: LayerMaterializer | None = None
+    state: LayerState | None = None
+
+    def context(self, model: nn.Module, ctx: RunContext) -> RunContext:
+        """Set up on the run's device; the context's tensor source becomes the layer-by-layer one."""
+        import dataclasses
+
+        upcast = ctx.device.type == "cpu" and any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
+        )
+        self.materializer = LayerMaterializer(model, self.fill, ctx.device, upcast)
+        if not self.materializer.layers:
+            raise UserError(f"calibration=layerwise: {type(model).__name__} has no decoder-layer list")
+        self.state = LayerState(Path(self.config.state_dir), self.fingerprint, self.config.resume, ctx.rank0)
+        self.materializer.outside()
+        return dataclasses.replace(ctx, tensors=lambda m: LayerwiseSource(m, self.materializer, self.state))
+
+    # -- 1. capture --------------------------------------------------------------------------------
+    def start_capture(self, model: nn.Module, ctx: RunContext) -> None:
+        self._sink: dict = {}
+        self._saved_forwards = []
+        for i, (_, layer) in enumerate(self.materializer.layers):
+            rec = _Recorder(i, self._sink)
+            self._saved_forwards.append(layer.forward)
+            layer.forward = rec.forward
+        set_mode(model, "off")
+        self._where = None
+        self._root = Path(self.config.state_dir) / f"activations_rank{ctx.rank}"
+
+    @torch.no_grad()
+    def capture(self, model: nn.Module, batch: dict, extra: dict, ctx: RunContext, n_batches: int) -> None:
+        self._sink.clear()
+        model(input_ids=batch["input_ids"].to(ctx.device), use_cache=False, **extra)
+        item = (self._sink["hidden"], [self._sink["kwargs"][i] for i in range(len(self.materializer.layers))])
+        if self.store is None:
+            estimate = _nbytes(item[0]) * n_batches + _nbytes(item[1]) * n_batches  # keyword inputs: an upper bound
+            where = choose_offload(self.config.offload, estimate, ctx.device)
+            log.info(
+                "layerwise: %d batches of activations, about %.3f GiB: kept %s (calibration.offload=%s)",
+                n_batches, estimate / 2**30, {"gpu": "on the device", "cpu": "in CPU memory", "disk": f"in {self._root}"}[where],
+                self.config.offload,
+            )  # fmt: skip
+            self.store = ActivationStore(where, ctx.device, self._root)
+        self.store.add(*item)
+
+    # -- 2. layers ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, layer: nn.Module, i: int, mode: str, keep: bool) -> None:
+        set_mode(layer, mode)
+        for b in range(len(self.store)):
+            hidden, kwargs = self.store.get(b)
+            out = layer(hidden, **kwargs[i])
+            if keep:
+                self.store.set_hidden(b, out)
+        set_mode(layer, "off")
+
+    def run_layers(self, model: nn.Module, ctx: RunContext, results: Results) -> None:
+        for (_, layer), fwd in zip(self.materializer.layers, self._saved_forwards, strict=True):
+            layer.forward = fwd
+        if self.store is None:
+            raise UserError("calibration=layerwise: the data gave no calibration batch")
+        n = len(self.materializer.layers)
+        quantized = self.config.propagate == "quantized"
+        fail_after = os.environ.get("NVFP4CAL_FAIL_AFTER_LAYER")  # fault injection for the resume tests
+        bar = tqdm(total=n, initial=self.state.done, desc=f"layers ({self.store.where})", unit="layer",
+                   disable=not ctx.progress)  # fmt: skip
+        for i in range(self.state.done):  # resumed: recompute the inputs of the first unfinished layer
+            layer = self.materializer.enter(i, self.state.load(i))
+            self._forward(layer, i, "quant" if quantized else "off", keep=True)
+            self.materializer.leave(i)
+        for r in self.state.results:
+            self._merge(results, r)
+        for i in range(self.state.done, n):
+            t0 = time.perf_counter()
+            name, layer = self.materializer.layers[i]
+            layer = self.materializer.enter(i)
+            scope = _scope(name, layer)
+            check_finite(scope)
+            _reset_statistics(layer)
+            for _, wq, w in weight_quantizers(scope):
+                wq.calibrate(w)
+            share_global_amax(scope)
+            if self.hessian:
+                enable_hessians(scope)
+            self._forward(layer, i, "calib", keep=not quantized)
+            sync_statistics(scope, ctx.comm)
+            part = Results()
+            for step in self.per_layer:
+                with stage(part.stages, step.name, ctx.device):
+                    step.run(scope, ctx, part)
+            if quantized:
+                self._forward(layer, i, "quant", keep=True)
+            seconds = round(time.perf_counter() - t0, 3)
+            record = {"layer": name, "seconds": seconds, **part.as_dict(), "stages": part.stages}
+            self.state.save(i, layer, record)
+            self._merge(results, record)
+            self.materializer.leave(i)
+            bar.set_postfix_str(f"{name}: {seconds:.1f} s")
+            bar.update(1)
+            if fail_after is not None and int(fail_after) == i:
+                raise RuntimeError(f"NVFP4CAL_FAIL_AFTER_LAYER={fail_after}: stopping after layer {i} on purpose")
+        bar.close()
+        self.store.close()
+
+    def _merge(self, results: Results, record: dict) -> None:
+        """One finished layer's results into the run's."""
+        results.experts += record["experts"]
+        for w, e in record["weights"].items():
+            results.weights.setdefault(w, {}).update(e)
+        if "sweep" in record:
+            s = record["sweep"]
+            if results.sweep is None:
+                results.sweep = {**s, "weights": 0, "blocks": 0, "kernel": []}
+            results.sweep["weights"] += s["weights"]
+            results.sweep["blocks"] += s["blocks"]
+            results.sweep["kernel"] = sorted(set(results.sweep["kernel"]) | set(s["kernel"]))
+            if "fallback" in s:
+                results.sweep["fallback"] = sorted(set(results.sweep.get("fallback", [])) | set(s["fallback"]))
+        for k, v in record["stages"].items():
+            total = results.stages.setdefault(k, {"seconds": 0.0})
+            total["seconds"] = round(total["seconds"] + v["seconds"], 3)
+            for key in ("gpu_peak_gib", "cpu_peak_rss_gib"):
+                if key in v:
+                    total[key] = max(total.get(key, 0.0), v[key])
+        self.layers.append({"layer": record["layer"], "seconds": record["seconds"]})
+
+    def finish(self) -> None:
+        """After a successful export: the progress is no longer needed."""
+        self.state.remove()
