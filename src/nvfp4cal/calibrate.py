@@ -7,10 +7,12 @@ callback (bootstrap -> sweep -> export), then writes the run's report and prints
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 log = logging.getLogger("nvfp4cal")
 
@@ -43,7 +45,7 @@ def build(node: DictConfig, key: str, **runtime):
         return instantiate(node, _convert_="all", **runtime)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        if isinstance(cause, (UserError, OmegaConfBaseException)):
+        if isinstance(cause, (UserError, OmegaConfBaseException, RunStopped)):
             raise cause from err
         if isinstance(cause, TypeError) and "argument" in str(cause):  # an unknown or missing key
             raise UserError(f"{key}: {str(cause).splitlines()[0]} - check the {key}.* keys") from err
@@ -95,7 +97,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     try:
         trainer = build(cfg.trainer, "trainer")
     except Exception as err:  # Lightning's own checks of accelerator, devices, strategy
-        if isinstance(err, UserError):
+        if isinstance(err, (UserError, RunStopped)):
             raise
         cause = err.__cause__ or err
         raise UserError(
@@ -174,7 +176,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
 
     trainer.callbacks.append(PostCalibration(make_steps, results))
     module = CalibrationModule(loaded.model, results, loaded.fill, schedule)
-    trainer.validate(module, datamodule=data, verbose=False)
+    try:
+        trainer.validate(module, datamodule=data, verbose=False)
+    except BaseException:
+        if schedule is not None:
+            schedule.abort()
+        raise
     if schedule is not None:
         schedule.finish()  # the checkpoint is written: the progress kept for a resume goes
 
@@ -267,6 +274,36 @@ def _user_error(err: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """While running: SIGTERM (what SLURM and ``timeout`` send) and SIGINT raise :class:`RunStopped` in
+    the main thread, so the run unwinds as on any error (writers remove their temporary directories;
+    a layerwise run keeps its progress)."""
+    from .evaluate import current_stage
+
+    def stop(signum, frame):
+        raise RunStopped(signum, current_stage())
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_message(err: RunStopped, cfg: DictConfig) -> str:
+    """One line: where the run stopped, that the target is untouched, how to continue."""
+    target = OmegaConf.select(cfg, "export.dir", throw_on_resolution_failure=False)
+    layerwise = str(OmegaConf.select(cfg, "calibration._target_")).endswith("Layerwise")
+    again = (
+        "run the same command with calibration.resume=true to continue from the last finished layer"
+        if layerwise
+        else "run the same command again (calibration=layerwise runs can resume)"
+    )
+    return f"{err}; nothing was written to {target}; {again}"
+
+
 def launch_id() -> str:
     """The same run-directory name on every rank of one launch (``${now:}`` differs between ranks).
 
@@ -299,7 +336,11 @@ def main(cfg: DictConfig) -> float | None:
         log.propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir).report["objective"]["value"]
+        with stop_on_signals():
+            return run(cfg, HydraConfig.get().runtime.output_dir).report["objective"]["value"]
+    except RunStopped as err:
+        print(f"nvfp4cal: {stop_message(err, cfg)}", file=sys.stderr, flush=True)
+        sys.exit(128 + err.signum)
     except Exception as err:  # noqa: BLE001
         msg = _user_error(err)
         if msg is None:

@@ -8,3 +8,13 @@ class UserError(ValueError):
 class ExportError(UserError):
     """A checkpoint that cannot be written as asked (an existing directory, a layout that cannot hold
     the model, a NaN scale byte); nothing is left behind."""
+
+
+class RunStopped(Exception):
+    """SIGTERM or SIGINT arrived: the run stops where it is, cleaning up as for any error."""
+
+    def __init__(self, signum: int, where: str | None):
+        import signal
+
+        self.signum, self.where = signum, where
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" during {where}" if where else ""))

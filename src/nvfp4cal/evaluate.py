@@ -98,15 +98,25 @@ def peak_memory_gib(device: torch.device | None = None) -> dict[str, float]:
     return out
 
 
+_ACTIVE: list[str] = []  # the stages running now, outermost first
+
+
+def current_stage() -> str | None:
+    """The innermost stage running now (what a stop message names)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 @contextmanager
 def stage(stats: dict, name: str, device: torch.device | None = None):
     """Record a stage's wall time and peak memory into ``stats[name]``."""
     if device is not None and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    _ACTIVE.append(name)
     try:
         yield
     finally:
+        _ACTIVE.pop()
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         stats[name] = {"seconds": round(time.perf_counter() - t0, 3), **peak_memory_gib(device)}

@@ -453,7 +453,7 @@ class LayerwiseSchedule:
             self._forward(layer, i, "quant" if quantized else "off", keep=True)
             self.materializer.leave(i)
         for r in self.state.results:
-            self._merge(results, r)
+            self._merge(results, r, resumed=True)
         for i in range(self.state.done, n):
             t0 = time.perf_counter()
             name, layer = self.materializer.layers[i]
@@ -486,7 +486,7 @@ class LayerwiseSchedule:
         bar.close()
         self.store.close()
 
-    def _merge(self, results: Results, record: dict) -> None:
+    def _merge(self, results: Results, record: dict, resumed: bool = False) -> None:
         """One finished layer's results into the run's."""
         results.experts += record["experts"]
         for w, e in record["weights"].items():
@@ -506,7 +506,12 @@ class LayerwiseSchedule:
             for key in ("gpu_peak_gib", "cpu_peak_rss_gib"):
                 if key in v:
                     total[key] = max(total.get(key, 0.0), v[key])
-        self.layers.append({"layer": record["layer"], "seconds": record["seconds"]})
+        self.layers.append({"layer": record["layer"], "seconds": record["seconds"], "resumed": resumed})
+
+    def abort(self) -> None:
+        """After an error or a stop: the cached activations go; the progress stays for a resume."""
+        if self.store is not None:
+            self.store.close()
 
     def finish(self) -> None:
         """After a successful export: the progress is no longer needed."""

@@ -10,7 +10,7 @@ import glob
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 _LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -62,6 +62,8 @@ def hub_texts(
         )
     try:
         ds = datasets.load_dataset(name, config, split=split, cache_dir=str(Path(cache_dir).resolve() / "datasets"))
+    except RunStopped:
+        raise
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line
         raise DataError(f"cannot load {name} from the hub: {str(err).splitlines()[0]}") from err
     return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds

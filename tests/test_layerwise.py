@@ -1,0 +1,96 @@
+"""calibration=layerwise: one decoder layer at a time gives the whole-model checkpoint, byte for byte;
+it resumes after a failure and refuses to resume with other settings."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import MOE_FAMILIES, RECIPES, run_calibrate
+from nvfp4cal.errors import UserError
+from nvfp4cal.reload import read_tensors
+from nvfp4cal.verify import verify
+
+DATA = ["+model.init=per_param", "data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
+
+
+def _same(a, b):
+    """Every file of checkpoint ``a`` equals ``b``'s (a CPU run writes one model.safetensors)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+def _pair(tmp_path, model, recipe, *layerwise):
+    whole = run_calibrate(tmp_path / "whole", [f"model={model}", f"recipe={recipe}", *DATA])
+    lw = run_calibrate(
+        tmp_path / "lw", [f"model={model}", f"recipe={recipe}", *DATA, "calibration=layerwise", *layerwise]
+    )
+    return whole, lw
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", *MOE_FAMILIES])
+def test_every_family_matches_the_whole_model_run(tmp_path, model):
+    whole, lw = _pair(tmp_path, model, "nvfp4_hessian_mse")
+    _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")
+    n_layers = lw.model.config.num_hidden_layers
+    assert lw.report["layers_materialized_at_once"] == 1 and len(lw.report["layers"]) == n_layers
+    assert lw.report["weights"] == whole.report["weights"] and lw.report["experts"] == whole.report["experts"]
+    assert not (tmp_path / "lw" / "ckpt.layerwise").exists()  # the progress goes once the checkpoint is written
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "nvfp4_hessian_mse"])
+def test_every_recipe_matches_the_whole_model_run(tmp_path, recipe):
+    _pair(tmp_path, "tiny_qwen3_moe", recipe)
+    _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")
+
+
+def test_each_offload_matches_the_whole_model_run(tmp_path):
+    run_calibrate(tmp_path / "whole", ["model=tiny_mixtral", "recipe=nvfp4_mse", *DATA])
+    for where in ("auto", "gpu", "cpu", "disk"):
+        out = tmp_path / where
+        r = run_calibrate(
+            out,
+            ["model=tiny_mixtral", "recipe=nvfp4_mse", *DATA, "calibration=layerwise", f"calibration.offload={where}"],
+        )
+        _same(tmp_path / "whole" / "ckpt", out / "ckpt")
+        assert r.report["layers_materialized_at_once"] == 1
+
+
+def test_a_failed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    args = ["model=tiny_qwen3_moe", "recipe=nvfp4_experts_only_mse_fp8_cast_kv", *DATA, "calibration=layerwise"]
+    run_calibrate(tmp_path / "whole", args[:2] + DATA)
+    monkeypatch.setenv("NVFP4CAL_FAIL_AFTER_LAYER", "0")
+    with pytest.raises(RuntimeError, match="stopping after layer 0 on purpose"):
+        run_calibrate(tmp_path / "lw", args)
+    state = tmp_path / "lw" / "ckpt.layerwise"
+    assert json.loads((state / "progress.json").read_text())["done"] == 1
+    assert not (tmp_path / "lw" / "ckpt").exists()  # nothing at the target
+    monkeypatch.delenv("NVFP4CAL_FAIL_AFTER_LAYER")
+    with pytest.raises(UserError, match="calibration.resume=true"):
+        run_calibrate(tmp_path / "lw", args)  # an earlier run's progress is never overwritten
+    other = ["model=tiny_qwen3_moe", "recipe=nvfp4_mse", *DATA, "calibration=layerwise", "calibration.resume=true"]
+    with pytest.raises(UserError, match="made with another recipe"):
+        run_calibrate(tmp_path / "lw", other)
+    r = run_calibrate(tmp_path / "lw", [*args, "calibration.resume=true"])
+    _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")
+    assert [x["resumed"] for x in r.report["layers"]] == [True, False]  # only the unfinished layer ran again
+    assert not state.exists()
+
+
+def test_quantized_propagation_feeds_the_next_layer_w4a4_outputs(tmp_path):
+    args = ["model=tiny_llama", "recipe=nvfp4_mse", *DATA, "calibration=layerwise"]
+    run_calibrate(tmp_path / "plain", args)
+    run_calibrate(tmp_path / "quant", [*args, "calibration.propagate=quantized"])
+    a, b = read_tensors(tmp_path / "plain" / "ckpt"), read_tensors(tmp_path / "quant" / "ckpt")
+    first = "model.layers.0.self_attn.q_proj.input_scale"
+    second = "model.layers.1.self_attn.q_proj.input_scale"
+    assert torch.equal(a[first], b[first])  # the first layer sees the same (embedding) inputs
+    assert not torch.equal(a[second], b[second])  # the second one sees the first one's W4A4 outputs
+    assert verify(tmp_path / "quant" / "ckpt").ok
+
+
+def test_a_model_that_cannot_be_read_row_by_row_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"\+model.init=per_param"):
+        run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", "calibration=layerwise"])
