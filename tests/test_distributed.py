@@ -28,6 +28,17 @@ def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
     assert two.stdout.count("nvfp4cal: tiny_qwen3_moe") == 1  # only rank 0 summarizes
 
 
+def test_ddp_layerwise_is_byte_identical_to_one_process(tmp_path):
+    """calibration=layerwise under ddp: each rank its own samples' activations, statistics reduced per layer."""
+    args = [*COMMON, "+model.init=per_param"]
+    one_process(tmp_path, args, "one")
+    two = torchrun(tmp_path, [*args, "calibration=layerwise", f"export.dir={tmp_path}/two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert not (tmp_path / "two.layerwise").exists()
+
+
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
 def test_a_failing_rank_fails_the_run(tmp_path, trainer):
     r = torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/x"], trainer, NVFP4CAL_FAIL_ON_RANK="1")

@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,6 +331,8 @@ class LayerState:
         self.progress = root / "progress.json"
         self.done = 0
         self.results: list[dict] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4cal-layer-state")
+        self.pending: list = []
         if self.progress.is_file():
             if not resume:
                 raise StateError(
@@ -352,21 +355,36 @@ class LayerState:
         return self.root / f"layer_{i:05d}.pt"
 
     def save(self, i: int, layer: nn.Module, results: dict) -> None:
-        if self.writer:
-            tmp = self._file(i).with_suffix(".tmp")
-            torch.save({n: b.detach().cpu() for n, b in layer.named_buffers()}, tmp)
-            os.replace(tmp, self._file(i))
+        """Record layer ``i`` as finished: its buffers (quantizer state) and results, then the progress
+        file, written in that order on a background thread while the next layer runs (:meth:`flush`)."""
         self.results.append(results)
         self.done = i + 1
-        if self.writer:
+        if not self.writer:
+            return
+        buffers = {n: b.detach().to("cpu", copy=True) for n, b in layer.named_buffers()}
+        progress = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "results": self.results})
+
+        def write():
+            tmp = self._file(i).with_suffix(".tmp")
+            torch.save(buffers, tmp)
+            os.replace(tmp, self._file(i))
             tmp = self.progress.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "results": self.results}))
+            tmp.write_text(progress)
             os.replace(tmp, self.progress)
 
+        self.pending.append(self.pool.submit(write))
+
+    def flush(self) -> None:
+        """Wait for the saves in flight (and raise their errors)."""
+        while self.pending:
+            self.pending.pop(0).result()
+
     def load(self, i: int) -> dict:
+        self.flush()
         return torch.load(self._file(i), map_location="cpu", weights_only=True)
 
     def remove(self) -> None:
+        self.flush()
         if self.writer:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -485,6 +503,7 @@ class LayerwiseSchedule:
                 raise RuntimeError(f"NVFP4CAL_FAIL_AFTER_LAYER={fail_after}: stopping after layer {i} on purpose")
         bar.close()
         self.store.close()
+        self.state.flush()
 
     def _merge(self, results: Results, record: dict, resumed: bool = False) -> None:
         """One finished layer's results into the run's."""
@@ -510,6 +529,11 @@ class LayerwiseSchedule:
 
     def abort(self) -> None:
         """After an error or a stop: the cached activations go; the progress stays for a resume."""
+        if self.state is not None:
+            try:
+                self.state.flush()  # the layers finished so far are on disk before the run ends
+            except Exception as err:  # noqa: BLE001 (the error that stopped the run is the one to report)
+                log.warning("layerwise: saving the progress failed: %s", err)
         if self.store is not None:
             self.store.close()
 
