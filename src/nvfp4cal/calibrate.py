@@ -52,9 +52,10 @@ def build(node: DictConfig, key: str, **runtime):
         raise
 
 
-def calibration_data(cfg: DictConfig, tokenizer):
-    """The run's DataModule from the ``data`` group (also what benchmarks use to see the same tokens)."""
-    return build(cfg.data, "data", tokenizer=tokenizer)
+def calibration_data(cfg: DictConfig, tokenizer, source=None):
+    """The run's DataModule from the ``data`` group (also what benchmarks use to see the same tokens);
+    ``source``: texts given at run time (the Python API) instead of ``data.source``."""
+    return build(cfg.data, "data", tokenizer=tokenizer, **({"source": source} if source is not None else {}))
 
 
 def environment() -> dict[str, str]:
@@ -62,8 +63,12 @@ def environment() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NVFP4CAL_")}
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
-    """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``."""
+def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=None) -> RunResult:
+    """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``.
+
+    The Python API (:mod:`nvfp4cal.api`) passes what it holds already: ``loaded`` (a
+    :class:`~nvfp4cal.models.LoadedModel`) instead of the ``model`` group, ``recipe`` (a Recipe)
+    instead of the ``recipe`` group, ``source`` (a Dataset of texts) instead of ``data.source``."""
     import dataclasses
 
     import lightning as L
@@ -80,7 +85,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     from .sweep import warm_up
 
     t_start = time.perf_counter()
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    given = {"model": loaded is not None, "recipe": recipe is not None, "data.source": source is not None}
+    missing = sorted(
+        k
+        for k in OmegaConf.missing_keys(cfg)
+        if not k.startswith("hydra") and not any(on and (k == g or k.startswith(g + ".")) for g, on in given.items())
+    )
     if missing:
         raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
     run_dir = Path(run_dir)
@@ -114,7 +124,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         asked = cfg.trainer.accelerator
         log.info("calibrating on the %s%s", where, " (trainer.accelerator=auto)" if asked == "auto" else "")
     with stage(stages, "load"):
-        recipe = build(cfg.recipe, "recipe")
+        recipe = recipe if recipe is not None else build(cfg.recipe, "recipe")
         if "NVFP4CAL_KERNEL" in env:  # recorded in the report's environment
             log.info("NVFP4CAL_KERNEL=%s overrides recipe.algorithm.kernel", env["NVFP4CAL_KERNEL"])
             algorithm = dataclasses.replace(recipe.algorithm, kernel=env["NVFP4CAL_KERNEL"])
@@ -122,15 +132,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         if recipe.algorithm.sweep:
             warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
         extra = {}
-        on_meta = "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
+        on_meta = loaded is None and "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
         if holding == "rows" or calibration.layerwise:  # built on the meta device, rows read when needed
             if on_meta:
                 extra["sharded"] = True
             elif calibration.layerwise:
-                raise UserError(f"calibration=layerwise: {cfg.model._target_} cannot build a model on the meta device")
+                what = "a model given as an object" if loaded is not None else cfg.model._target_
+                raise UserError(f"calibration=layerwise: {what} cannot be built on the meta device")
             else:
                 log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
-        loaded = build(cfg.model, "model", **extra)
+        if loaded is None:
+            loaded = build(cfg.model, "model", **extra)
         if calibration.layerwise and loaded.fill is None:
             raise UserError(
                 "calibration=layerwise needs a model read row by row: model=hf, or a tiny model with +model.init=per_param"
@@ -148,7 +160,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     with stage(stages, "plan"):
         export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
 
-    data = calibration_data(cfg, loaded.tokenizer)
+    data = calibration_data(cfg, loaded.tokenizer, source)
     with stage(stages, "data"):
         data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
     eval_batches = data.eval_dataloader if cfg.report.perplexity else None
@@ -165,6 +177,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         eval_batches = None
     else:
         dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
+        loaded.model.__dict__["_nvfp4cal_dtypes"] = dtypes  # for a later nvfp4cal.export of this model
     results = Results()
 
     def make_steps(ctx):
@@ -200,6 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         "environment": env,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **({"given": [g for g, on in given.items() if on]} if any(given.values()) else {}),
     }
     report["wall_seconds"] = round(time.perf_counter() - t_start, 3)  # all of run() until the report
     report["objective"] = {"name": objective_name, "value": objective(report, objective_name)}
@@ -236,7 +250,11 @@ def print_summary(report: dict, run_dir: Path) -> None:
     lines = [
         "",
         f"nvfp4cal: {report['model']} with {report['recipe']}",
-        *(f"  checkpoint : {e.get('dir')} ({e.get('format')} layout)" for e in exports),
+        *(
+            (f"  checkpoint : {e['dir']} ({e['format']} layout)" for e in exports)
+            if report.get("exports")
+            else ["  checkpoint : not written (export.dir=null)"]
+        ),
         f"  quantized  : {report['quantized']} weights ({exp.get('quantized_tensors')} tensors in the export)",
         f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
         f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"

@@ -7,6 +7,7 @@ Prints a short table and exits 1 on any problem, 2 on a usage error.
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 from .export.check import Verdict, verify
@@ -26,6 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{argv[0]}: {'OK' if verdict.ok else 'PROBLEMS'}")
     print(verdict.table())
     return 0 if verdict.ok else 1
+
+
+class _CallableModule(types.ModuleType):
+    """``nvfp4cal.verify`` is this module once it is imported (Python sets the package attribute to
+    the submodule), so the module itself is callable: ``nvfp4cal.verify(dir)`` is :func:`verify`."""
+
+    def __call__(self, ckpt) -> Verdict:
+        return verify(ckpt)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def cli() -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, nvfp4
+from .. import nvfp4
+from ..version import __version__
 from .layout import Layout, fp4_dequantize, update_config
 
 

@@ -28,7 +28,7 @@ from .plan import CheckpointWriter, TensorSource, follow_export, plan_export
 class Export:
     """``export.*``: where and in which layouts the checkpoint is written."""
 
-    dir: str
+    dir: str | None  # None: no checkpoint is written (the Python API exports later)
     format: str = "modelopt"
     overwrite: bool = False
     max_shard_size_gb: float = 5.0
@@ -41,6 +41,8 @@ class Export:
 
     def targets(self) -> list[tuple[Layout, Path]]:
         """(layout, directory) of every checkpoint this export writes."""
+        if self.dir is None:
+            return []
         if self.format == "both":
             return [(layout, Path(self.dir) / name) for name, layout in LAYOUTS.items()]
         return [(LAYOUTS[self.format], Path(self.dir))]
@@ -110,3 +112,18 @@ def export_checkpoints(
         source.close()
     ctx.comm.barrier()
     return done
+
+
+def export_model(model: nn.Module, dir: str | Path, format: str = "modelopt", tokenizer=None, overwrite: bool = False):
+    """Write the checkpoint(s) of a calibrated model (``format``: modelopt, compressed_tensors or both),
+    each verified before it is renamed into place; returns what each wrote. The Python API's
+    ``nvfp4cal.export``."""
+    target = Export(dir=str(dir), format=format, overwrite=overwrite)
+    target.check_targets()
+    dtypes = model.__dict__.get("_nvfp4cal_dtypes")  # the original dtypes of a model computed in fp32
+    return [
+        CheckpointWriter(
+            model, out, layout, tokenizer=tokenizer, overwrite=overwrite, dtypes=dtypes, progress=False
+        ).finish()
+        for layout, out in target.targets()
+    ]
