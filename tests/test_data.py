@@ -1,5 +1,7 @@
 """The LightningDataModule: deterministic, held-out split, clear errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,49 @@ def test_errors(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"body": "abc"}\n')
     with pytest.raises(DataError, match="no 'text' column"):
         local_texts(str(tmp_path / "x.jsonl"), cache_dir=str(tmp_path / "c"))
+
+
+CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def _chat_file(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": "answer " * 30}]}
+            for i in range(30)]  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chat_data_is_rendered_with_the_chat_template(tmp_path):
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT
+    src = local_texts(str(_chat_file(tmp_path)), cache_dir=str(tmp_path / "c"), messages=True)
+    dm = CalibrationData(src, tok, num_samples=4, seq_len=32, eval_samples=1, chat_template=True)
+    dm.setup()
+    rendered = dm._texts(src, "chat.jsonl")
+    assert rendered[0].startswith("<|user|>question 0") and "<|assistant|>answer" in rendered[0]
+    assert dm.stats["sources"]["data"]["tokens"] == sum(len(tok(t).input_ids) + 1 for t in rendered)  # + EOS each
+    assert dm.stats["sources"]["data"]["texts"] == 30
+    with pytest.raises(DataError, match="no chat template"):
+        CalibrationData(src, byte_tokenizer(), chat_template=True).setup()
+    with pytest.raises(DataError, match="'messages' column"):
+        CalibrationData(pydoc_texts(), tok, chat_template=True).setup()  # prose, no chat rows
+
+
+def test_sources_mix_by_weight_deterministically():
+    import datasets
+
+    a = datasets.Dataset.from_dict({"text": ["alpha " * 400] * 20})
+    b = datasets.Dataset.from_dict({"text": ["beta " * 400] * 20})
+    sources = [{"name": "a", "weight": 3, "source": a}, {"name": "b", "weight": 1, "source": b}]
+    dm = CalibrationData(tokenizer=byte_tokenizer(), sources=sources, num_samples=8, seq_len=64, eval_samples=4)
+    dm.setup()
+    st = dm.stats["sources"]
+    assert (st["a"]["calibration"], st["b"]["calibration"]) == (6, 2)
+    assert (st["a"]["held_out"], st["b"]["held_out"]) == (3, 1)
+    assert st["a"]["tokens"] == st["a"]["samples"] * 64 + st["a"]["tokens_dropped"]
+    again = CalibrationData(tokenizer=byte_tokenizer(), sources=sources, num_samples=8, seq_len=64, eval_samples=4)
+    again.setup()
+    assert torch.equal(dm.calib, again.calib) and torch.equal(dm.held_out, again.held_out)
+    with pytest.raises(DataError, match=r"data.sources\[0\].weight"):
+        CalibrationData(tokenizer=byte_tokenizer(), sources=[{"name": "a", "weight": 0, "source": a}])

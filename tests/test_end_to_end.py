@@ -177,3 +177,28 @@ def test_progress_bars_follow_the_trainer(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "MSE sweep" in err and "export:" in err
+
+
+def test_mixed_chat_and_prose_sources_from_the_command_line(tmp_path, monkeypatch):
+    """data=mix: a chat file rendered with the template and the embedded prose, by weight; the report says
+    how much came from where."""
+    rows = [{"messages": [{"role": "user", "content": f"hello {i} " * 30}]} for i in range(20)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = (
+        f"[{{name: chat, weight: 1, source: {{_target_: nvfp4cal.texts.local_texts, path: '{chat}', messages: true}}}},"
+        " {name: prose, weight: 1, source: {_target_: nvfp4cal.texts.pydoc_texts}}]"
+    )
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    from nvfp4cal import models
+
+    tok = models.byte_tokenizer()
+    tok.chat_template = template
+    monkeypatch.setattr(models, "byte_tokenizer", lambda: tok)  # the tiny models' tokenizer, with a template
+    res = run_calibrate(
+        tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", "data=mix", f"data.sources={sources}",
+                   "data.chat_template=true", *SMALL],
+    )  # fmt: skip
+    st = res.report["data"]["sources"]
+    assert (st["chat"]["calibration"], st["prose"]["calibration"]) == (3, 3)
+    assert st["chat"]["texts"] == 20 and st["prose"]["texts"] > 0

@@ -48,7 +48,12 @@ def test_import_contracts_hold():
 OPTIONS = sorted(
     (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name not in ("experiment",)
 )  # fmt: skip
-REQUIRED = {"hf": ["model.path=/x"], "text": ["data.source.path=/x"], "hub": ["data.source.name=x"]}
+REQUIRED = {
+    "hf": ["model.path=/x"],
+    "text": ["data.source.path=/x"],
+    "hub": ["data.source.name=x"],
+    "mix": ["data.sources=[{name: a, weight: 1, source: {_target_: nvfp4cal.texts.pydoc_texts}}]"],
+}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)

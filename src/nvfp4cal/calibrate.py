@@ -204,6 +204,7 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
         "calibration_samples": len(data.calib),
         "held_out_samples": len(data.held_out),
         "seq_len": data.seq_len,
+        "data": data.stats,
         "quantized": len(plan.quantized),
         "excluded_shape": plan.skipped_shape,
         "kv_cache": plan.kv_cache,

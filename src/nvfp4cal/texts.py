@@ -28,8 +28,19 @@ def pydoc_texts():
     return datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
 
 
-def local_texts(path: str, text_field: str = "text", cache_dir: str = ".cache"):
-    """Local text/jsonl/json/parquet files (a path or a glob) through ``datasets``."""
+def _column(ds, text_field: str, messages: bool, where: str):
+    """The one column calibration reads: ``text`` (from ``text_field``) or, for chat data, ``messages``."""
+    field = "messages" if messages else text_field
+    if field not in ds.column_names:
+        hint = "data.chat_template=true reads a 'messages' column" if messages else "set data.source.text_field"
+        raise DataError(f"{where} has no {field!r} column (has {ds.column_names}); {hint}")
+    ds = ds.select_columns([field])
+    return ds.rename_column(field, "text") if field not in ("text", "messages") else ds
+
+
+def local_texts(path: str, text_field: str = "text", cache_dir: str = ".cache", messages: bool = False):
+    """Local text/jsonl/json/parquet files (a path or a glob) through ``datasets``; ``messages``: chat data
+    (a ``messages`` column of ``[{role, content}, ...]``, rendered later with the tokenizer's template)."""
     import datasets
 
     if path in (None, "", "???"):
@@ -45,14 +56,13 @@ def local_texts(path: str, text_field: str = "text", cache_dir: str = ".cache"):
     ds = datasets.load_dataset(
         kind, data_files=files, split="train", cache_dir=str(Path(cache_dir).resolve() / "datasets")
     )
-    if text_field not in ds.column_names:
-        raise DataError(f"{files[0]} has no {text_field!r} column (has {ds.column_names}); set data.source.text_field")
-    return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds
+    return _column(ds, text_field, messages, files[0])
 
 
 def hub_texts(
-    name: str, split: str = "train", text_field: str = "text", config: str | None = None, cache_dir: str = ".cache"
-):
+    name: str, split: str = "train", text_field: str = "text", config: str | None = None, cache_dir: str = ".cache",
+    messages: bool = False,
+):  # fmt: skip
     """A data set from the Hugging Face hub (needs network; fails fast when offline)."""
     import datasets
 
@@ -66,4 +76,4 @@ def hub_texts(
         raise
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line
         raise DataError(f"cannot load {name} from the hub: {str(err).splitlines()[0]}") from err
-    return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds
+    return _column(ds, text_field, messages, name)
