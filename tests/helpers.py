@@ -16,6 +16,9 @@ from nvfp4cal.reload import rebuild_model
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "nvfp4cal" / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+# GPTQ recipes run only layer by layer on quantized inputs; the others run in every mode
+GPTQ_RECIPES = [r for r in RECIPES if "method: gptq" in (CONF / "recipe" / f"{r}.yaml").read_text()]
+WHOLE_MODEL_RECIPES = [r for r in RECIPES if r not in GPTQ_RECIPES]
 TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
 MOE_FAMILIES = [m for m in TINY_MODELS if m != "tiny_llama"]  # every tiny model but the dense one is an MoE
 SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]

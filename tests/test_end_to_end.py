@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import RECIPES, SMALL, check_round_trip, compose, run_calibrate
+from helpers import SMALL, WHOLE_MODEL_RECIPES, check_round_trip, compose, run_calibrate
 from nvfp4cal import nvfp4
 from nvfp4cal.errors import UserError
 from nvfp4cal.experts import QuantExpertsMixin
 from nvfp4cal.quantizers import QuantLinear, set_mode
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", WHOLE_MODEL_RECIPES)
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
 def test_calibrate_export_reload(tmp_path, model, recipe):
     if model == "tiny_llama" and recipe.startswith("nvfp4_experts_only"):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import MOE_FAMILIES, RECIPES, run_calibrate
+from helpers import MOE_FAMILIES, WHOLE_MODEL_RECIPES, run_calibrate
 from nvfp4cal.errors import UserError
 from nvfp4cal.reload import read_tensors
 from nvfp4cal.verify import verify
@@ -40,7 +40,7 @@ def test_every_family_matches_the_whole_model_run(tmp_path, model):
     assert not (tmp_path / "lw" / "ckpt.layerwise").exists()  # the progress goes once the checkpoint is written
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "nvfp4_hessian_mse"])
+@pytest.mark.parametrize("recipe", [r for r in WHOLE_MODEL_RECIPES if r != "nvfp4_hessian_mse"])
 def test_every_recipe_matches_the_whole_model_run(tmp_path, recipe):
     _pair(tmp_path, "tiny_qwen3_moe", recipe)
     _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")

@@ -129,6 +129,11 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
             log.info("NVFP4CAL_KERNEL=%s overrides recipe.algorithm.kernel", env["NVFP4CAL_KERNEL"])
             algorithm = dataclasses.replace(recipe.algorithm, kernel=env["NVFP4CAL_KERNEL"])
             recipe = dataclasses.replace(recipe, algorithm=algorithm)
+        if recipe.algorithm.gptq and not (calibration.layerwise and calibration.propagate == "quantized"):
+            raise UserError(
+                "recipe.algorithm.method=gptq rounds each layer on the inputs its quantized predecessors give it: "
+                "add calibration=layerwise calibration.propagate=quantized"
+            )
         if recipe.algorithm.sweep:
             warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
         extra = {}
@@ -171,7 +176,9 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
         dtypes = {n: t.dtype for n, t in loaded.model.state_dict().items() if t.is_floating_point()}
         fingerprint = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "recipe", "data")}
         fingerprint["calibration.propagate"] = calibration.propagate
-        schedule = LayerwiseSchedule(calibration, loaded.fill, fingerprint, hessian=recipe.algorithm.hessian)
+        schedule = LayerwiseSchedule(
+            calibration, loaded.fill, fingerprint, hessian=recipe.algorithm.hessian, gptq=recipe.algorithm.gptq
+        )
         if eval_batches is not None and trainer.is_global_zero:
             log.info("calibration=layerwise: held-out perplexity is not measured (the weight SQNR is)")
         eval_batches = None

@@ -26,7 +26,6 @@ from torch import nn
 
 from . import nvfp4
 from .errors import UserError
-from .hessian import block_hessian
 from .quantizers import InputQuantizer, WeightQuantizer
 
 
@@ -176,7 +175,7 @@ class QuantExpertsMixin:
                 counts = torch.bincount(expert, minlength=q.hessian.shape[0]).tolist()  # one host sync
                 for e, seg in enumerate(torch.split(rows, counts)):
                     if seg.shape[0]:
-                        q.hessian[e] += block_hessian(seg).to(q.hessian.device, torch.float64)
+                        q.add_hessian(e, seg)
             return x
         if q.mode == "quant" and on:
             return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))

@@ -91,22 +91,23 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
         )
     share_global_amax(model)
     check_quantized(model, plan.quantized)
-    if recipe.algorithm.hessian:
-        enable_hessians(model)
+    if recipe.algorithm.hessian or recipe.algorithm.gptq:
+        enable_hessians(model, full=recipe.algorithm.gptq)
     return plan
 
 
-def enable_hessians(model: nn.Module) -> None:
-    """Every NVFP4 weight's input quantizer accumulates per-block input Hessians during calibration
-    (per expert for fused experts, from its routed tokens only)."""
+def enable_hessians(model: nn.Module, full: bool = False) -> None:
+    """Every NVFP4 weight's input quantizer accumulates input Hessians during calibration: per block of
+    16 channels, or (``full``, GPTQ) over all input channels; per expert for fused experts, from its
+    routed tokens only."""
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-            m.input_quantizer.enable_hessian(m.in_features)
+            m.input_quantizer.enable_hessian(m.in_features, full)
         elif isinstance(m, experts_mod.QuantExpertsMixin):
             if m.gate_up_weight is not None:
-                m.gate_up_input.enable_hessian(m.logical_weight(m.first_proj).shape[-1])
+                m.gate_up_input.enable_hessian(m.logical_weight(m.first_proj).shape[-1], full)
             if m.down_weight is not None:
-                m.down_input.enable_hessian(m.logical_weight("down_proj").shape[-1])
+                m.down_input.enable_hessian(m.logical_weight("down_proj").shape[-1], full)
 
 
 def check_quantized(model: nn.Module, names: list[str]) -> None:

@@ -54,6 +54,7 @@ from .view import check_finite, decoder_layers, sync_statistics, weight_quantize
 
 log = logging.getLogger("nvfp4cal")
 OFFLOADS = ("auto", "gpu", "cpu", "disk")
+CODES = "__codes__"  # in a layer's saved state: the packed E2M1 codes of weights a step rounded (GPTQ)
 PROPAGATIONS = ("unquantized", "quantized")
 Fill = Callable[[str, torch.Tensor, int, int, int], None]
 
@@ -282,6 +283,12 @@ class LayerMaterializer:
             if state is not None:
                 for n, b in layer.named_buffers():
                     b.copy_(state[n])
+                if CODES in state:  # weights rounded by GPTQ: their codes, on the saved block scales
+                    for wname, wq, w in weight_quantizers(_scope(name, layer)):
+                        nib = nvfp4.unpack(state[CODES][wname].to(w.device))
+                        scales = nvfp4.block_scales(wq.block_amax, wq.scale_2_bcast(w.device))
+                        w.copy_(nvfp4.dequantize(nib, scales, wq.scale_2_bcast(w.device)).to(w.dtype))
+                        wq.clear_cache()
         self.real.add(i)
         self.peak = max(self.peak, len(self.real))
         return layer
@@ -354,7 +361,7 @@ class LayerState:
     def _file(self, i: int) -> Path:
         return self.root / f"layer_{i:05d}.pt"
 
-    def save(self, i: int, layer: nn.Module, results: dict) -> None:
+    def save(self, i: int, layer: nn.Module, results: dict, codes: dict | None = None) -> None:
         """Record layer ``i`` as finished: its buffers (quantizer state) and results, then the progress
         file, written in that order on a background thread while the next layer runs (:meth:`flush`)."""
         self.results.append(results)
@@ -362,6 +369,8 @@ class LayerState:
         if not self.writer:
             return
         buffers = {n: b.detach().to("cpu", copy=True) for n, b in layer.named_buffers()}
+        if codes is not None:
+            buffers[CODES] = codes
         progress = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "results": self.results})
 
         def write():
@@ -397,6 +406,7 @@ class LayerwiseSchedule:
     fill: Fill
     fingerprint: dict
     hessian: bool = False
+    gptq: bool = False
     per_layer: list[Step] = field(default_factory=list)  # set by the run: bootstrap, measure, sweep, measure_mse
     layers: list[dict] = field(default_factory=list)  # per-layer seconds, for the report
     store: ActivationStore | None = None
@@ -482,8 +492,8 @@ class LayerwiseSchedule:
             for _, wq, w in weight_quantizers(scope):
                 wq.calibrate(w)
             share_global_amax(scope)
-            if self.hessian:
-                enable_hessians(scope)
+            if self.hessian or self.gptq:
+                enable_hessians(scope, full=self.gptq)
             self._forward(layer, i, "calib", keep=not quantized)
             sync_statistics(scope, ctx.comm)
             part = Results()
@@ -494,7 +504,7 @@ class LayerwiseSchedule:
                 self._forward(layer, i, "quant", keep=True)
             seconds = round(time.perf_counter() - t0, 3)
             record = {"layer": name, "seconds": seconds, **part.as_dict(), "stages": part.stages}
-            self.state.save(i, layer, record)
+            self.state.save(i, layer, record, self._codes(scope) if self.gptq else None)
             self._merge(results, record)
             self.materializer.leave(i)
             bar.set_postfix_str(f"{name}: {seconds:.1f} s")
@@ -505,11 +515,26 @@ class LayerwiseSchedule:
         self.store.close()
         self.state.flush()
 
+    @staticmethod
+    def _codes(scope: nn.Module) -> dict:
+        """The packed E2M1 codes of every NVFP4 weight of a layer (kept when a step changed the weights)."""
+        out = {}
+        for name, wq, w in weight_quantizers(scope):
+            nib, _ = nvfp4.quantize(w.detach(), wq.block_amax.to(w.device), wq.scale_2_bcast(w.device))
+            out[name] = nvfp4.pack(nib).cpu()
+        return out
+
     def _merge(self, results: Results, record: dict, resumed: bool = False) -> None:
         """One finished layer's results into the run's."""
         results.experts += record["experts"]
         for w, e in record["weights"].items():
             results.weights.setdefault(w, {}).update(e)
+        if "gptq" in record:
+            g = record["gptq"]
+            if results.gptq is None:
+                results.gptq = {"weights": 0, "fallback": []}
+            results.gptq["weights"] += g["weights"]
+            results.gptq["fallback"] = sorted(results.gptq["fallback"] + g["fallback"])
         if "sweep" in record:
             s = record["sweep"]
             if results.sweep is None:

@@ -38,23 +38,34 @@ class InputQuantizer(nn.Module):
         self.register_buffer("amax", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seen", torch.zeros(n, dtype=torch.int64))  # rows observed
         self.fixed_scale: torch.Tensor | None = None  # set when rebuilt from an export
-        # per-block input Hessians [n, in/16, 16, 16] (fp64 sums) for the Hessian-weighted sweep
+        # input Hessians: per block of 16 channels [n, in/16, 16, 16] (fp64 sums, the Hessian-weighted
+        # sweep) or whole [n, in, in] (fp32 sums, GPTQ), one per expert for fused experts
         self.hessian: torch.Tensor | None = None
+        self.full_hessian = False
 
-    def enable_hessian(self, in_features: int) -> None:
-        """Accumulate ``sum_t x_b x_b^T`` per block of 16 input channels during calibration (see hessian.py)."""
+    def enable_hessian(self, in_features: int, full: bool = False) -> None:
+        """Accumulate ``sum_t x_b x_b^T`` per block of 16 input channels (``full``: ``sum_t x x^T`` over all
+        input channels, for GPTQ) during calibration (see hessian.py, gptq.py)."""
         if self.hessian is None:
             n, dev = self.amax.numel(), self.amax.device
-            self.hessian = torch.zeros(
-                n, in_features // nvfp4.BLOCK, nvfp4.BLOCK, nvfp4.BLOCK, dtype=torch.float64, device=dev
-            )
+            self.full_hessian = full
+            shape = (n, in_features, in_features) if full else (n, in_features // nvfp4.BLOCK, nvfp4.BLOCK, nvfp4.BLOCK)
+            self.hessian = torch.zeros(shape, dtype=torch.float32 if full else torch.float64, device=dev)
+
+    def add_hessian(self, i: int, x: torch.Tensor) -> None:
+        """Add rows ``x`` [..., in] to Hessian ``i``."""
+        if self.full_hessian:
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            self.hessian[i] += (rows.t() @ rows).to(self.hessian.device)
+        else:
+            self.hessian[i] += block_hessian(x).to(self.hessian.device, torch.float64)
 
     def observe(self, x: torch.Tensor, i: int = 0) -> None:
         if x.numel():
             self.amax[i] = torch.maximum(self.amax[i], x.detach().abs().amax().float())
             self.seen[i] += x.numel() // max(x.shape[-1], 1)
             if self.hessian is not None:
-                self.hessian[i] += block_hessian(x).to(self.hessian.device, torch.float64)
+                self.add_hessian(i, x)
 
     def input_scale(self) -> torch.Tensor:
         """``amax / (6 * 448)`` with the max over all rows of ``amax`` (one scale per tensor/layer)."""

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field, fields
 from .errors import UserError
 
 FORMATS = ("nvfp4",)
-METHODS = ("max", "mse", "hessian_mse")
+METHODS = ("max", "mse", "hessian_mse", "gptq")
 SWEEPS = ("mse", "hessian_mse")  # methods that are an FP8-scale sweep
 KERNELS = ("auto", "reference", "triton")
+GPTQ_KEYS = ("scales", "dampening", "block_columns", "act_order", "min_tokens")  # method: gptq only
+GPTQ_SCALES = ("max", "mse")
 KV_FORMATS = ("fp8_cast",)
 
 
@@ -52,17 +54,32 @@ class Algorithm:
 
     method: str = "max"
     kernel: str = "auto"
+    # method gptq (see gptq.py): block scales from max calibration or the FP8 sweep, then GPTQ rounding
+    scales: str = "mse"
+    dampening: float = 0.01
+    block_columns: int = 128
+    act_order: bool = False
+    min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep plain rounding
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise RecipeError(f"recipe.algorithm.method={self.method!r} unknown; valid: {list(METHODS)}")
         if self.kernel not in KERNELS:
             raise RecipeError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
+        if self.scales not in GPTQ_SCALES:
+            raise RecipeError(f"recipe.algorithm.scales={self.scales!r} unknown; valid: {list(GPTQ_SCALES)}")
+        if not (0 < self.dampening < 1) or self.block_columns < 1 or self.min_tokens < 1:
+            raise RecipeError("recipe.algorithm: dampening must be in (0, 1), block_columns and min_tokens >= 1")
 
     @property
     def sweep(self) -> bool:
         """Run the FP8-scale sweep after max calibration."""
-        return self.method in SWEEPS
+        return self.method in SWEEPS or (self.method == "gptq" and self.scales == "mse")
+
+    @property
+    def gptq(self) -> bool:
+        """Round the weights with GPTQ (full input Hessians, layer by layer on quantized inputs)."""
+        return self.method == "gptq"
 
     @property
     def hessian(self) -> bool:
@@ -116,6 +133,10 @@ def build_recipe(name: str = "custom", rules=(), algorithm=None, kv_cache=None, 
             f"(max: no sweep; {' or '.join(SWEEPS)}: the FP8-scale sweep); remove the key"
         )
     _check_keys(f"recipe {name!r} algorithm", algorithm, Algorithm)
+    if algorithm.get("method", "max") != "gptq" and set(algorithm) & set(GPTQ_KEYS):
+        raise RecipeError(
+            f"recipe {name!r}: algorithm keys {sorted(set(algorithm) & set(GPTQ_KEYS))} belong to method gptq"
+        )
     if kv_cache is not None and kv_cache not in KV_FORMATS:
         raise RecipeError(f"recipe {name!r}: kv_cache {kv_cache!r} unknown; valid: {list(KV_FORMATS)} or null")
     return Recipe(name=name, rules=tuple(parsed), algorithm=Algorithm(**algorithm), kv_cache=kv_cache)

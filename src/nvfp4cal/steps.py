@@ -22,6 +22,7 @@ from .comm import RunContext
 from .evaluate import perplexity, weight_errors
 from .export.targets import Export, early_writers, export_checkpoints
 from .recipe import Algorithm
+from .rounding import gptq_weights
 from .sweep import mse_sweep
 
 log = logging.getLogger("nvfp4cal")
@@ -35,6 +36,7 @@ class Results:
     experts: list[dict] = field(default_factory=list)
     weights: dict[str, dict] = field(default_factory=dict)  # weight -> {"max": errors, "mse": errors}
     sweep: dict | None = None
+    gptq: dict | None = None
     exports: list[dict] = field(default_factory=list)
     perplexity: dict[str, float] = field(default_factory=dict)
     sharding: dict | None = None  # trainer=fsdp: what each rank holds
@@ -43,7 +45,7 @@ class Results:
     def as_dict(self) -> dict:
         out = {"experts": self.experts, "weights": self.weights, "exports": self.exports}
         out["perplexity"] = self.perplexity
-        for key in ("sweep", "sharding", "gpu_peak_gib_per_rank"):
+        for key in ("sweep", "gptq", "sharding", "gpu_peak_gib_per_rank"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -112,6 +114,26 @@ class Sweep(Step):
         results.sweep = mse_sweep(model, ctx, self.algorithm.kernel, hessian=self.algorithm.hessian)
 
 
+class Gptq(Step):
+    """GPTQ rounding of every NVFP4 weight under its full input Hessian (:mod:`nvfp4cal.rounding`)."""
+
+    name = "gptq"
+    per_layer = True
+
+    def __init__(self, algorithm: Algorithm):
+        self.algorithm = algorithm
+
+    def run(self, model, ctx, results):
+        summary, per_weight = gptq_weights(model, ctx, self.algorithm)
+        if results.gptq is None:
+            results.gptq = summary
+        else:  # another layer of a layer-by-layer run
+            results.gptq["weights"] += summary["weights"]
+            results.gptq["fallback"] = sorted(results.gptq["fallback"] + summary["fallback"])
+        for n, e in per_weight.items():
+            results.weights.setdefault(n, {})["gptq"] = e
+
+
 class ExportStep(Step):
     """Writes every checkpoint of ``export``; on one GPU the fixed tensors are written during calibration."""
 
@@ -153,6 +175,8 @@ def post_calibration(
         if evaluate:
             steps.append(Perplexity("perplexity_max", eval_batches, {"max_calibrated": "quant"}))
         steps += [Sweep(algorithm), Measure("measure_mse", "mse", keep=evaluate)]
+    if algorithm.gptq:
+        steps.append(Gptq(algorithm))
     steps.append(ExportStep(export, tokenizer, dtypes))
     if evaluate:
         steps.append(Perplexity("evaluate", eval_batches, {"original": "off", "quantized": "quant"}))

@@ -1,0 +1,75 @@
+"""GPTQ for NVFP4: E2M1 rounding with error feedback under fixed block scales (torch, fp32).
+
+For a weight ``W`` [out, in] with input Hessian ``H = sum_t x_t x_t^T`` [in, in] and per-block steps
+``step[o, b]`` (E4M3 block scale times ``s2``, fixed before: max calibration or the FP8 sweep), GPTQ
+minimises ``tr((W - Q) H (W - Q)^T)`` one column at a time: column ``j`` is rounded to the grid,
+``q_j = sign(w_j) * e2m1_round(|w_j| / step_j) * step_j`` (step of the block holding ``j``), and its
+error, divided by ``U[j, j]``, is spread over the columns not yet rounded through row ``j`` of ``U``,
+the upper Cholesky factor of ``(H + lambda I)^-1`` (``lambda = dampening * mean(diag H)``). Columns
+are processed in groups of ``block_columns`` with the update to later groups applied once per group
+(the lazy batch update); with ``act_order`` columns go by decreasing ``diag H`` while each keeps the
+step of its own block. Channels that never saw input (``H[j, j] = 0``) are rounded plainly.
+
+Every ``Q`` is on the grid of the fixed steps, so packing it gives exactly GPTQ's E2M1 codes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .nvfp4 import BLOCK, e2m1_round
+
+
+def round_to_grid(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``sign(w) * e2m1_round(|w| / step) * step`` element-wise (fp32)."""
+    q = e2m1_round(w.abs() / step) * step
+    return torch.where(w < 0, -q, q)
+
+
+def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` (float64)."""
+    d = w.double() - q.double()
+    return float((d @ h.double() * d).sum())
+
+
+@torch.no_grad()
+def gptq_round(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    steps: torch.Tensor,
+    dampening: float = 0.01,
+    block_columns: int = 128,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """GPTQ-rounded ``w`` [out, in] (fp32, on the grid of ``steps`` [out, in/16]) under ``h`` [in, in]."""
+    out_f, in_f = w.shape
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    col_step = steps.float().repeat_interleave(BLOCK, dim=1)  # [out, in]: each column's step
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h, col_step = w[:, perm], h[perm][:, perm], col_step[:, perm]
+        dead = dead[perm]
+    h.diagonal().add_(dampening * torch.mean(torch.diag(h)))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, in_f, block_columns):
+        i2 = min(i1 + block_columns, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qc = round_to_grid(col, col_step[:, i1 + i])
+            q[:, i1 + i] = qc
+            if dead[i1 + i]:
+                continue  # no input ever reached this channel: nothing to compensate
+            e = (col - qc) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q

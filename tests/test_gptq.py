@@ -1,0 +1,104 @@
+"""GPTQ for NVFP4: the rounding against its definition, and the pipeline layer by layer on quantized inputs."""
+
+import pytest
+import torch
+
+from helpers import run_calibrate
+from nvfp4cal import nvfp4
+from nvfp4cal.errors import UserError
+from nvfp4cal.gptq import gptq_round, hessian_error, round_to_grid
+from nvfp4cal.reload import read_tensors, rebuild_model
+from nvfp4cal.verify import verify
+
+
+def _case(seed, out_f=24, in_f=64, tokens=256, heavy=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    if heavy:
+        w = w * torch.randn(out_f, in_f, generator=g).abs().pow(3)
+    x = torch.randn(tokens, in_f, generator=g) * torch.linspace(0.2, 3.0, in_f)  # channels of unequal scale
+    x[:, : in_f // 4] += x[:, in_f // 4 : in_f // 2]  # correlated channels: where error feedback helps
+    h = x.t() @ x
+    g_amax = w.abs().amax()
+    steps = nvfp4.block_steps(nvfp4.block_amax(w), nvfp4.scale_2(g_amax))
+    return w, h, steps
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("heavy", [False, True])
+def test_gptq_lowers_the_hessian_error_and_stays_on_the_grid(seed, heavy):
+    w, h, steps = _case(seed, heavy=heavy)
+    rtn = round_to_grid(w, steps.repeat_interleave(16, 1))
+    for act_order in (False, True):
+        q = gptq_round(w, h, steps, block_columns=16, act_order=act_order)
+        assert hessian_error(w, q, h) < hessian_error(w, rtn, h)
+        # every value is a code of its block's fixed step: packing gives the codes back exactly
+        step = steps.repeat_interleave(16, 1)
+        assert torch.equal(round_to_grid(q, step), q)
+
+
+def test_lazy_batches_compute_what_one_batch_computes():
+    w, h, steps = _case(7)
+    a = gptq_round(w, h, steps, block_columns=16)
+    b = gptq_round(w, h, steps, block_columns=64)  # every column in one group: no lazy update
+    assert (a != b).float().mean() < 0.01  # the same up to fp32 rounding of the update order
+    assert abs(hessian_error(w, a, h) - hessian_error(w, b, h)) < 1e-3 * hessian_error(w, b, h)
+
+
+def test_no_correlation_means_plain_rounding():
+    """With H = I every column's error stays where it is: GPTQ is round-to-nearest."""
+    w, _, steps = _case(3)
+    q = gptq_round(w, torch.eye(w.shape[1]), steps)
+    assert torch.equal(q, round_to_grid(w, steps.repeat_interleave(16, 1)))
+
+
+def test_dead_channels_are_rounded_plainly():
+    w, h, steps = _case(5)
+    h[:, :16] = 0
+    h[:16, :] = 0  # the first block of channels never saw input
+    q = gptq_round(w, h, steps)
+    assert torch.equal(q[:, :16], round_to_grid(w[:, :16], steps[:, :1].repeat_interleave(16, 1)))
+
+
+ARGS = ["+model.init=per_param", "data.num_samples=8", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2",
+        "calibration=layerwise", "calibration.propagate=quantized"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model, recipe", [("tiny_llama", "nvfp4_gptq"), ("tiny_qwen3_moe", "nvfp4_experts_only_gptq_fp8_cast_kv")]
+)
+def test_gptq_pipeline_writes_a_checkpoint_of_its_codes(tmp_path, model, recipe):
+    res = run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *ARGS])
+    ckpt = tmp_path / "ckpt"
+    assert verify(ckpt).ok
+    g = res.report["gptq"]
+    assert g["weights"] == res.report["quantized"]
+    ratios = [e["gptq"]["hessian_error_vs_rtn"] for e in res.report["weights"].values()]
+    assert ratios and all(r <= 1.0 + 1e-6 for r in ratios) and min(ratios) < 1.0
+    # reading the export back gives weights on the grid of the exported scales (what an engine computes)
+    rebuilt = rebuild_model(ckpt)
+    assert sum(p.numel() for p in rebuilt.parameters()) > 0
+    plain = run_calibrate(tmp_path / "mse", [f"model={model}", f"recipe={recipe.replace('gptq', 'mse')}", *ARGS])
+    a, b = read_tensors(ckpt), read_tensors(tmp_path / "mse" / "ckpt")
+    packed = [k for k in a if k.endswith(".weight") and a[k].dtype == torch.uint8]
+    assert any(not torch.equal(a[k], b[k]) for k in packed)  # GPTQ changed codes
+    assert plain.report["weights"]
+
+
+def test_gptq_outside_layerwise_quantized_propagation_is_refused(tmp_path):
+    with pytest.raises(UserError, match="calibration.propagate=quantized"):
+        run_calibrate(
+            tmp_path, ["model=tiny_llama", "recipe=nvfp4_gptq", "calibration=layerwise", "+model.init=per_param"]
+        )
+
+
+def test_a_gptq_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    args = ["model=tiny_llama", "recipe=nvfp4_gptq", *ARGS]
+    run_calibrate(tmp_path / "straight", args)
+    monkeypatch.setenv("NVFP4CAL_FAIL_AFTER_LAYER", "0")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_calibrate(tmp_path / "resumed", args)
+    monkeypatch.delenv("NVFP4CAL_FAIL_AFTER_LAYER")
+    run_calibrate(tmp_path / "resumed", [*args, "calibration.resume=true"])  # layer 0 replayed from its codes
+    a, b = tmp_path / "straight" / "ckpt", tmp_path / "resumed" / "ckpt"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
