@@ -27,7 +27,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_recipe(model: str, recipe: str, trainer: str, data: list[str], extra: list[str]) -> dict:
+def run_recipe(
+    model: str, recipe: str, trainer: str, data: list[str], extra: list[str], keep: str | None = None
+) -> dict:
     from hydra import compose, initialize_config_module
 
     from nvfp4cal.calibrate import run
@@ -42,12 +44,17 @@ def run_recipe(model: str, recipe: str, trainer: str, data: list[str], extra: li
                 f"model={model}",
                 f"recipe={recipe}",
                 f"trainer={trainer}",
-                f"export.dir={tmp}/ckpt",
+                f"export.dir={Path(keep) / recipe if keep else Path(tmp) / 'ckpt'}",
                 *data,
                 *extra,
             ],
         )
-        return run(cfg, Path(tmp) / "run").report
+        rep = run(cfg, Path(tmp) / "run").report
+        if "quantized" not in rep["perplexity"]:  # a layer-by-layer run measures none: score its export
+            dm = tokens(model, data)[2]
+            rep["perplexity"]["quantized"] = judge(rep["exports"][0]["dir"], dm)
+            rep["perplexity"]["original"] = perplexity_of(model, dm)
+        return rep
 
 
 def tokens(model: str, data: list[str]):
@@ -62,6 +69,19 @@ def tokens(model: str, data: list[str]):
     dm = calibration_data(cfg, instantiate(cfg.model, _convert_="all").tokenizer)
     dm.setup("validate")
     return dm.calib, dm.held_out, dm
+
+
+def perplexity_of(model: str, dm) -> float:
+    """Held-out perplexity of the original model (fp32)."""
+    import torch
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from nvfp4cal.evaluate import perplexity
+
+    with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
+        cfg = compose(config_name="calibrate", overrides=[f"model={model}"])
+    return perplexity(instantiate(cfg.model, _convert_="all").model.to(torch.float32), dm.eval_dataloader(), "off")
 
 
 def judge(ckpt: str, dm) -> float:

@@ -48,7 +48,7 @@ def test_every_recipe_matches_the_whole_model_run(tmp_path, recipe):
 
 def test_each_offload_matches_the_whole_model_run(tmp_path):
     run_calibrate(tmp_path / "whole", ["model=tiny_mixtral", "recipe=nvfp4_mse", *DATA])
-    for where in ("auto", "gpu", "cpu", "disk"):
+    for where in ("auto", "cpu", "disk"):  # (gpu: the device's memory, on a CPU run the same as cpu)
         out = tmp_path / where
         r = run_calibrate(
             out,

@@ -93,7 +93,7 @@ def test_sigterm_from_outside_exits_with_one_line(tmp_path):
     for line in p.stdout:  # wait until the run has started its work
         if "calibrating on the" in line:
             break
-    time.sleep(1.0)
+    time.sleep(0.3)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]

@@ -197,8 +197,9 @@ def smollm2_dir(cache_dir: str) -> Path:
     return out
 
 
-def load_smollm2(cache_dir: str = ".cache", dtype: str = "bfloat16") -> LoadedModel:
-    loaded = load_hf(str(smollm2_dir(cache_dir)), dtype=dtype)
+def load_smollm2(cache_dir: str = ".cache", dtype: str = "bfloat16", sharded: bool = False) -> LoadedModel:
+    """The embedded SmolLM2-135M (``sharded``: built on the meta device, read row by row, see :func:`load_hf`)."""
+    loaded = load_hf(str(smollm2_dir(cache_dir)), dtype=dtype, sharded=sharded)
     loaded.name = "smollm2-135m"
     return loaded
 
