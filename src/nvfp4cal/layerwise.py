@@ -27,6 +27,7 @@ continues from there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -415,8 +416,6 @@ class LayerwiseSchedule:
 
     def context(self, model: nn.Module, ctx: RunContext) -> RunContext:
         """Set up on the run's device; the context's tensor source becomes the layer-by-layer one."""
-        import dataclasses
-
         upcast = ctx.device.type == "cpu" and any(
             p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
         )
@@ -474,6 +473,7 @@ class LayerwiseSchedule:
         n = len(self.materializer.layers)
         quantized = self.config.propagate == "quantized"
         fail_after = os.environ.get("NVFP4CAL_FAIL_AFTER_LAYER")  # fault injection for the resume tests
+        quiet = dataclasses.replace(ctx, progress=False)  # one bar over layers, none per step and layer
         bar = tqdm(total=n, initial=self.state.done, desc=f"layers ({self.store.where})", unit="layer",
                    disable=not ctx.progress)  # fmt: skip
         for i in range(self.state.done):  # resumed: recompute the inputs of the first unfinished layer
@@ -499,7 +499,7 @@ class LayerwiseSchedule:
             part = Results()
             for step in self.per_layer:
                 with stage(part.stages, step.name, ctx.device):
-                    step.run(scope, ctx, part)
+                    step.run(scope, quiet, part)
             if quantized:
                 self._forward(layer, i, "quant", keep=True)
             seconds = round(time.perf_counter() - t0, 3)
