@@ -40,6 +40,14 @@ def test_every_family_matches_the_whole_model_run(tmp_path, model):
     assert not (tmp_path / "lw" / "ckpt.layerwise").exists()  # the progress goes once the checkpoint is written
 
 
+def test_a_bf16_model_computed_in_fp32_matches_the_whole_model_run(tmp_path):
+    """On a CPU both modes compute in fp32: each layer is drawn in bf16 (every time) and then upcast."""
+    args = ["model=tiny_qwen3_moe", "recipe=nvfp4_mse", *DATA, "model.dtype=bfloat16"]
+    run_calibrate(tmp_path / "whole", args)
+    run_calibrate(tmp_path / "lw", [*args, "calibration=layerwise"])
+    _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")
+
+
 @pytest.mark.parametrize("recipe", [r for r in WHOLE_MODEL_RECIPES if r != "nvfp4_hessian_mse"])
 def test_every_recipe_matches_the_whole_model_run(tmp_path, recipe):
     _pair(tmp_path, "tiny_qwen3_moe", recipe)

@@ -241,6 +241,7 @@ class LayerMaterializer:
     def __init__(self, model: nn.Module, fill: Fill, device: torch.device, upcast: bool):
         self.model, self.fill, self.device, self.upcast = model, fill, device, upcast
         self.layers = decoder_layers(model)
+        self.dtypes = {n: p.dtype for n, p in model.named_parameters()}  # as loaded (before any fp32 upcast)
         self.real: set[int] = set()
         self.peak = 0
 
@@ -295,12 +296,15 @@ class LayerMaterializer:
         return layer
 
     def leave(self, i: int) -> None:
-        _, layer = self.layers[i]
+        name, layer = self.layers[i]
         clear_caches(layer)
         for m in layer.modules():
             if isinstance(m, InputQuantizer):
                 m.hessian = None
         layer.to("meta")
+        for n, p in layer.named_parameters():  # back to the loaded dtype: the next fill rounds as the first did
+            if p.dtype != self.dtypes[f"{name}.{n}"]:
+                p.data = p.data.to(self.dtypes[f"{name}.{n}"])
         self.real.discard(i)
 
 

@@ -19,6 +19,7 @@ import torch
 from accelerate import init_empty_weights
 
 from .errors import UserError
+from .source_formats import SCALE_SUFFIX, dequantize_rows, source_format
 from .view import model_tensors, saved_layout
 
 log = logging.getLogger("nvfp4cal")
@@ -76,10 +77,14 @@ def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False, sha
     if not (p / "config.json").is_file():
         raise ModelError(f"model.path {p} has no config.json; is it a Hugging Face model directory?")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    raw = json.loads((p / "config.json").read_text())
+    fmt = source_format(raw.get("quantization_config"), f"model.path {p}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), **kw)
-        if sharded:
+        if sharded or fmt is not None:  # built on the meta device, filled by our reader
             config = AutoConfig.from_pretrained(str(p), **kw)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config  # plain Linear layers: the weights arrive dequantized
             dt = _dtype(dtype)
             if dt == "auto":
                 dt = getattr(config, "dtype", None) or torch.float32
@@ -87,14 +92,36 @@ def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False, sha
             model = _on_meta(
                 lambda: AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
             )
-            fill = CheckpointRows(p, model)
+            fill = CheckpointRows(p, model, fmt)
+            if not sharded:  # the whole model, here
+                _fill_all(model, fill)
+                fill = None
         else:
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=_dtype(dtype), **kw)
             fill = None
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load {p}: {str(err).splitlines()[0]}") from err
     model.eval()
+    if fmt is not None:
+        model.__dict__["_nvfp4cal_source_format"] = fmt  # the export names it in its producer metadata
+        log.info("model.path %s: %s weights (blocks %s) dequantized to %s as read", p, fmt["quant_method"],
+                 fmt["weight_block_size"], next(model.parameters()).dtype)  # fmt: skip
     return LoadedModel(model, tokenizer, p.name, fill)
+
+
+def _fill_all(model: torch.nn.Module, fill) -> None:
+    """Make a meta-device model real on the CPU from ``fill`` (tied parameters read once, tied again)."""
+    params = list(model.named_parameters())  # before to_empty: tied parameters appear once
+    keep = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for n, b in keep.items():
+            model.get_buffer(n).copy_(b)
+        for n, _ in params:
+            p = model.get_parameter(n)
+            rows = p.shape[0] if p.dim() else 1
+            fill(n, p, 0, rows, rows)
+    model.tie_weights()
 
 
 class CheckpointRows:
@@ -105,7 +132,8 @@ class CheckpointRows:
     asked for are read. Persistent buffers (e.g. a router's score bias) are loaded whole right away.
     """
 
-    def __init__(self, path: Path, model: torch.nn.Module):
+    def __init__(self, path: Path, model: torch.nn.Module, format: dict | None = None):
+        self.format = format  # a quantized source (source_formats.source_format), or None
         index = path / "model.safetensors.index.json"
         if index.is_file():
             files = {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
@@ -128,7 +156,7 @@ class CheckpointRows:
         with torch.no_grad():
             for name, pieces in self.pieces.items():
                 if name in buffers:
-                    buffers[name].copy_(self._file(pieces[0][0]).get_tensor(pieces[0][0]))
+                    buffers[name].copy_(self._file(pieces[0][0]).get_tensor(pieces[0][0]).to(buffers[name].dtype))
 
     def _file(self, saved: str):
         from safetensors import safe_open
@@ -138,23 +166,35 @@ class CheckpointRows:
             self.handles[f] = safe_open(str(f), "pt")
         return self.handles[f]
 
+    def _rows(self, saved: str, a: int, b: int, dtype) -> torch.Tensor:
+        """Rows ``[a, b)`` of saved tensor ``saved`` (a 0-d one whole), dequantized when the source is FP8."""
+        t = self._file(saved).get_slice(saved)
+        scale = saved + SCALE_SUFFIX
+        if self.format is None or scale not in self.files:
+            return t[:] if not t.get_shape() else t[a:b]
+        br = self.format["weight_block_size"][0]
+        s = self._file(scale).get_slice(scale)[a // br : (b - 1) // br + 1] if b > a else None
+        q = t[a:b]
+        return dequantize_rows(q, s, a, self.format["weight_block_size"], dtype) if s is not None else q.to(dtype)
+
     def __call__(self, name: str, out: torch.Tensor, start: int, stop: int, total: int) -> None:
         pieces = self.pieces.get(name)
         if not pieces:
             raise ModelError(f"the checkpoint holds no tensor for parameter {name}")
         for saved, s in pieces:
-            t = self._file(saved).get_slice(saved)
+            n = self._file(saved).get_slice(saved).get_shape()
+            n = n[0] if n else 1
             if out.dim() == 0:
-                out.copy_(t[:])
+                out.copy_(self._rows(saved, 0, 1, out.dtype))
             elif s.expert is not None:  # one expert's rows of a fused [E, rows, in] parameter
                 if start <= s.expert < stop:
-                    out[s.expert - start, s.start : s.stop].copy_(t[:])
+                    out[s.expert - start, s.start : s.stop].copy_(self._rows(saved, 0, n, out.dtype))
             elif s.full:
-                out.copy_(t[start:stop])
+                out.copy_(self._rows(saved, start, stop, out.dtype))
             else:  # rows [s.start, s.stop) of dim 0
                 a, b = max(start, s.start), min(stop, s.stop)
                 if a < b:
-                    out[a - start : b - start].copy_(t[a - s.start : b - s.start])
+                    out[a - start : b - start].copy_(self._rows(saved, a - s.start, b - s.start, out.dtype))
 
 
 def _smollm2_gguf() -> Path:

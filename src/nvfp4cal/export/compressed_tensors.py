@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import nvfp4
-from ..version import __version__
-from .layout import Layout, fp4_dequantize, update_config
+from .layout import Layout, fp4_dequantize, producer, update_config
 
 
 def _reciprocal(s: torch.Tensor) -> torch.Tensor:
@@ -46,7 +45,7 @@ def _fp4_args(dynamic) -> dict:
     }
 
 
-def quantization_config(kv_cache: bool, excluded: list[str]) -> dict:
+def quantization_config(kv_cache: bool, excluded: list[str], source: dict | None = None) -> dict:
     """config.json's ``quantization_config`` for an NVFP4 W4A4 checkpoint in this layout."""
     kv = None
     if kv_cache:
@@ -70,7 +69,7 @@ def quantization_config(kv_cache: bool, excluded: list[str]) -> dict:
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
-        "producer": {"name": "nvfp4cal", "version": __version__},
+        "producer": producer(source),
     }
 
 
@@ -101,8 +100,8 @@ class CompressedTensors(Layout):
     def kv_value(self):
         return torch.ones(1, dtype=torch.float32)
 
-    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
-        update_config(tmp, quantization_config(kv_cache, excluded))
+    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str], source: dict | None = None) -> None:
+        update_config(tmp, quantization_config(kv_cache, excluded, source))
 
     def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
         """(excluded-module patterns, FP8 KV cache) from config.json's ``quantization_config``."""

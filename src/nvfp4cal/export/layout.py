@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import nvfp4
+from ..version import __version__
 
 # Sibling projections that engines fuse and that must share one weight_scale_2.
 FUSED_SCALE_GROUPS = (
@@ -74,8 +75,9 @@ class Layout:
         raise NotImplementedError
 
     # -- config files -------------------------------------------------------------------------------
-    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
-        """Write this layout's config files into ``tmp`` (config.json is there already)."""
+    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str], source: dict | None = None) -> None:
+        """Write this layout's config files into ``tmp`` (config.json is there already); ``source``: the
+        quantization the source checkpoint carried (named in the producer metadata)."""
         raise NotImplementedError
 
     def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
@@ -113,6 +115,14 @@ class Layout:
         packed, scale = self.suffixes[:2]
         names = set(names)
         return any(n.endswith(packed) and n.removesuffix(packed) + scale in names for n in names)
+
+
+def producer(source: dict | None = None) -> dict:
+    """The ``producer`` entry of the quantization configs (with the source's format when it had one)."""
+    out = {"name": "nvfp4cal", "version": __version__}
+    if source is not None:
+        out["source_quantization"] = source
+    return out
 
 
 def update_config(tmp: Path, quantization_config: dict) -> None:

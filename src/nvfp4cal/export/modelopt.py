@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 from .. import nvfp4
-from ..version import __version__
-from .layout import Layout, fp4_dequantize, update_config
+from .layout import Layout, fp4_dequantize, producer, update_config
 
 
-def quant_config(kv_cache: bool, excluded: list[str]) -> dict:
+def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None) -> dict:
     """``hf_quant_config.json``: ModelOpt's own file (TensorRT-LLM reads it; vLLM only when config.json
     carries no ``quantization_config``)."""
     return {
-        "producer": {"name": "nvfp4cal", "version": __version__},
+        "producer": producer(source),
         "quantization": {
             "quant_algo": "NVFP4",
             "group_size": nvfp4.BLOCK,
@@ -47,7 +46,7 @@ def _fp4_args() -> dict:
     return {"dynamic": False, "num_bits": 4, "type": "float", "group_size": nvfp4.BLOCK}
 
 
-def config_json_quantization(kv_cache: bool, excluded: list[str]) -> dict:
+def config_json_quantization(kv_cache: bool, excluded: list[str], source: dict | None = None) -> dict:
     """config.json's ``quantization_config``, field for field what ModelOpt's export writes there.
 
     vLLM and SGLang read this dict, not ``hf_quant_config.json``, when it is present: the unquantized
@@ -61,7 +60,7 @@ def config_json_quantization(kv_cache: bool, excluded: list[str]) -> dict:
     }
     if kv_cache:
         qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
-    qc["producer"] = {"name": "nvfp4cal", "version": __version__}
+    qc["producer"] = producer(source)
     qc["quant_method"] = "modelopt"
     return qc
 
@@ -92,9 +91,9 @@ class ModelOpt(Layout):
     def kv_value(self):
         return torch.tensor(1.0, dtype=torch.float32)
 
-    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str]) -> None:
-        (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config(kv_cache, excluded), indent=2))
-        update_config(tmp, config_json_quantization(kv_cache, excluded))
+    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str], source: dict | None = None) -> None:
+        (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config(kv_cache, excluded, source), indent=2))
+        update_config(tmp, config_json_quantization(kv_cache, excluded, source))
 
     def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
         """(excluded-module patterns, FP8 KV cache) of a modelopt checkpoint, read where engines read them.

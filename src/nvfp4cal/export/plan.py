@@ -282,7 +282,8 @@ class CheckpointWriter:
             if self.n > 1:
                 write_index(self.tmp, weight_map, self.early_result[1] + late[1])
             save_config(self.model, self.tmp)
-            self.layout.configure(self.tmp, self.kv_cache, self.excluded)
+            source = self.model.__dict__.get("_nvfp4cal_source_format")  # a quantized source checkpoint
+            self.layout.configure(self.tmp, self.kv_cache, self.excluded, source)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(self.tmp)
             if self.tokenizer is not None:
