@@ -34,25 +34,15 @@ def run_recipe(
 
     from nvfp4cal.calibrate import run
 
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        initialize_config_module(config_module="nvfp4cal.conf", version_base=None),
-    ):
-        cfg = compose(
-            config_name="calibrate",
-            overrides=[
-                f"model={model}",
-                f"recipe={recipe}",
-                f"trainer={trainer}",
-                f"export.dir={Path(keep) / recipe if keep else Path(tmp) / 'ckpt'}",
-                *data,
-                *extra,
-            ],
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(keep) / recipe if keep else Path(tmp) / "ckpt"
+        with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
+            overrides = [f"model={model}", f"recipe={recipe}", f"trainer={trainer}", f"export.dir={out}", *data, *extra]
+            cfg = compose(config_name="calibrate", overrides=overrides)
         rep = run(cfg, Path(tmp) / "run").report
-        if "quantized" not in rep["perplexity"]:  # a layer-by-layer run measures none: score its export
+        if "quantized" not in rep["perplexity"]:  # a layer-by-layer run measures none: the judge scores its export
             dm = tokens(model, data)[2]
-            rep["perplexity"]["quantized"] = judge(rep["exports"][0]["dir"], dm)
+            rep["perplexity"]["quantized"] = judge(str(out), dm)
             rep["perplexity"]["original"] = perplexity_of(model, dm)
         return rep
 
