@@ -5,6 +5,9 @@ import pytest
 from helpers import one_process, torchrun
 from nvfp4cal.comm import RunContext
 
+# the torchrun tests share one pytest-xdist worker: two at once would run 4-6 ranks on 2 cores
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 COMMON = [
     "model=tiny_qwen3_moe",
     "recipe=nvfp4_mlp_only_mse_fp8_cast_kv",

@@ -173,7 +173,7 @@ def test_failed_second_layout_leaves_no_temporary_dir(tmp_path, monkeypatch):
     from helpers import run_calibrate
     from nvfp4cal.export.compressed_tensors import COMPRESSED_TENSORS
 
-    def broken(tmp, kv_cache, excluded):
+    def broken(*_):
         raise ExportError("injected failure")
 
     monkeypatch.setattr(COMPRESSED_TENSORS, "configure", broken)

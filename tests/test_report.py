@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import ROOT, run_calibrate
@@ -77,6 +78,7 @@ def test_max_recipe_without_perplexity(tmp_path):
     assert res.report["plots"] == ["sqnr_per_layer.png"]  # dense: no expert heatmap
 
 
+@pytest.mark.xdist_group("torchrun")  # a subprocess: kept off the other worker
 def test_multirun_and_tabulate(tmp_path, capsys):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [

@@ -11,6 +11,9 @@ from helpers import one_process, torchrun
 from nvfp4cal.comm import rows
 from nvfp4cal.models import CheckpointRows, RandomRows, build_tiny
 
+# the torchrun tests share one pytest-xdist worker: two at once would run 4-6 ranks on 2 cores
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 ARGS = [
     "recipe=nvfp4_mse",  # every Linear and the experts: row-sharded Linears and expert-sharded experts
     "data.num_samples=6",
