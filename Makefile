@@ -35,7 +35,7 @@ calibrate: install ## quantize the embedded default model (SmolLM2-135M upcycled
 	$(PY) -m nvfp4cal.calibrate $(ARGS)
 
 test: install ## run the tests (CPU, one pytest-xdist worker per core, subprocess tests on one of them; slow, GPU and engine tests are skipped)
-	$(PY) -m pytest -n auto --dist loadgroup -m "not slow and not gpu and not engines" $(ARGS)
+	$(PY) -m pytest -n 3 --dist loadgroup -m "not slow and not gpu and not engines" $(ARGS)
 
 test-engines: install ## vLLM's CPU build (own venv under .cache/engines, ~3 min the first time) loads and runs our checkpoints
 	$(PY) -m pytest -m engines tests/engines -s $(ARGS)
