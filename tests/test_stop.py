@@ -67,7 +67,7 @@ def test_stop_during_the_export(tmp_path, monkeypatch):
 
 
 def test_stop_during_a_layerwise_run_keeps_only_its_progress(tmp_path, monkeypatch):
-    from nvfp4cal.layerwise import LayerState
+    from nvfp4cal.layer_state import LayerState
 
     _signal_in(monkeypatch, LayerState, "save", after_calls=1)
     args = [*ARGS, "+model.init=per_param", "calibration=layerwise", "calibration.offload=disk"]

@@ -28,13 +28,10 @@ continues from there.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,25 +40,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import nvfp4
+from .activations import ActivationStore, choose_offload, nbytes
 from .comm import RunContext
 from .errors import UserError
 from .evaluate import stage
 from .experts import QuantExpertsMixin
 from .export.plan import TensorSource
 from .insert import enable_hessians, share_global_amax
+from .layer_state import CODES, LayerState
 from .quantizers import InputQuantizer, KVCastQuantizer, clear_caches, set_mode
 from .steps import Results, Step
 from .view import check_finite, decoder_layers, sync_statistics, weight_quantizers
 
 log = logging.getLogger("nvfp4cal")
 OFFLOADS = ("auto", "gpu", "cpu", "disk")
-CODES = "__codes__"  # in a layer's saved state: the packed E2M1 codes of weights a step rounded (GPTQ)
 PROPAGATIONS = ("unquantized", "quantized")
 Fill = Callable[[str, torch.Tensor, int, int, int], None]
-
-
-class StateError(UserError):
-    pass
 
 
 @dataclass
@@ -86,111 +80,6 @@ class Layerwise:
             raise UserError(f"calibration.offload={self.offload!r} unknown; use one of {list(OFFLOADS)}")
         if self.propagate not in PROPAGATIONS:
             raise UserError(f"calibration.propagate={self.propagate!r} unknown; use one of {list(PROPAGATIONS)}")
-
-
-def _nbytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
-    return 0
-
-
-def _to(obj, device: torch.device, pin: bool = False):
-    """``obj`` (tensors in lists, tuples, dicts) on ``device``, the same tensor moved once."""
-    memo: dict[int, torch.Tensor] = {}
-
-    def move(o):
-        if isinstance(o, torch.Tensor):
-            if id(o) not in memo:
-                t = o.detach().to(device)
-                memo[id(o)] = t.pin_memory() if pin and t.device.type == "cpu" else t
-            return memo[id(o)]
-        if isinstance(o, tuple):
-            return tuple(move(x) for x in o)
-        if isinstance(o, list):
-            return [move(x) for x in o]
-        if isinstance(o, dict):
-            return {k: move(v) for k, v in o.items()}
-        return o
-
-    return move(obj)
-
-
-class ActivationStore:
-    """Per calibration batch: the current layer's input hidden states and every layer's keyword inputs.
-
-    ``where``: ``gpu`` (the compute device), ``cpu`` (pinned when computing on a GPU) or ``disk``
-    (one file per batch under ``root``, read back memory-mapped).
-    """
-
-    def __init__(self, where: str, device: torch.device, root: Path):
-        self.where, self.device, self.root = where, device, root
-        self.items: list = []
-        if where == "disk":
-            root.mkdir(parents=True, exist_ok=True)
-
-    def _put(self, i: int, item) -> None:
-        if self.where == "disk":
-            path = self.root / f"batch_{i:06d}.pt"
-            tmp = path.with_suffix(".tmp")
-            torch.save(_to(item, torch.device("cpu")), tmp)
-            os.replace(tmp, path)
-            item = path
-        elif self.where == "cpu":
-            item = _to(item, torch.device("cpu"), pin=self.device.type == "cuda")
-        else:
-            item = _to(item, self.device)
-        if i == len(self.items):
-            self.items.append(item)
-        else:
-            self.items[i] = item
-
-    def add(self, hidden: torch.Tensor, layer_kwargs: list[dict]) -> None:
-        self._put(len(self.items), (hidden, layer_kwargs))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def get(self, i: int) -> tuple[torch.Tensor, list[dict]]:
-        item = self.items[i]
-        if self.where == "disk":
-            item = torch.load(item, mmap=True, weights_only=False)
-        return _to(item, self.device)
-
-    def set_hidden(self, i: int, hidden: torch.Tensor) -> None:
-        """The next layer's input for batch ``i`` (its keyword inputs stay)."""
-        item = self.items[i]
-        if self.where == "disk":
-            kwargs = torch.load(item, mmap=True, weights_only=False)[1]
-        else:
-            kwargs = item[1]
-        self._put(i, (hidden, kwargs))
-
-    def close(self) -> None:
-        self.items = []
-        if self.where == "disk":
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-def choose_offload(asked: str, estimate: int, device: torch.device) -> str:
-    """``auto``: the device if the activations take at most half of its free memory, else CPU memory
-    if they take at most half of what is available, else files."""
-    if asked != "auto":
-        if asked == "gpu" and device.type != "cuda":
-            return "cpu"  # on a CPU run "the device" is CPU memory
-        return asked
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if estimate <= free // 2:
-            return "gpu"
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        available = 0
-    return "cpu" if estimate <= available // 2 else "disk"
 
 
 class _Recorder(nn.Module):
@@ -335,74 +224,6 @@ class LayerwiseSource(TensorSource):
             self.current = None
 
 
-class LayerState:
-    """The durable progress of a layerwise run: ``progress.json`` and one buffers file per finished layer."""
-
-    def __init__(self, root: Path, fingerprint: dict, resume: bool, writer: bool):
-        self.root, self.fingerprint, self.writer = root, fingerprint, writer
-        self.progress = root / "progress.json"
-        self.done = 0
-        self.results: list[dict] = []
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4cal-layer-state")
-        self.pending: list = []
-        if self.progress.is_file():
-            if not resume:
-                raise StateError(
-                    f"{root} holds the progress of an earlier layerwise run: pass calibration.resume=true "
-                    "to continue it, or remove the directory"
-                )
-            saved = json.loads(self.progress.read_text())
-            differ = [k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k]]
-            if differ:
-                raise StateError(
-                    f"calibration.resume=true: {root} was made with another {', '.join(differ)}; "
-                    "resume with the same settings or remove the directory"
-                )
-            self.done, self.results = saved["done"], saved["results"]
-            log.info("resuming a layerwise run: %d layers done, from %s", self.done, root)
-        elif writer:
-            root.mkdir(parents=True, exist_ok=True)
-
-    def _file(self, i: int) -> Path:
-        return self.root / f"layer_{i:05d}.pt"
-
-    def save(self, i: int, layer: nn.Module, results: dict, codes: dict | None = None) -> None:
-        """Record layer ``i`` as finished: its buffers (quantizer state) and results, then the progress
-        file, written in that order on a background thread while the next layer runs (:meth:`flush`)."""
-        self.results.append(results)
-        self.done = i + 1
-        if not self.writer:
-            return
-        buffers = {n: b.detach().to("cpu", copy=True) for n, b in layer.named_buffers()}
-        if codes is not None:
-            buffers[CODES] = codes
-        progress = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "results": self.results})
-
-        def write():
-            tmp = self._file(i).with_suffix(".tmp")
-            torch.save(buffers, tmp)
-            os.replace(tmp, self._file(i))
-            tmp = self.progress.with_suffix(".tmp")
-            tmp.write_text(progress)
-            os.replace(tmp, self.progress)
-
-        self.pending.append(self.pool.submit(write))
-
-    def flush(self) -> None:
-        """Wait for the saves in flight (and raise their errors)."""
-        while self.pending:
-            self.pending.pop(0).result()
-
-    def load(self, i: int) -> dict:
-        self.flush()
-        return torch.load(self._file(i), map_location="cpu", weights_only=True)
-
-    def remove(self) -> None:
-        self.flush()
-        if self.writer:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
 @dataclass
 class LayerwiseSchedule:
     """The layer-by-layer schedule of one run (see the module docstring)."""
@@ -448,7 +269,7 @@ class LayerwiseSchedule:
         model(input_ids=batch["input_ids"].to(ctx.device), use_cache=False, **extra)
         item = (self._sink["hidden"], [self._sink["kwargs"][i] for i in range(len(self.materializer.layers))])
         if self.store is None:
-            estimate = _nbytes(item[0]) * n_batches + _nbytes(item[1]) * n_batches  # keyword inputs: an upper bound
+            estimate = nbytes(item[0]) * n_batches + nbytes(item[1]) * n_batches  # keyword inputs: an upper bound
             where = choose_offload(self.config.offload, estimate, ctx.device)
             log.info(
                 "layerwise: %d batches of activations, about %.3f GiB: kept %s (calibration.offload=%s)",
