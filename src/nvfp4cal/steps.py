@@ -124,12 +124,7 @@ class Gptq(Step):
         self.algorithm = algorithm
 
     def run(self, model, ctx, results):
-        summary, per_weight = gptq_weights(model, ctx, self.algorithm)
-        if results.gptq is None:
-            results.gptq = summary
-        else:  # another layer of a layer-by-layer run
-            results.gptq["weights"] += summary["weights"]
-            results.gptq["fallback"] = sorted(results.gptq["fallback"] + summary["fallback"])
+        results.gptq, per_weight = gptq_weights(model, ctx, self.algorithm)  # (layers: layerwise merges them)
         for n, e in per_weight.items():
             results.weights.setdefault(n, {})["gptq"] = e
 
