@@ -121,9 +121,8 @@ def export_model(model: nn.Module, dir: str | Path, format: str = "modelopt", to
     target = Export(dir=str(dir), format=format, overwrite=overwrite)
     target.check_targets()
     dtypes = model.__dict__.get("_nvfp4cal_dtypes")  # the original dtypes of a model computed in fp32
+    ctx = RunContext.single()  # one process, no progress bars
     return [
-        CheckpointWriter(
-            model, out, layout, tokenizer=tokenizer, overwrite=overwrite, dtypes=dtypes, progress=False
-        ).finish()
+        target.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes).finish()
         for layout, out in target.targets()
     ]
