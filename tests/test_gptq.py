@@ -102,3 +102,42 @@ def test_a_gptq_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     run_calibrate(tmp_path / "resumed", [*args, "calibration.resume=true"])  # layer 0 replayed from its codes
     a, b = tmp_path / "straight" / "ckpt", tmp_path / "resumed" / "ckpt"
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_a_full_hessian_gives_the_block_hessians_of_its_diagonal():
+    from nvfp4cal.hessian import block_hessian
+    from nvfp4cal.quantizers import InputQuantizer
+
+    x = torch.randn(3, 40, 48, generator=torch.Generator().manual_seed(0))
+    full, blocks = InputQuantizer(), InputQuantizer()
+    full.enable_hessian(48, full=True)
+    blocks.enable_hessian(48)
+    full.observe(x)
+    blocks.observe(x)
+    assert torch.allclose(full.block_hessians([0]), blocks.block_hessians([0]), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(full.block_hessians([0])[0], block_hessian(x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("scales, sweep", [("max", None), ("hessian_mse", "hessian_mse")])
+def test_gptq_on_max_or_hessian_swept_scales(tmp_path, scales, sweep):
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_gptq", f"recipe.algorithm.scales={scales}", *ARGS])
+    assert verify(tmp_path / "ckpt").ok
+    rep = res.report
+    assert rep["gptq"]["weights"] == rep["quantized"]
+    assert (rep.get("sweep") or {}).get("method") == sweep
+    ratios = [e["gptq"]["hessian_error_vs_rtn"] for e in rep["weights"].values()]
+    assert ratios and all(r <= 1.0 + 1e-6 for r in ratios)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_experts_rounded_together_get_what_each_gets_alone(act_order):
+    cases = [_case(s) for s in (11, 12, 13)]
+    cases[1][1][:16, :] = cases[1][1][:, :16] = 0  # one expert with a dead block of channels
+    w, h, steps = (torch.stack(t) for t in zip(*cases, strict=True))
+    together = gptq_round(w, h, steps, block_columns=32, act_order=act_order)
+    for e, (we, he, se) in enumerate(cases):
+        alone = gptq_round(we, he, se, block_columns=32, act_order=act_order)
+        assert (together[e] != alone).float().mean() < 0.01
+        assert abs(hessian_error(we, together[e], he) - hessian_error(we, alone, he)) < 1e-4 * hessian_error(
+            we, alone, he
+        )

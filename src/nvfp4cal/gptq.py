@@ -27,9 +27,14 @@ def round_to_grid(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 
 def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr((W - Q) H (W - Q)^T)`` (float64)."""
+    """``tr((W - Q) H (W - Q)^T)`` (float64), summed over a leading batch of experts if there is one."""
     d = w.double() - q.double()
     return float((d @ h.double() * d).sum())
+
+
+def _gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[e][:, perm[e]]`` for every expert ``e`` of ``x`` [E, rows, in] (``perm`` [E, in])."""
+    return x.gather(-1, perm[:, None, :].expand_as(x))
 
 
 @torch.no_grad()
@@ -41,35 +46,43 @@ def gptq_round(
     block_columns: int = 128,
     act_order: bool = False,
 ) -> torch.Tensor:
-    """GPTQ-rounded ``w`` [out, in] (fp32, on the grid of ``steps`` [out, in/16]) under ``h`` [in, in]."""
-    out_f, in_f = w.shape
+    """GPTQ-rounded ``w`` [out, in] (fp32, on the grid of ``steps`` [out, in/16]) under ``h`` [in, in].
+
+    A leading batch dimension (``w`` [E, out, in], ``h`` [E, in, in], ``steps`` [E, out, in/16]) rounds
+    E independent matrices (the experts of a fused-experts weight) in one pass over the columns: each
+    expert's result is what it would get alone (up to the batched kernels' rounding)."""
+    single = w.dim() == 2
+    if single:
+        w, h, steps = w[None], h[None], steps[None]
+    n, out_f, in_f = w.shape
     w = w.detach().float().clone()
     h = h.detach().float().clone()
-    col_step = steps.float().repeat_interleave(BLOCK, dim=1)  # [out, in]: each column's step
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
-    if perm is not None:
-        w, h, col_step = w[:, perm], h[perm][:, perm], col_step[:, perm]
-        dead = dead[perm]
-    h.diagonal().add_(dampening * torch.mean(torch.diag(h)))
+    col_step = steps.float().repeat_interleave(BLOCK, dim=-1)  # [E, out, in]: each column's step
+    diag = h.diagonal(dim1=-2, dim2=-1)  # a view: writes go to h
+    dead = diag == 0  # [E, in]
+    diag.masked_fill_(dead, 1.0)
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True)  # [E, in]
+        w, col_step, dead = _gather_columns(w, perm), _gather_columns(col_step, perm), dead.gather(-1, perm)
+        h = _gather_columns(h, perm).gather(-2, perm[:, :, None].expand(n, in_f, in_f))
+        diag = h.diagonal(dim1=-2, dim2=-1)
+    diag.add_(dampening * diag.mean(-1, keepdim=True))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    live = (~dead).to(w.dtype)  # 0 where no input ever reached the channel: nothing to compensate
     q = torch.zeros_like(w)
     for i1 in range(0, in_f, block_columns):
         i2 = min(i1 + block_columns, in_f)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[..., i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
+        u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            qc = round_to_grid(col, col_step[:, i1 + i])
-            q[:, i1 + i] = qc
-            if dead[i1 + i]:
-                continue  # no input ever reached this channel: nothing to compensate
-            e = (col - qc) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q
+            col = w1[..., i]  # [E, out]
+            qc = round_to_grid(col, col_step[..., i1 + i])
+            q[..., i1 + i] = qc
+            e = (col - qc) * (live[:, i1 + i] / u1[:, i, i])[:, None]
+            w1[..., i:] -= e[..., None] * u1[:, i, None, i:]
+            err1[..., i] = e
+        w[..., i2:] -= err1 @ u[:, i1:i2, i2:]
+    if act_order:
+        q = _gather_columns(q, torch.argsort(perm, dim=-1))
+    return q[0] if single else q

@@ -52,6 +52,16 @@ class InputQuantizer(nn.Module):
             shape = (n, in_features, in_features) if full else (n, in_features // nvfp4.BLOCK, nvfp4.BLOCK, nvfp4.BLOCK)
             self.hessian = torch.zeros(shape, dtype=torch.float32 if full else torch.float64, device=dev)
 
+    def block_hessians(self, idx: list[int]) -> torch.Tensor:
+        """The per-block Hessians ``H_b`` [len(idx), in/16, 16, 16] (fp32) of entries ``idx``; from a full
+        Hessian they are its 16 x 16 diagonal blocks (GPTQ on Hessian-swept scales)."""
+        h = self.hessian[idx].float()
+        if not self.full_hessian:
+            return h
+        n, f = h.shape[0], h.shape[-1] // nvfp4.BLOCK
+        blocks = h.reshape(n, f, nvfp4.BLOCK, f, nvfp4.BLOCK).diagonal(dim1=1, dim2=3)  # [n, 16, 16, f]
+        return blocks.permute(0, 3, 1, 2).contiguous()
+
     def add_hessian(self, i: int, x: torch.Tensor) -> None:
         """Add rows ``x`` [..., in] to Hessian ``i``."""
         if self.full_hessian:

@@ -18,7 +18,7 @@ METHODS = ("max", "mse", "hessian_mse", "gptq")
 SWEEPS = ("mse", "hessian_mse")  # methods that are an FP8-scale sweep
 KERNELS = ("auto", "reference", "triton")
 GPTQ_KEYS = ("scales", "dampening", "block_columns", "act_order", "min_tokens")  # method: gptq only
-GPTQ_SCALES = ("max", "mse")
+GPTQ_SCALES = ("max", "mse", "hessian_mse")  # how GPTQ's fixed block scales are chosen
 KV_FORMATS = ("fp8_cast",)
 
 
@@ -54,7 +54,8 @@ class Algorithm:
 
     method: str = "max"
     kernel: str = "auto"
-    # method gptq (see gptq.py): block scales from max calibration or the FP8 sweep, then GPTQ rounding
+    # method gptq (see gptq.py): block scales from max calibration, the FP8 sweep or the Hessian-weighted
+    # sweep (scales: max | mse | hessian_mse), then GPTQ rounding
     scales: str = "mse"
     dampening: float = 0.01
     block_columns: int = 128
@@ -74,7 +75,7 @@ class Algorithm:
     @property
     def sweep(self) -> bool:
         """Run the FP8-scale sweep after max calibration."""
-        return self.method in SWEEPS or (self.method == "gptq" and self.scales == "mse")
+        return self.method in SWEEPS or (self.method == "gptq" and self.scales in SWEEPS)
 
     @property
     def gptq(self) -> bool:
@@ -83,8 +84,9 @@ class Algorithm:
 
     @property
     def hessian(self) -> bool:
-        """Weight the sweep by each block's input Hessian (collected during max calibration)."""
-        return self.method == "hessian_mse"
+        """Weight the sweep by each block's input Hessian (collected during max calibration; under GPTQ
+        the diagonal 16 x 16 blocks of its full Hessian)."""
+        return self.method == "hessian_mse" or (self.method == "gptq" and self.scales == "hessian_mse")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The GPTQ step: rounds every NVFP4 weight with :func:`nvfp4cal.gptq.gptq_round` under its input Hessian.
 
 Each weight (each expert of fused experts) gets ``Q = gptq_round(W, H, steps)`` with its fixed block
-steps, and ``W`` is replaced by ``Q`` in place: the export then packs GPTQ's codes, and quant mode
+steps (the experts of one weight rounded together, one pass over the columns for all), and ``W`` is
+replaced by ``Q`` in place: the export then packs GPTQ's codes, and quant mode
 computes with them. Experts (or Linears) whose input saw fewer than ``min_tokens`` rows keep plain
 rounding (``Q = fake_quant(W)``) and are listed. Across data-parallel ranks the weights are split
 like the sweep's (the Hessians were summed first) and each result is broadcast from its owner.
@@ -21,6 +22,44 @@ from .nvfp4 import BLOCK, block_steps, scale_2
 from .recipe import Algorithm
 from .view import weight_inputs, weight_quantizers
 
+EXPERTS_PER_PASS_BYTES = 1 << 30  # experts rounded together: their fp32 Hessians (and factors) up to ~1 GiB
+
+
+def _round_weight(name: str, flat: torch.Tensor, wq, iq, algorithm: Algorithm, fallback: list[str]) -> dict:
+    """GPTQ-round ``flat`` [E, out, in] in place, the experts with enough tokens together (in passes
+    of at most ``EXPERTS_PER_PASS_BYTES`` of Hessians); the others keep plain rounding."""
+    n, dev = flat.shape[0], flat.device
+    g = wq.global_amax.reshape(-1)
+    blk = wq.block_amax.reshape(n, flat.shape[1], -1)
+    per_expert = iq.hessian.shape[0] > 1
+    live = [e for e in range(n) if int(iq.seen[e if per_expert else 0]) >= algorithm.min_tokens]
+    fallback += [f"{name}[{e}]" if n > 1 else name for e in range(n) if e not in live]
+    in_f = flat.shape[-1]
+    per_pass = max(1, EXPERTS_PER_PASS_BYTES // (in_f * in_f * 4))
+    err = sig = h_gptq = h_rtn = 0.0
+    for start in range(0, n, per_pass):
+        chunk = list(range(start, min(start + per_pass, n)))
+        idx = chunk if per_expert else [0] * len(chunk)
+        steps = torch.stack([block_steps(blk[e].to(dev), scale_2(g[e]).to(dev)) for e in chunk])
+        orig = flat[chunk].float()
+        h = iq.hessian[idx].to(dev)
+        plain = round_to_grid(orig, steps.repeat_interleave(BLOCK, dim=-1))
+        q = plain.clone()
+        rows = [i for i, e in enumerate(chunk) if e in live]
+        if rows:
+            q[rows] = gptq_round(orig[rows], h[rows], steps[rows], algorithm.dampening, algorithm.block_columns,
+                                 algorithm.act_order)  # fmt: skip
+        h_gptq += hessian_error(orig, q, h)
+        h_rtn += hessian_error(orig, plain, h)
+        err += float((orig.double() - q.double()).pow(2).sum())
+        sig += float(orig.double().pow(2).sum())
+        flat[chunk] = q.to(flat.dtype)
+    return {
+        "sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"),
+        "rel_mse": err / sig if sig > 0 else 0.0,
+        "hessian_error_vs_rtn": h_gptq / h_rtn if h_rtn > 0 else 1.0,
+    }
+
 
 @torch.no_grad()
 def gptq_weights(model: nn.Module, ctx: RunContext, algorithm: Algorithm) -> tuple[dict, dict]:
@@ -36,30 +75,7 @@ def gptq_weights(model: nn.Module, ctx: RunContext, algorithm: Algorithm) -> tup
         iq = inputs[name]
         flat = w.reshape(-1, *w.shape[-2:])  # [E, out, in] (a Linear: E = 1); a view of the parameter
         if rank == ctx.rank:
-            g = wq.global_amax.reshape(-1)
-            blk = wq.block_amax.reshape(flat.shape[0], flat.shape[1], -1)
-            err = sig = h_gptq = h_rtn = 0.0
-            for e in range(flat.shape[0]):
-                i = e if iq.hessian.shape[0] > 1 else 0
-                steps = block_steps(blk[e].to(flat.device), scale_2(g[e]).to(flat.device))
-                orig = flat[e].float()
-                h = iq.hessian[i].to(flat.device)
-                plain = round_to_grid(orig, steps.repeat_interleave(BLOCK, dim=1))
-                if int(iq.seen[i]) < algorithm.min_tokens:
-                    q = plain
-                    fallback.append(f"{name}[{e}]" if flat.shape[0] > 1 else name)
-                else:
-                    q = gptq_round(orig, h, steps, algorithm.dampening, algorithm.block_columns, algorithm.act_order)
-                h_gptq += hessian_error(orig, q, h)
-                h_rtn += hessian_error(orig, plain, h)
-                err += float((orig.double() - q.double()).pow(2).sum())
-                sig += float(orig.double().pow(2).sum())
-                flat[e].copy_(q.to(flat.dtype))
-            per_weight[name] = {
-                "sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"),
-                "rel_mse": err / sig if sig > 0 else 0.0,
-                "hessian_error_vs_rtn": h_gptq / h_rtn if h_rtn > 0 else 1.0,
-            }
+            per_weight[name] = _round_weight(name, flat, wq, iq, algorithm, fallback)
         if ctx.world > 1:  # every rank takes the owner's rounded weight
             buf = w.detach().contiguous()
             ctx.comm.broadcast_(buf, rank)

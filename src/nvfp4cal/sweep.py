@@ -86,7 +86,7 @@ def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tenso
     if plain_impl == "triton":
         from .kernels.hessian_sweep import hessian_amax_triton
 
-        h = iq.hessian[idx].float()
+        h = iq.block_hessians(idx)
         out = hessian_amax_triton(flat_w, g, h).reshape(n, flat_w.shape[1], -1)
         plain_cols = (h.flatten(2) == 0).all(-1)[:, None, :].expand_as(out).clone()  # [E, out, nb]
         plain_cols[dead] = True
@@ -99,7 +99,7 @@ def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tenso
         if e in dead:
             out[e] = mse_amax_reference(flat_w[e], g[e])
         else:
-            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.hessian[idx[e]].float())
+            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.block_hessians([idx[e]])[0])
     return "hessian_reference", out
 
 
@@ -153,7 +153,8 @@ def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: 
         blocks = sum(b for _, b, _ in gathered)
         fallback = sorted({f for _, _, fb in gathered for f in fb})
     for q in inputs.values():
-        q.hessian = None  # [in/16, 16, 16] per weight (and expert): free it before the export
+        if not q.full_hessian:  # a full Hessian is GPTQ's, which runs next and frees it
+            q.hessian = None  # [in/16, 16, 16] per weight (and expert): free it before the export
     out = {"kernel": sorted(used), "weights": len(items), "blocks": blocks, "ranks": world}
     if hessian:
         out["method"], out["fallback"] = "hessian_mse", fallback
