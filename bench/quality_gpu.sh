@@ -29,6 +29,7 @@ m = instantiate(cfg.model, _convert_='all')
 m.model.save_pretrained('$moe'); m.tokenizer.save_pretrained('$moe')"
     M="nvfp4_experts_only_mse_fp8_cast_kv@recipe.algorithm.method=max"
     R="$M,nvfp4_experts_only_mse_fp8_cast_kv,nvfp4_experts_only_hessian_mse_fp8_cast_kv"
-    R="$R,nvfp4_experts_only_gptq_fp8_cast_kv${L},nvfp4_experts_only_gptq_fp8_cast_kv${L}@recipe.algorithm.scales=hessian_mse"
+    G="nvfp4_experts_only_gptq_fp8_cast_kv${L}"
+    R="$R,$G,$G@recipe.algorithm.scales=hessian_mse,$G@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"
     python3 bench/quality.py --model "hf@model.path=$moe" --trainer gpu --judge-all --max-row "$M" --recipes "$R" --out "$2" ;;
 esac

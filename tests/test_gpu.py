@@ -132,3 +132,16 @@ def test_pipeline_hessian_sweep_on_cuda(tmp_path):
             x, y = ta[k].view(torch.uint8), tb[k].view(torch.uint8)
             differ, total = differ + int((x != y).sum()), total + x.numel()
     assert total > 0 and differ <= total // 1000, (differ, total)
+
+
+def test_hessians_enabled_on_the_cpu_accumulate_on_the_gpu():
+    """A model built on the CPU and moved by the Trainer: its Hessians follow the rows to the GPU."""
+    from nvfp4cal.quantizers import InputQuantizer
+
+    for full in (False, True):
+        q = InputQuantizer()
+        q.enable_hessian(32, full=full)
+        x = torch.randn(64, 32, device="cuda")
+        q.observe(x)
+        assert q.hessian.device.type == "cuda"
+        assert q.block_hessians([0]).shape == (1, 2, 16, 16)

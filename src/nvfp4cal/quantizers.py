@@ -63,12 +63,15 @@ class InputQuantizer(nn.Module):
         return blocks.permute(0, 3, 1, 2).contiguous()
 
     def add_hessian(self, i: int, x: torch.Tensor) -> None:
-        """Add rows ``x`` [..., in] to Hessian ``i``."""
+        """Add rows ``x`` [..., in] to Hessian ``i`` (the sums follow the rows to their device: a model
+        moved to the GPU after the Hessians were enabled accumulates there)."""
+        if self.hessian.device != x.device:
+            self.hessian = self.hessian.to(x.device)
         if self.full_hessian:
             rows = x.detach().reshape(-1, x.shape[-1]).float()
-            self.hessian[i] += (rows.t() @ rows).to(self.hessian.device)
+            self.hessian[i] += rows.t() @ rows
         else:
-            self.hessian[i] += block_hessian(x).to(self.hessian.device, torch.float64)
+            self.hessian[i] += block_hessian(x).to(torch.float64)
 
     def observe(self, x: torch.Tensor, i: int = 0) -> None:
         if x.numel():

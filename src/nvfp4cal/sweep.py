@@ -86,7 +86,7 @@ def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tenso
     if plain_impl == "triton":
         from .kernels.hessian_sweep import hessian_amax_triton
 
-        h = iq.block_hessians(idx)
+        h = iq.block_hessians(idx).to(flat_w.device)
         out = hessian_amax_triton(flat_w, g, h).reshape(n, flat_w.shape[1], -1)
         plain_cols = (h.flatten(2) == 0).all(-1)[:, None, :].expand_as(out).clone()  # [E, out, nb]
         plain_cols[dead] = True
@@ -99,7 +99,7 @@ def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tenso
         if e in dead:
             out[e] = mse_amax_reference(flat_w[e], g[e])
         else:
-            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.block_hessians([idx[e]])[0])
+            out[e] = hessian_amax_reference(flat_w[e], g[e], iq.block_hessians([idx[e]])[0].to(flat_w.device))
     return "hessian_reference", out
 
 
