@@ -83,3 +83,25 @@ def test_sweep_work_is_balanced_by_blocks():
     assert balance(sizes, 2) == owner  # the same answer on every rank
     assert sorted(set(balance([5, 3, 3, 1], 3))) == [0, 1, 2]
     assert balance([4, 4], 1) == [0, 0]
+
+
+def test_ddp_gptq_sums_the_hessians_of_both_ranks(tmp_path):
+    """GPTQ on Hessian-swept scales under ddp: each rank's Hessians summed before the rounding, so the
+    checkpoint is the one process's up to the order of the fp32 sums (a rank rounding with its own
+    half of the tokens would change far more codes)."""
+    import torch
+
+    from nvfp4cal.reload import read_tensors
+
+    args = [*COMMON, "+model.init=per_param", "recipe=nvfp4_experts_only_gptq_fp8_cast_kv", "calibration=layerwise",
+            "calibration.propagate=quantized", "recipe.algorithm.min_tokens=1"]  # fmt: skip
+    one = one_process(tmp_path, args, "one")
+    two = torchrun(tmp_path, [*args, f"export.dir={tmp_path}/two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    packed = [k for k in a if a[k].dtype == torch.uint8 and k.endswith(".weight")]
+    differ = sum(int((a[k] != b[k]).sum()) for k in packed)
+    total = sum(a[k].numel() for k in packed)
+    assert packed and differ <= total // 100, (differ, total)
+    assert one.report["gptq"]["weights"] > 0
