@@ -35,7 +35,7 @@ from .experts import QuantExpertsMixin
 from .export.plan import TensorSource
 from .insert import share_global_amax
 from .quantizers import InputQuantizer, KVCastQuantizer, WeightQuantizer
-from .view import check_finite, decoder_layers, quant_sources, weight_quantizers
+from .view import check_finite, decoder_layers, fp8_weights, quant_sources, weight_quantizers
 
 log = logging.getLogger("nvfp4cal")
 # fill(param_name, out, start, stop, rows): write rows [start, stop) of dim 0 of the named
@@ -75,6 +75,10 @@ def shard_model(model: nn.Module, mesh, ctx: RunContext, fill: Fill | None = Non
     layers = decoder_layers(model)
     if not layers:
         raise UserError(f"trainer=fsdp: {type(model).__name__} has no decoder-layer list to shard; use trainer=ddp")
+    fp8 = fp8_weights(model)
+    if fp8:
+        raise UserError(f"trainer=fsdp does not hold format fp8 weights ({fp8[0][0]}, ...) yet; use trainer=ddp or "
+                        "calibration=layerwise")  # fmt: skip
     for _, layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

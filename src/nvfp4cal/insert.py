@@ -14,7 +14,7 @@ from . import experts as experts_mod
 from .errors import UserError
 from .export.layout import FUSED_SCALE_GROUPS
 from .nvfp4 import BLOCK
-from .quantizers import QuantLinear
+from .quantizers import FP8WeightQuantizer, QuantLinear, WeightQuantizer
 from .recipe import Recipe
 from .view import check_finite
 
@@ -27,7 +27,8 @@ KV_PROJ = {"k_proj", "v_proj"}
 class QuantPlan:
     """What :func:`insert_quantizers` did."""
 
-    quantized: list[str] = field(default_factory=list)  # quantizable names now NVFP4
+    quantized: list[str] = field(default_factory=list)  # quantizable names now quantized (any format)
+    formats: dict[str, str] = field(default_factory=dict)  # quantized name -> its format
     excluded: list[str] = field(default_factory=list)  # Linear layers left in their dtype
     skipped_shape: list[str] = field(default_factory=list)  # in % 16 != 0
     kv_cache: list[str] = field(default_factory=list)  # k/v projections with an FP8 cache quantizer
@@ -62,16 +63,24 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
 
     fused: dict[str, dict[str, bool]] = {}
     for name, (kind, m) in names.items():
-        on = recipe.quantizes(name)
+        fmt = recipe.format_of(name)
+        on = fmt is not None
+        if on and kind != "linear" and fmt == "fp8":
+            raise UserError(
+                f"{name}: format fp8 is for Linear modules; fused experts take nvfp4 or nvfp4_w4a16 "
+                f"(change the rule that matches it in recipe {recipe.name!r})"
+            )
+        if on:
+            plan.formats[name] = fmt
         if kind == "linear":
             short = name.rsplit(".", 1)[-1]
             kv = recipe.kv_cache is not None and short in KV_PROJ and "attn" in name
-            if on and m.in_features % BLOCK:
+            if on and fmt != "fp8" and m.in_features % BLOCK:
                 log.warning("%s: in_features %d is not a multiple of %d; left unquantized", name, m.in_features, BLOCK)
                 plan.skipped_shape.append(name)
                 on = False
             if on or kv:
-                QuantLinear.convert(m, nvfp4_on=on, kv=kv)
+                QuantLinear.convert(m, nvfp4_on=on, kv=kv, fmt=fmt or "nvfp4")
             (plan.quantized if on else plan.excluded).append(name)
             if kv:
                 plan.kv_cache.append(name)
@@ -82,7 +91,11 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
                 plan.quantized.append(name)
     for mod_name, d in fused.items():
         if d.get("gate_up") or d.get("down"):
-            experts_mod.convert(mod_name, d["module"], bool(d.get("gate_up")), bool(d.get("down")))
+            m = d["module"]
+            experts_mod.convert(mod_name, m, bool(d.get("gate_up")), bool(d.get("down")))
+            for q, pname in ((m.gate_up_input, m.first_proj), (m.down_input, "down_proj")):
+                if plan.formats.get(f"{mod_name}.{pname}") == "nvfp4_w4a16":
+                    q.kind = "none"  # weight-only: the input is observed (Hessians), never quantized
     if recipe.kv_cache and not plan.kv_cache:
         log.warning(
             "recipe %s asks for an FP8 KV cache but the model has no attention k_proj/v_proj "
@@ -101,7 +114,7 @@ def enable_hessians(model: nn.Module, full: bool = False) -> None:
     16 channels, or (``full``, GPTQ) over all input channels; per expert for fused experts, from its
     routed tokens only."""
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+        if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, WeightQuantizer):
             m.input_quantizer.enable_hessian(m.in_features, full)
         elif isinstance(m, experts_mod.QuantExpertsMixin):
             if m.gate_up_weight is not None:
@@ -126,19 +139,35 @@ def check_quantized(model: nn.Module, names: list[str]) -> None:
 
 
 def share_global_amax(model: nn.Module) -> None:
-    """Siblings that engines fuse (gate/up, w1/w3, q/k/v) get the max of their global amaxes.
+    """Siblings that engines fuse (gate/up, w1/w3, q/k/v) share one scale within a format: NVFP4
+    weights the max of their global amaxes, FP8 weights the max of their amaxes. Siblings quantized in
+    two formats cannot be fused by an engine: an error naming them.
 
     Fused experts' gate and up already share one: the global amax of ``gate_up_proj[e]``.
     """
     for pname, parent in model.named_modules():
         for group in FUSED_SCALE_GROUPS:
             mods = [getattr(parent, n, None) for n in group]
-            wqs = [getattr(m, "weight_quantizer", None) for m in mods if isinstance(m, QuantLinear)]
-            wqs = [q for q in wqs if q is not None]
-            if len(wqs) < 2:
+            named = [(n, m.weight_quantizer) for n, m in zip(group, mods, strict=True)
+                     if isinstance(m, QuantLinear) and m.weight_quantizer is not None]  # fmt: skip
+            if len(named) < 2:
                 continue
-            if len(wqs) != len(group):
+            kinds = {(type(q), m_in.input_quantizer.kind) for (n, q), m_in in
+                     zip(named, [getattr(parent, n) for n, _ in named], strict=True)}  # fmt: skip
+            if len(kinds) > 1:
+                raise UserError(
+                    f"{pname}: {'/'.join(n for n, _ in named)} are fused by engines but the recipe quantizes them "
+                    "in different formats; give them one format"
+                )
+            if len(named) != len(group):
                 log.warning("%s: only part of %s is quantized; their weight_scale_2 is not shared", pname, group)
+                continue
+            wqs = [q for _, q in named]
+            if isinstance(wqs[0], FP8WeightQuantizer):
+                g = torch.stack([q.amax for q in wqs]).amax()
+                for q in wqs:
+                    q.amax.fill_(g)
+                    q.clear_cache()
                 continue
             g = torch.stack([q.global_amax for q in wqs]).amax()
             for q in wqs:

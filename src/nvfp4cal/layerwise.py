@@ -50,7 +50,7 @@ from .insert import enable_hessians, share_global_amax
 from .layer_state import CODES, LayerState
 from .quantizers import InputQuantizer, KVCastQuantizer, clear_caches, set_mode
 from .steps import Results, Step
-from .view import check_finite, decoder_layers, sync_statistics, weight_quantizers
+from .view import check_finite, decoder_layers, fp8_weights, sync_statistics, weight_quantizers
 
 log = logging.getLogger("nvfp4cal")
 OFFLOADS = ("auto", "gpu", "cpu", "disk")
@@ -314,7 +314,7 @@ class LayerwiseSchedule:
             scope = _scope(name, layer)
             check_finite(scope)
             _reset_statistics(layer)
-            for _, wq, w in weight_quantizers(scope):
+            for _, wq, w in [*weight_quantizers(scope), *fp8_weights(scope)]:
                 wq.calibrate(w)
             share_global_amax(scope)
             if self.hessian or self.gptq:

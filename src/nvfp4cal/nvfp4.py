@@ -190,3 +190,22 @@ def fp8_candidates(device: torch.device | str = "cpu") -> torch.Tensor:
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
     vals = codes[torch.isfinite(codes) & (codes > 0)].unique()
     return (vals / FP8_MAX).to(device)
+
+
+# -- FP8 E4M3 with one static per-tensor scale (the ``fp8`` format: W8A8) ---------------------------
+# ``scale = amax / 448``; bytes ``E4M3(clamp(x / scale, +-448))``; values ``float(byte) * scale``.
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 per-tensor FP8 scale ``amax / 448`` (kept above the smallest normal: a zero tensor stays zero)."""
+    return (amax.float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 bytes of ``x`` under ``scale`` (round to nearest even, saturated at +-448)."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``float(fp8_quantize(x, scale)) * scale`` in ``x``'s dtype: what an FP8 engine computes with."""
+    return (fp8_quantize(x, scale).float() * scale.float()).to(x.dtype)

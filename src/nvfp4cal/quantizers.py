@@ -22,19 +22,26 @@ from .hessian import block_hessian
 MODES = ("off", "calib", "quant")
 
 
+INPUT_KINDS = ("nvfp4", "fp8", "none")  # how a quantized weight's input is quantized in quant mode
+
+
 class InputQuantizer(nn.Module):
-    """Per-tensor static NVFP4 activation quantizer; block scales are taken at run time.
+    """Per-tensor static activation quantizer: NVFP4 (block scales taken at run time), FP8 (``kind="fp8"``)
+    or none (``kind="none"``: a weight-only format; the input is still observed, for the Hessians).
 
     ``amax`` has shape ``[n]`` (one per expert for fused experts, ``n = 1`` otherwise).
-    ``input_scale = amax / (6 * 448)``.
+    ``input_scale = amax / (6 * 448)`` (NVFP4) or ``amax / 448`` (FP8).
     """
 
     # how each calibration statistic combines across data-parallel ranks (see view.sync_statistics)
     STATISTICS = {"amax": "max", "seen": "sum", "hessian": "sum"}
 
-    def __init__(self, n: int = 1):
+    def __init__(self, n: int = 1, kind: str = "nvfp4"):
         super().__init__()
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"input quantizer kind {kind!r}; valid: {INPUT_KINDS}")
         self.mode = "off"
+        self.kind = kind
         self.register_buffer("amax", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seen", torch.zeros(n, dtype=torch.int64))  # rows observed
         self.fixed_scale: torch.Tensor | None = None  # set when rebuilt from an export
@@ -84,6 +91,8 @@ class InputQuantizer(nn.Module):
         """``amax / (6 * 448)`` with the max over all rows of ``amax`` (one scale per tensor/layer)."""
         if self.fixed_scale is not None:
             return self.fixed_scale
+        if self.kind == "fp8":
+            return nvfp4.fp8_scale(self.shared_amax())
         return nvfp4.scale_2(self.shared_amax())
 
     def shared_amax(self) -> torch.Tensor:
@@ -93,8 +102,10 @@ class InputQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         if self.mode == "calib":
             self.observe(x, i)
-        elif self.mode == "quant":
+        elif self.mode == "quant" and self.kind == "nvfp4":
             return nvfp4.fake_quantize_dynamic(x, self.input_scale().to(x.device))
+        elif self.mode == "quant" and self.kind == "fp8":
+            return nvfp4.fp8_fake_quantize(x, self.input_scale().to(x.device))
         return x
 
 
@@ -170,6 +181,39 @@ class WeightQuantizer(nn.Module):
         self._cache = None
 
 
+class FP8WeightQuantizer(nn.Module):
+    """Static FP8 E4M3 weight quantizer with one per-tensor scale ``weight_scale = amax / 448``
+    (the ``fp8`` format); not an NVFP4 weight: the sweep, GPTQ and the SQNR report leave it alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.mode = "off"
+        self.register_buffer("amax", torch.zeros((), dtype=torch.float32))
+        self._cache: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def calibrate(self, w: torch.Tensor) -> None:
+        self.amax.copy_(w.detach().abs().amax().float())
+        self._cache = None
+
+    def scale(self) -> torch.Tensor:
+        return nvfp4.fp8_scale(self.amax)
+
+    @torch.no_grad()
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        return nvfp4.fp8_fake_quantize(w.detach(), self.scale().to(w.device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.mode != "quant":
+            return w
+        if self._cache is None or self._cache.device != w.device:
+            self._cache = self.fake_quant(w)
+        return self._cache
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+
 class KVCastQuantizer(nn.Module):
     """FP8 E4M3 KV-cache quantizer, "cast" flavor: constant amax 448, so the scale is 1.0.
 
@@ -195,24 +239,31 @@ class KVCastQuantizer(nn.Module):
 class QuantLinear(nn.Linear):
     """An ``nn.Linear`` whose class was swapped in place, so names and state-dict keys stay.
 
-    Holds any of ``input_quantizer``, ``weight_quantizer`` (NVFP4) and ``output_quantizer`` (KV cast).
+    Holds any of ``input_quantizer``, ``weight_quantizer`` (NVFP4 or FP8) and ``output_quantizer`` (KV cast).
     """
 
     input_quantizer: InputQuantizer | None
-    weight_quantizer: WeightQuantizer | None
+    weight_quantizer: WeightQuantizer | FP8WeightQuantizer | None
     output_quantizer: KVCastQuantizer | None
 
     @classmethod
-    def convert(cls, linear: nn.Linear, nvfp4_on: bool, kv: bool, weights: bool = True) -> QuantLinear:
-        """Swap the class in place; ``weights=False`` adds only the input quantizer (for rebuilt exports)."""
+    def convert(
+        cls, linear: nn.Linear, nvfp4_on: bool, kv: bool, weights: bool = True, fmt: str = "nvfp4"
+    ) -> QuantLinear:
+        """Swap the class in place; ``nvfp4_on``: quantize the weight in format ``fmt`` (``nvfp4``,
+        ``nvfp4_w4a16`` or ``fp8``); ``weights=False`` adds only the input quantizer (rebuilt exports)."""
         if not isinstance(linear, QuantLinear):
             linear.__class__ = cls
             linear.input_quantizer = linear.weight_quantizer = linear.output_quantizer = None
+        dev = linear.weight.device
         if nvfp4_on:
-            linear.input_quantizer = InputQuantizer().to(linear.weight.device)
+            kind = {"nvfp4": "nvfp4", "nvfp4_w4a16": "none", "fp8": "fp8"}[fmt]
+            linear.input_quantizer = InputQuantizer(kind=kind).to(dev)
         if nvfp4_on and weights:
-            linear.weight_quantizer = WeightQuantizer(linear.weight.shape).to(linear.weight.device)
-            linear.weight_quantizer.calibrate(linear.weight)
+            wq = FP8WeightQuantizer() if fmt == "fp8" else WeightQuantizer(linear.weight.shape)
+            linear.weight_quantizer = wq.to(dev)
+            if not linear.weight.is_meta:
+                linear.weight_quantizer.calibrate(linear.weight)
         if kv:
             linear.output_quantizer = KVCastQuantizer().to(linear.weight.device)
         return linear
@@ -232,12 +283,12 @@ def set_mode(model: nn.Module, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown quantizer mode {mode!r}; use one of {MODES}")
     for m in model.modules():
-        if isinstance(m, (InputQuantizer, WeightQuantizer, KVCastQuantizer)):
+        if isinstance(m, (InputQuantizer, WeightQuantizer, FP8WeightQuantizer, KVCastQuantizer)):
             m.mode = mode
 
 
 def clear_caches(model: nn.Module) -> None:
     """Drop every weight quantizer's cached fake-quant weight (frees a model-sized copy)."""
     for m in model.modules():
-        if isinstance(m, WeightQuantizer):
+        if isinstance(m, (WeightQuantizer, FP8WeightQuantizer)):
             m.clear_cache()

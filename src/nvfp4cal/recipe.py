@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 
 from .errors import UserError
 
-FORMATS = ("nvfp4",)
+# a rule's format: NVFP4 W4A4, NVFP4 weights with unquantized inputs (W4A16), FP8 E4M3 per-tensor W8A8
+FORMATS = ("nvfp4", "nvfp4_w4a16", "fp8")
 METHODS = ("max", "mse", "hessian_mse", "gptq")
 SWEEPS = ("mse", "hessian_mse")  # methods that are an FP8-scale sweep
 KERNELS = ("auto", "reference", "triton")
@@ -103,6 +104,11 @@ class Recipe:
             if fnmatch.fnmatchcase(name, rule.pattern):
                 hit = rule
         return hit
+
+    def format_of(self, name: str) -> str | None:
+        """The format ``name`` is quantized in (None: not quantized)."""
+        rule = self.decide(name)
+        return rule.format if rule is not None and rule.enable else None
 
     def quantizes(self, name: str) -> bool:
         rule = self.decide(name)

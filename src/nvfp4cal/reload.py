@@ -45,13 +45,17 @@ def dequantized(
 
 def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     """A transformers model with the export's dequantized weights, its inputs fake-quantized with
-    the exported ``input_scale`` and its k/v outputs cast to FP8: what an engine computes, emulated."""
+    the exported ``input_scale`` (NVFP4; FP8 for FP8 Linears; none for weight-only NVFP4) and its k/v
+    outputs cast to FP8: what an engine computes, emulated."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     ckpt = Path(ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
-    weights, inputs, kv = dequantized(read_tensors(ckpt), layout_of(cfg.get("quantization_config")))
+    tensors, layout_obj = read_tensors(ckpt), layout_of(cfg.get("quantization_config"))
+    weights, inputs, kv = dequantized(tensors, layout_obj)
+    fp8_inputs = layout_obj.fp8_input_scales(tensors)  # FP8 Linears: their inputs cast to FP8 (W8A8)
+    del tensors
     cfg.pop("quantization_config", None)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
@@ -89,6 +93,9 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
                 if q.fixed_scale is not None and not torch.equal(q.fixed_scale, scale):
                     raise ValueError(f"{mod}: input_scale differs between experts of {owner_name}")
                 q.fixed_scale = scale
+        if mod in fp8_inputs and pname == "weight":
+            QuantLinear.convert(owner, nvfp4_on=True, kv=False, weights=False, fmt="fp8")
+            owner.input_quantizer.fixed_scale = fp8_inputs[mod].float().reshape(())
         if mod in kv and pname == "weight":
             QuantLinear.convert(owner, nvfp4_on=False, kv=True)
             owner.output_quantizer = KVCastQuantizer().to(owner.weight.device)

@@ -26,7 +26,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from .comm import Comm, is_sharded, local
 from .errors import ExportError, UserError
 from .experts import QuantExpertsMixin
-from .quantizers import InputQuantizer, KVCastQuantizer, QuantLinear, WeightQuantizer
+from .quantizers import FP8WeightQuantizer, InputQuantizer, KVCastQuantizer, QuantLinear, WeightQuantizer
 
 
 class BadWeightError(UserError):
@@ -46,7 +46,7 @@ class Slice:
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's own state (no quantizer statistics), tied duplicates dropped."""
-    ours = (InputQuantizer, WeightQuantizer, KVCastQuantizer)
+    ours = (InputQuantizer, WeightQuantizer, FP8WeightQuantizer, KVCastQuantizer)
     skip = {f"{n}." for n, m in model.named_modules() if isinstance(m, ours)}
     skip |= {f"{n}.tokens" for n, m in model.named_modules() if isinstance(m, QuantExpertsMixin)}
     out, seen = {}, set()
@@ -118,13 +118,21 @@ def take(t: torch.Tensor, s: Slice) -> torch.Tensor:
 
 @dataclass
 class QuantSource:
-    weight: WeightQuantizer
+    weight: WeightQuantizer | FP8WeightQuantizer
     inputs: InputQuantizer
     transposed: bool = False  # stored [E, in, out]
 
+    @property
+    def format(self) -> str:
+        """``nvfp4`` (W4A4), ``nvfp4_w4a16`` (inputs unquantized) or ``fp8`` (W8A8)."""
+        if isinstance(self.weight, FP8WeightQuantizer):
+            return "fp8"
+        return "nvfp4_w4a16" if self.inputs.kind == "none" else "nvfp4"
+
 
 def quant_sources(model: nn.Module) -> tuple[dict[str, QuantSource], dict[str, str]]:
-    """(parameter name -> NVFP4 quantizers, parameter name -> 'k'|'v' for KV-cache projections)."""
+    """(parameter name -> its weight and input quantizers (any format), parameter name -> 'k'|'v' for
+    KV-cache projections)."""
     quant, kv = {}, {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -138,6 +146,12 @@ def quant_sources(model: nn.Module) -> tuple[dict[str, QuantSource], dict[str, s
             if m.down_weight is not None:
                 quant[f"{name}.down_proj"] = QuantSource(m.down_weight, m.down_input, m.transposed)
     return quant, kv
+
+
+def fp8_weights(model: nn.Module) -> list[tuple[str, FP8WeightQuantizer, torch.Tensor]]:
+    """(name, quantizer, weight) for every FP8 weight quantizer (format ``fp8``)."""
+    return [(n, m.weight_quantizer, m.weight) for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight_quantizer", None), FP8WeightQuantizer)]  # fmt: skip
 
 
 def weight_quantizers(model: nn.Module) -> list[tuple[str, WeightQuantizer, torch.Tensor]]:

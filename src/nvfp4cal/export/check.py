@@ -12,13 +12,17 @@ packed weight has its scales with the right dtypes and shapes; no NaN E4M3 scale
 global and input scales finite and > 0; gate/up (w1/w3), q/k/v and q_a/kv_a share their global
 scale; every expert of every MoE layer is present and quantized alike; the config's excluded
 modules agree with the tensors (no quantized module excluded, no plain Linear weight left
-unlisted); FP8 KV scales present, finite and > 0.
+unlisted); FP8 KV scales present, finite and > 0. Formats: NVFP4 W4A4 (with an input scale), NVFP4
+weight-only (without), FP8 (E4M3 ``weight``, fp32 ``weight_scale`` and ``input_scale``); each module's
+tensors must be the format the config files give it (ModelOpt's ``quant_algo`` or per-layer
+``quantized_layers``, compressed-tensors' config groups and their targets).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import struct
 from collections import defaultdict
@@ -40,7 +44,8 @@ EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
 
 @dataclass
 class Verdict:
-    quantized: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # NVFP4 modules (W4A4 and weight-only)
+    fp8: list[str] = field(default_factory=list)  # FP8 modules
     fused: list[str] = field(default_factory=list)
     experts: dict[str, int] = field(default_factory=dict)  # experts module -> number of experts
     excluded: list[str] = field(default_factory=list)
@@ -53,7 +58,8 @@ class Verdict:
     def table(self) -> str:
         n_exp = sum(self.experts.values())
         rows = [
-            ("quantized modules", len(self.quantized) + len(self.fused)),
+            ("quantized modules", len(self.quantized) + len(self.fused) + len(self.fp8)),
+            ("of them FP8", len(self.fp8)),
             ("MoE layers / experts", f"{len(self.experts)} / {n_exp}"),
             ("excluded modules", len(self.excluded)),
             ("problems", len(self.problems)),
@@ -140,18 +146,23 @@ def _check_architectures(cfg: dict, v: Verdict) -> None:
         v.problems.append(f"config.json architectures {arch} name no causal-LM class (...ForCausalLM)")
 
 
-def _read_config(ckpt: Path, v: Verdict) -> tuple[Layout, list[str], bool]:
-    """(layout, excluded-module patterns, FP8 KV cache) from the checkpoint's config files."""
+def _read_config(ckpt: Path, v: Verdict):
+    """(layout, excluded-module patterns, FP8 KV cache, module -> format said) from the config files."""
     cfg = json.loads((ckpt / "config.json").read_text())
     _check_architectures(cfg, v)
     qc = cfg.get("quantization_config") or {}
     layout = layout_of(qc)
-    return (layout, *layout.read_config(ckpt, qc, v.problems))
+    return (layout, *layout.read_config(ckpt, qc, v.problems), layout.config_format(ckpt, qc))
 
 
-def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: bool, v: Verdict) -> None:
+def _check_quantized(ts: _Tensors, w: str, ws: str, ws2: str, inp: str, fused: bool, v: Verdict, said) -> None:
     name = w if fused else re.sub(r"\.weight(_packed)?$", "", w)
-    for k in (ws, ws2, inp):
+    fmt = said(name)
+    if fmt == "nvfp4_w4a16" and inp in ts:
+        v.problems.append(f"{name}: has {inp} but the config says NVFP4 weight-only")
+    elif fmt not in ("nvfp4", "nvfp4_w4a16"):
+        v.problems.append(f"{name}: NVFP4 tensors but the config says format {fmt}")
+    for k in (ws, ws2) + ((inp,) if fmt != "nvfp4_w4a16" else ()):
         if k not in ts:
             v.problems.append(f"{name}: missing {k}")
     shape, dtype = ts.meta(w)
@@ -178,28 +189,34 @@ def verify(ckpt: str | Path) -> Verdict:
     if not (ckpt / "config.json").is_file():
         v.problems.append(f"{ckpt}: no config.json")
         return v
-    layout, exclude, kv_cache = _read_config(ckpt, v)
+    layout, exclude, kv_cache, said = _read_config(ckpt, v)
     v.excluded = exclude
     ts = _Tensors(ckpt)
     if not ts.where:
         v.problems.append(f"{ckpt}: no safetensors file")
         return v
+    # FP8 modules: an E4M3 weight beside its per-tensor scale
+    fp8 = {k[: -len(".weight")] for k in ts.where if k.endswith(".weight") and ts.meta(k)[1] == "F8_E4M3"}
+    for m in sorted(fp8):
+        _check_fp8(ts, m, layout, v, said)
     # packed weights: the layout's module names, or fused experts' parameter names
     packed, scale, glob, _ = layout.suffixes
     for k in sorted(ts.where):
+        if k.rsplit(".", 1)[0] in fp8:
+            continue
         if k.endswith(scale) and f"{k.removesuffix(scale)}{packed}" not in ts:
             v.problems.append(f"{k}: scale without its packed weight")
         m = k.removesuffix(packed)
         fused = layout.fused_names(k)
         if k.endswith(packed) and f"{m}{scale}" in ts:
             v.quantized.append(m)
-            _check_quantized(ts, *layout.quant_names(m), False, v)
+            _check_quantized(ts, *layout.quant_names(m), False, v, said)
         elif fused is not None and fused[1] in ts:
             v.fused.append(k)
-            _check_quantized(ts, *fused, True, v)
+            _check_quantized(ts, *fused, True, v, said)
         elif k.endswith(packed) and ts.meta(k)[1] == "U8":
             v.problems.append(f"{m}: packed uint8 weight without weight_scale")
-    quantized = set(v.quantized)
+    quantized = set(v.quantized) | fp8
     excluded = _Matcher(exclude)
     for m in sorted(quantized):
         if excluded(m):
@@ -219,10 +236,14 @@ def verify(ckpt: str | Path) -> Verdict:
             if short != group[0]:
                 continue
             members = [f"{parent}.{g}" for g in group if f"{parent}.{g}" in quantized]
-            if len(members) > 1:
-                vals = [ts.get(f"{x}{glob}") for x in members if f"{x}{glob}" in ts]
+            kinds = {x in fp8 for x in members}
+            if len(kinds) > 1:
+                v.problems.append(f"{parent}: {'/'.join(group)} are fused by engines but stored in two formats")
+            elif len(members) > 1:
+                key = ".weight_scale" if m in fp8 else glob
+                vals = [ts.get(f"{x}{key}") for x in members if f"{x}{key}" in ts]
                 if any(not torch.equal(vals[0], x) for x in vals[1:]):
-                    v.problems.append(f"{parent}: {'/'.join(group)} do not share {glob[1:]}")
+                    v.problems.append(f"{parent}: {'/'.join(group)} do not share {key[1:]}")
     # experts: all present, all quantized alike
     layers: dict[str, dict[int, dict[str, bool]]] = defaultdict(dict)
     for k in ts.where:
@@ -247,5 +268,21 @@ def verify(ckpt: str | Path) -> Verdict:
             if not _positive(ts.get(k)):
                 v.problems.append(f"{k} is not finite float32 > 0")
     if not quantized and not v.fused:
-        v.problems.append("no NVFP4 weight found")
+        v.problems.append("no quantized weight found")
+    v.fp8 = sorted(fp8)
     return v
+
+
+def _check_fp8(ts: _Tensors, m: str, layout: Layout, v: Verdict, said) -> None:
+    """An FP8 module: E4M3 weight, fp32 per-tensor weight and input scales, finite and > 0."""
+    fmt = said(m)
+    if fmt != "fp8":
+        v.problems.append(f"{m}: FP8 tensors but the config says format {fmt}")
+    w, ws, inp = layout.fp8_names(m)
+    for k in (ws, inp):
+        if k not in ts:
+            v.problems.append(f"{m}: missing {k}")
+        elif ts.meta(k)[1] != "F32" or math.prod(ts.meta(k)[0]) != 1:
+            v.problems.append(f"{k}: expected one float32 value, got {ts.meta(k)}")
+        elif not _positive(ts.get(k)):
+            v.problems.append(f"{k} is not finite float32 > 0: {ts.get(k).flatten().tolist()}")

@@ -5,7 +5,9 @@ A quantized weight ``w`` with global amax ``g`` and block amaxes ``a_b`` has (se
 input has ``input_s2 = input_amax / 2688``. A :class:`Layout` decides
 
 * the four names of a quantized module (:meth:`Layout.quant_names`) or of experts saved fused
-  (:meth:`Layout.fused_names`), and of an FP8 KV-cache scale (:meth:`Layout.kv_name`);
+  (:meth:`Layout.fused_names`), and of an FP8 KV-cache scale (:meth:`Layout.kv_name`); a weight-only
+  NVFP4 module (``nvfp4_w4a16``) has the first three; an FP8 module (``fp8``: E4M3 weight, per-tensor
+  ``weight_scale = amax / 448`` and ``input_scale = input_amax / 448``) has :meth:`Layout.fp8_names`;
 * how ``s2`` and ``input_s2`` are stored (:meth:`Layout.store`) and read back
   (:meth:`Layout.weight_values`, :meth:`Layout.input_s2`);
 * its config files (:meth:`Layout.configure`) and what an engine reads from them
@@ -44,8 +46,29 @@ class Layout:
     # the same after a fused experts parameter's saved name; None: the layout cannot hold fused experts
     fused_suffixes: tuple[str, str, str, str] | None = None
 
+    fp8_suffixes = (".weight", ".weight_scale", ".input_scale")  # the same in both layouts
+    # the formats this layout can write (a rule's format; see recipe.FORMATS)
+    formats: tuple[str, ...] = ("nvfp4", "fp8")
+
     def quant_names(self, module: str) -> tuple[str, str, str, str]:
         return tuple(module + s for s in self.suffixes)
+
+    def fp8_names(self, module: str) -> tuple[str, str, str]:
+        return tuple(module + s for s in self.fp8_suffixes)
+
+    def fp8_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """A per-tensor FP8 scale as this layout stores it (fp32)."""
+        raise NotImplementedError
+
+    def fp8_modules(self, tensors) -> set[str]:
+        """Modules stored in FP8: an E4M3 ``.weight`` beside an fp32 ``.weight_scale``."""
+        return {k[: -len(".weight")] for k, v in tensors.items()
+                if k.endswith(".weight") and v.dtype == nvfp4.FP8 and k[: -len(".weight")] + ".weight_scale" in tensors}  # fmt: skip
+
+    def fp8_input_scales(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """FP8 module -> its input's per-tensor scale (``input_amax / 448``)."""
+        return {m: tensors[m + ".input_scale"].reshape(()).float() for m in self.fp8_modules(tensors)
+                if m + ".input_scale" in tensors}  # fmt: skip
 
     def fused_names(self, param: str) -> tuple[str, str, str, str] | None:
         return None if self.fused_suffixes is None else tuple(param + s for s in self.fused_suffixes)
@@ -75,13 +98,20 @@ class Layout:
         raise NotImplementedError
 
     # -- config files -------------------------------------------------------------------------------
-    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str], source: dict | None = None) -> None:
+    def configure(
+        self, tmp: Path, kv_cache: bool, excluded: list[str], source: dict | None = None, formats: dict | None = None
+    ) -> None:
         """Write this layout's config files into ``tmp`` (config.json is there already); ``source``: the
-        quantization the source checkpoint carried (named in the producer metadata)."""
+        quantization the source checkpoint carried (named in the producer metadata); ``formats``: each
+        quantized module's format (default: all ``nvfp4``)."""
         raise NotImplementedError
 
     def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
         """(excluded-module patterns, FP8 KV cache) as engines read them; what is wrong goes to ``problems``."""
+        raise NotImplementedError
+
+    def config_format(self, ckpt: Path, qc: dict):
+        """A function: module name -> the format the config files say it is in (None: not said)."""
         raise NotImplementedError
 
     # -- reading back ---------------------------------------------------------------------------------
@@ -92,7 +122,13 @@ class Layout:
         fused = self.fused_suffixes
         skip = {scale, glob} | ({fused[1], fused[2]} if fused else set())
         weights, inputs, kv = {}, {}, {}
+        fp8 = self.fp8_modules(tensors)
         for k, v in tensors.items():
+            owner, _, leaf = k.rpartition(".")
+            if owner in fp8 and leaf in ("weight", "weight_scale", "input_scale"):
+                if leaf == "weight":  # FP8: weight * weight_scale; the input scale: fp8_input_scales
+                    weights[k] = v.float() * tensors[owner + ".weight_scale"].float().reshape(())
+                continue
             if k.endswith(tuple(skip)):
                 continue
             mod = k.removesuffix(packed)
@@ -115,6 +151,14 @@ class Layout:
         packed, scale = self.suffixes[:2]
         names = set(names)
         return any(n.endswith(packed) and n.removesuffix(packed) + scale in names for n in names)
+
+
+def format_groups(formats: dict[str, str]) -> dict[str, list[str]]:
+    """format -> the sorted module names in it."""
+    out: dict[str, list[str]] = {}
+    for m, f in sorted(formats.items()):
+        out.setdefault(f, []).append(m)
+    return out
 
 
 def producer(source: dict | None = None) -> dict:

@@ -12,6 +12,13 @@ fused, with ModelOpt's underscore names: ``P`` uint8 [E, out, in/2] (the logical
 layout; GPT-OSS's gate/up rows stay interleaved), ``P_weight_scale`` [E, out, in/16],
 ``P_weight_scale_2`` float32 [E] (one per expert) and ``P_input_scale`` float32 [].
 
+An FP8 Linear (format ``fp8``) is ``X.weight`` float8_e4m3fn [out, in], ``X.weight_scale`` float32 []
+(``amax / 448``) and ``X.input_scale`` float32 [] (``input_amax / 448``). A checkpoint of one format says
+``quant_algo: NVFP4`` or ``FP8``; one that mixes them says ``MIXED_PRECISION`` with ModelOpt's per-module
+``quantized_layers`` map (``{"quant_algo": "NVFP4", "group_size": 16}`` or ``{"quant_algo": "FP8"}``), in
+hf_quant_config.json and, in the same nested form, in config.json. NVFP4 weight-only (``nvfp4_w4a16``)
+has no modelopt form engines read: it is written in the compressed-tensors layout.
+
 FP8 KV cache adds ``k_proj.k_scale`` / ``v_proj.v_scale`` (float32 []). Every other tensor keeps
 its dtype. config.json's ``quantization_config`` (what vLLM and SGLang read) and
 ``hf_quant_config.json`` (ModelOpt's own file, TensorRT-LLM) describe it.
@@ -25,38 +32,59 @@ from pathlib import Path
 import torch
 
 from .. import nvfp4
-from .layout import Layout, fp4_dequantize, producer, update_config
+from .layout import Layout, format_groups, fp4_dequantize, producer, update_config
+
+ALGOS = {"nvfp4": "NVFP4", "fp8": "FP8"}  # our format -> ModelOpt's quant_algo
+FORMAT_OF_ALGO = {v: k for k, v in ALGOS.items()}
 
 
-def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None) -> dict:
+def _layer_entry(fmt: str) -> dict:
+    return {"quant_algo": "NVFP4", "group_size": nvfp4.BLOCK} if fmt == "nvfp4" else {"quant_algo": ALGOS[fmt]}
+
+
+def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None, formats: dict | None = None) -> dict:
     """``hf_quant_config.json``: ModelOpt's own file (TensorRT-LLM reads it; vLLM only when config.json
     carries no ``quantization_config``)."""
-    return {
-        "producer": producer(source),
-        "quantization": {
-            "quant_algo": "NVFP4",
-            "group_size": nvfp4.BLOCK,
-            "kv_cache_quant_algo": "FP8" if kv_cache else None,
-            "exclude_modules": excluded,
-        },
-    }
+    groups = format_groups(formats or {}) or {"nvfp4": []}
+    q = {"kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": excluded}
+    if len(groups) > 1:
+        q["quant_algo"] = "MIXED_PRECISION"
+        q["quantized_layers"] = {m: _layer_entry(f) for m, f in sorted(formats.items())}
+    else:
+        (fmt,) = groups
+        q["quant_algo"] = ALGOS[fmt]
+        if fmt == "nvfp4":
+            q["group_size"] = nvfp4.BLOCK
+    return {"producer": producer(source), "quantization": dict(sorted(q.items()))}
 
 
 def _fp4_args() -> dict:
     return {"dynamic": False, "num_bits": 4, "type": "float", "group_size": nvfp4.BLOCK}
 
 
-def config_json_quantization(kv_cache: bool, excluded: list[str], source: dict | None = None) -> dict:
+def _fp8_args() -> dict:
+    return {"dynamic": False, "num_bits": 8, "type": "float"}
+
+
+def config_json_quantization(
+    kv_cache: bool, excluded: list[str], source: dict | None = None, formats: dict | None = None
+) -> dict:
     """config.json's ``quantization_config``, field for field what ModelOpt's export writes there.
 
     vLLM and SGLang read this dict, not ``hf_quant_config.json``, when it is present: the unquantized
     modules under ``ignore`` (``exclude_modules`` is not looked at here), the FP8 KV cache as the
     ``kv_cache_scheme`` dict, W4A4 vs weight-only from ``config_groups`` (``input_activations``).
     """
+    groups = format_groups(formats or {}) or {"nvfp4": []}
+    if len(groups) > 1:  # mixed: the nested form of hf_quant_config.json, which vLLM's modelopt_mixed reads
+        hq = quant_config(kv_cache, excluded, source, formats)
+        return {"quant_method": "modelopt", "producer": hq["producer"], "quantization": hq["quantization"]}
+    (fmt,) = groups
+    args = _fp4_args() if fmt == "nvfp4" else _fp8_args()
     qc = {
-        "config_groups": {"group_0": {"input_activations": _fp4_args(), "weights": _fp4_args(), "targets": ["Linear"]}},
+        "config_groups": {"group_0": {"input_activations": args, "weights": dict(args), "targets": ["Linear"]}},
         "ignore": excluded,
-        "quant_algo": "NVFP4",
+        "quant_algo": ALGOS[fmt],
     }
     if kv_cache:
         qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
@@ -91,9 +119,27 @@ class ModelOpt(Layout):
     def kv_value(self):
         return torch.tensor(1.0, dtype=torch.float32)
 
-    def configure(self, tmp: Path, kv_cache: bool, excluded: list[str], source: dict | None = None) -> None:
-        (tmp / "hf_quant_config.json").write_text(json.dumps(quant_config(kv_cache, excluded, source), indent=2))
-        update_config(tmp, config_json_quantization(kv_cache, excluded, source))
+    def fp8_scale(self, s):
+        return s.float().reshape(())
+
+    def configure(self, tmp, kv_cache, excluded, source=None, formats=None):
+        hq = quant_config(kv_cache, excluded, source, formats)
+        (tmp / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
+        update_config(tmp, config_json_quantization(kv_cache, excluded, source, formats))
+
+    def config_format(self, ckpt: Path, qc: dict):
+        hq_file = ckpt / "hf_quant_config.json"
+        src = qc.get("quantization") or (qc if qc else None)
+        if src is None and hq_file.is_file():
+            src = json.loads(hq_file.read_text()).get("quantization") or {}
+        src = src or {}
+        algo = str(src.get("quant_algo")).upper()
+        if algo == "MIXED_PRECISION":
+            layers = {m: FORMAT_OF_ALGO.get(str(e.get("quant_algo")).upper()) for m, e in
+                      (src.get("quantized_layers") or {}).items()}  # fmt: skip
+            return layers.get
+        fmt = FORMAT_OF_ALGO.get(algo)
+        return lambda m: fmt
 
     def read_config(self, ckpt: Path, qc: dict, problems: list[str]) -> tuple[list[str], bool]:
         """(excluded-module patterns, FP8 KV cache) of a modelopt checkpoint, read where engines read them.
@@ -141,8 +187,10 @@ class ModelOpt(Layout):
                 problems.append("hf_quant_config.json exclude_modules and config.json ignore list different modules")
             if (hq.get("kv_cache_quant_algo") == "FP8") != kv:
                 problems.append("hf_quant_config.json and config.json disagree on the FP8 KV cache")
-        if str(algo).upper() != "NVFP4":
-            problems.append(f"quantization config says quant_algo={algo!r}, expected 'NVFP4'")
+        if str(algo).upper() not in (*FORMAT_OF_ALGO, "MIXED_PRECISION"):
+            problems.append(f"quantization config says quant_algo={algo!r}, expected NVFP4, FP8 or MIXED_PRECISION")
+        if hq is not None and qc and "quantization" in qc and qc["quantization"] != hq:
+            problems.append("hf_quant_config.json and config.json's quantization differ")
         return list(exclude), kv
 
 

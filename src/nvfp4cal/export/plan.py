@@ -82,7 +82,16 @@ def quantized_tensors(
     packed, scales, s2, in_s2 = packed_params.get(pname, t, src)
     s2 = s2 if s.expert is None else s2[s.expert]
     values = layout.store(take(packed, s), take(scales, s), s2.clone(), in_s2.clone())
-    return dict(zip(names, values, strict=True))
+    return dict(zip(names, values[: len(names)], strict=True))  # weight-only: three names, no input scale
+
+
+@torch.no_grad()
+def fp8_tensors(names: tuple[str, str, str], t: torch.Tensor, src: QuantSource, s: Slice, layout: Layout) -> dict:
+    """(weight E4M3, weight_scale, input_scale) of an FP8 Linear, stored as ``layout`` says."""
+    scale = src.weight.scale().to(t.device)
+    w8 = nvfp4.fp8_quantize(take(t.detach(), s), scale)
+    in_scale = src.inputs.input_scale().reshape(()).float().cpu()
+    return dict(zip(names, (w8, layout.fp8_scale(scale.cpu()), layout.fp8_scale(in_scale)), strict=True))
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
@@ -95,7 +104,9 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
             nan = nvfp4.nan_scale_bytes(v)
             if nan:
                 raise ExportError(f"{k}: {nan} NaN E4M3 scale byte(s); refusing to write")
-        elif k.endswith(("_scale_2", "input_scale", "global_scale", "k_scale", "v_scale")):
+        elif k.endswith(("_scale_2", "input_scale", "global_scale", "k_scale", "v_scale")) or (
+            k.endswith("weight_scale") and v.dtype == torch.float32  # an FP8 weight's per-tensor scale
+        ):
             if not (torch.isfinite(v).all() and (v > 0).all()):
                 raise ExportError(f"{k} = {v.tolist()} is not finite and > 0; refusing to write")
 
@@ -137,8 +148,9 @@ def plan_export(
     layout: Layout,
     dtypes: dict[str, torch.dtype] | None = None,
     source: TensorSource | None = None,
-) -> tuple[list[Item], list[str], int, bool]:
-    """(items to write, excluded module names, number of quantized tensors, FP8 KV cache or not).
+) -> tuple[list[Item], list[str], int, bool, dict[str, str]]:
+    """(items to write, excluded module names, number of quantized tensors, FP8 KV cache or not, each
+    quantized module's (or fused parameter's) format).
 
     ``dtypes`` maps parameter names to the dtype to write unquantized tensors in (default: as they are).
     ``source`` gives a model tensor when an item is produced (default: the model's own).
@@ -149,31 +161,52 @@ def plan_export(
     saved = saved_layout(model, tensors)
     quant, kv = quant_sources(model)
     modules = dict(model.named_modules())
-    items, excluded, n_quant = [], [], 0
+    items, excluded, n_quant, formats = [], [], 0, {}
     packed_params = PackedParams()
     for out_name, s in saved.items():
         t = tensors[s.param]
         if s.param in quant:
             src = quant[s.param]
-            if out_name.endswith(".weight"):
-                names = layout.quant_names(out_name[: -len(".weight")])
-            elif s.expert is None and t.dim() == 3:
-                if layout.fused_suffixes is None:
-                    raise ExportError(
-                        f"{out_name}: experts saved fused (GPT-OSS) have no {layout.name} layout; use export.format=modelopt"
-                    )
-                names = layout.fused_names(out_name)
-            else:
-                raise ExportError(f"{out_name}: a quantized weight must be saved under a '.weight' name")
-            if src.transposed and not s.full:
-                raise ExportError(f"{out_name}: row slices of transposed experts are not supported")
+            fmt = src.format
+            if fmt not in layout.formats:
+                raise ExportError(
+                    f"{out_name}: format {fmt} has no {layout.name} form that engines read; "
+                    "use export.format=compressed_tensors"
+                )
             numel = slice_numel(t.shape, s)
+            if fmt == "fp8":
+                mod = out_name.removesuffix(".weight")
+                names = layout.fp8_names(mod)
 
-            def produce(s=s, n=names, q=src):
-                return quantized_tensors(n, get(s.param), q, s, layout, packed_params, s.param)
+                def produce(s=s, n=names, q=src):
+                    return fp8_tensors(n, get(s.param), q, s, layout)
 
-            items.append(Item(numel // 2 + numel // 16 + 8, names, produce, quantized=True, param=s.param))
-            n_quant += 1
+                items.append(Item(numel + 8, names, produce, quantized=True, param=s.param))
+                formats[mod] = fmt
+                n_quant += 1
+            else:
+                if out_name.endswith(".weight"):
+                    mod = out_name[: -len(".weight")]
+                    names = layout.quant_names(mod)
+                elif s.expert is None and t.dim() == 3:
+                    if layout.fused_suffixes is None:
+                        raise ExportError(
+                            f"{out_name}: experts saved fused (GPT-OSS) have no {layout.name} layout; "
+                            "use export.format=modelopt"
+                        )
+                    mod, names = out_name, layout.fused_names(out_name)
+                else:
+                    raise ExportError(f"{out_name}: a quantized weight must be saved under a '.weight' name")
+                if src.transposed and not s.full:
+                    raise ExportError(f"{out_name}: row slices of transposed experts are not supported")
+                names = names[:3] if fmt == "nvfp4_w4a16" else names  # weight-only: no input scale
+
+                def produce(s=s, n=names, q=src):
+                    return quantized_tensors(n, get(s.param), q, s, layout, packed_params, s.param)
+
+                items.append(Item(numel // 2 + numel // 16 + 8, names, produce, quantized=True, param=s.param))
+                formats[mod] = fmt
+                n_quant += 1
         else:
             dt = dtypes.get(s.param, t.dtype)
             nbytes = slice_numel(t.shape, s) * (torch.finfo(dt).bits // 8 if dt.is_floating_point else t.element_size())
@@ -193,7 +226,7 @@ def plan_export(
             items.append(Item(4, (name,), lambda n=name: {n: layout.kv_value()}, quantized=True))
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in excluded:
         excluded.append("lm_head")
-    return items, sorted(set(excluded)), n_quant, bool(kv)
+    return items, sorted(set(excluded)), n_quant, bool(kv), formats
 
 
 class CheckpointWriter:
@@ -224,7 +257,7 @@ class CheckpointWriter:
         t0 = time.perf_counter()
         self.model, self.out_dir, self.layout = model, Path(out_dir), layout
         self.tokenizer, self.progress = tokenizer, progress
-        items, self.excluded, self.n_quant, self.kv_cache = plan_export(model, layout, dtypes, source)
+        items, self.excluded, self.n_quant, self.kv_cache, self.formats = plan_export(model, layout, dtypes, source)
         limit = int(max_shard_size_gb * 2**30)
         if early:  # unquantized tensors first, in shards of their own: written while calibration runs
             fixed = [i for i in items if not i.quantized]
@@ -283,7 +316,7 @@ class CheckpointWriter:
                 write_index(self.tmp, weight_map, self.early_result[1] + late[1])
             save_config(self.model, self.tmp)
             source = self.model.__dict__.get("_nvfp4cal_source_format")  # a quantized source checkpoint
-            self.layout.configure(self.tmp, self.kv_cache, self.excluded, source)
+            self.layout.configure(self.tmp, self.kv_cache, self.excluded, source, self.formats)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(self.tmp)
             if self.tokenizer is not None:
@@ -304,6 +337,7 @@ class CheckpointWriter:
             "dir": str(self.out_dir.resolve()),
             "format": self.layout.name,
             "quantized_tensors": self.n_quant,
+            "formats": {f: sum(1 for v in self.formats.values() if v == f) for f in sorted(set(self.formats.values()))},
             "excluded": self.excluded,
             "files": sorted(set(weight_map.values())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
