@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,8 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
 
     with stage(stages, "insert", next(loaded.model.parameters()).device):
         plan = insert_quantizers(loaded.model, recipe)
-    log.info("recipe %s quantizes %d weights in NVFP4:\n%s", recipe.name, len(plan.quantized), plan.summary())
+    counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(plan.formats.values()).items()))
+    log.info("recipe %s quantizes %d weights (%s):\n%s", recipe.name, len(plan.quantized), counts, plan.summary())
     if plan.kv_cache:
         log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))
     if trainer.is_global_zero:
