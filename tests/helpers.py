@@ -19,6 +19,13 @@ RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 # GPTQ recipes run only layer by layer on quantized inputs; the others run in every mode
 GPTQ_RECIPES = [r for r in RECIPES if "method: gptq" in (CONF / "recipe" / f"{r}.yaml").read_text()]
 WHOLE_MODEL_RECIPES = [r for r in RECIPES if r not in GPTQ_RECIPES]
+
+
+def layout_for(recipe: str) -> str:
+    """The export layout a recipe's checkpoint can be written in (weight-only NVFP4: compressed-tensors)."""
+    return "compressed_tensors" if "w4a16" in recipe else "modelopt"
+
+
 TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
 MOE_FAMILIES = [m for m in TINY_MODELS if m != "tiny_llama"]  # every tiny model but the dense one is an MoE
 SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
@@ -82,6 +89,14 @@ def check_round_trip(res, ckpt):
         got = rebuilt(input_ids=batch, use_cache=False).logits
     assert torch.isfinite(want).all()
     assert torch.equal(got, want)
+
+
+def check_round_trip_divided(res, ckpt):
+    """The compressed-tensors reload: it divides by its global scales, so NVFP4 weights agree with the
+    fake-quant weights to the last fp32 bit (FP8 weights exactly, the same in both layouts)."""
+    params = dict(rebuild_model(ckpt, dtype=torch.float32).named_parameters())
+    for name, w in fake_quant_weights(res.model).items():
+        torch.testing.assert_close(params[name], w.float(), rtol=1e-6, atol=0, msg=name)
 
 
 def subprocess_env(tmp_path, **extra):

@@ -6,7 +6,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import SMALL, WHOLE_MODEL_RECIPES, check_round_trip, compose, run_calibrate
+from helpers import (
+    SMALL,
+    WHOLE_MODEL_RECIPES,
+    check_round_trip,
+    check_round_trip_divided,
+    compose,
+    layout_for,
+    run_calibrate,
+)
 from nvfp4cal import nvfp4
 from nvfp4cal.errors import UserError
 from nvfp4cal.experts import QuantExpertsMixin
@@ -20,16 +28,24 @@ def test_calibrate_export_reload(tmp_path, model, recipe):
         with pytest.raises(UserError, match="matches no quantizable module"):
             run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *SMALL])
         return
-    res = run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *SMALL])
+    layout = layout_for(recipe)
+    res = run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", f"export.format={layout}", *SMALL])
     ckpt = tmp_path / "ckpt"
-    cfg = json.loads((ckpt / "config.json").read_text())
-    hq = json.loads((ckpt / "hf_quant_config.json").read_text())
-    assert cfg["quantization_config"]["quant_method"] == "modelopt"
-    assert hq["quantization"]["quant_algo"] == "NVFP4" and hq["quantization"]["group_size"] == 16
-    assert "lm_head" in hq["quantization"]["exclude_modules"]
-    assert (hq["quantization"]["kv_cache_quant_algo"] == "FP8") == recipe.endswith("fp8_cast_kv")
     assert (tmp_path / "run" / "report.json").is_file()
     assert res.report["quantized"] > 0
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if layout == "compressed_tensors":
+        assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+        check_round_trip_divided(res, ckpt)
+        return
+    hq = json.loads((ckpt / "hf_quant_config.json").read_text())
+    formats = sorted(res.report["exports"][0]["formats"])
+    want = "MIXED_PRECISION" if len(formats) > 1 else {"nvfp4": "NVFP4", "fp8": "FP8"}[formats[0]]
+    assert cfg["quantization_config"]["quant_method"] == "modelopt"
+    assert hq["quantization"]["quant_algo"] == want
+    assert want != "NVFP4" or hq["quantization"]["group_size"] == 16
+    assert "lm_head" in hq["quantization"]["exclude_modules"]
+    assert (hq["quantization"]["kv_cache_quant_algo"] == "FP8") == recipe.endswith("fp8_cast_kv")
     check_round_trip(res, ckpt)
 
 

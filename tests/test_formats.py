@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from helpers import check_round_trip, run_calibrate
+from helpers import check_round_trip, check_round_trip_divided, fake_quant_weights, run_calibrate
 from nvfp4cal import nvfp4
 from nvfp4cal.errors import UserError
+from nvfp4cal.reload import rebuild_model
 from nvfp4cal.verify import verify
 
 SMALL = ["data.num_samples=4", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2", "report.perplexity=false"]
@@ -21,18 +22,15 @@ ATTN_FP8_MLP_W4A16 = [  # a dense mix: attention FP8, MLP NVFP4 weight-only
 
 
 def _round_trip(res, ckpt, layout):
-    """modelopt: bit-exact weights and logits; compressed-tensors divides by its global scale, so NVFP4
-    weights agree to the last bit of fp32 (FP8 weights exactly)."""
+    """modelopt: bit-exact weights and logits; compressed-tensors: NVFP4 to the last fp32 bit (it
+    divides by its global scales), FP8 weights exactly."""
     if layout == "modelopt":
         return check_round_trip(res, ckpt)
-    from helpers import fake_quant_weights
-    from nvfp4cal.reload import rebuild_model
-
+    check_round_trip_divided(res, ckpt)
     params = dict(rebuild_model(ckpt, dtype=torch.float32).named_parameters())
-    for name, w in fake_quant_weights(res.model).items():
-        if "self_attn" in name and name.endswith(".weight"):
-            assert torch.equal(params[name], w), name
-        torch.testing.assert_close(params[name], w, rtol=1e-6, atol=0, msg=name)
+    fq = fake_quant_weights(res.model)
+    for m in verify(ckpt).fp8:
+        assert torch.equal(params[f"{m}.weight"], fq[f"{m}.weight"]), m
 
 
 def _qc(ckpt):

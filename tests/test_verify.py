@@ -164,5 +164,5 @@ def test_compressed_tensors_config_is_checked(exports, tmp_path):
     cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 32
     (bad / "config.json").write_text(json.dumps(cfg))
     problems = verify(bad).problems
-    assert any("format is 'float-quantized'" in p for p in problems), problems
-    assert any("group_0: weights are not FP4 with group_size 16" in p for p in problems), problems
+    assert any("format is 'float-quantized' but its config groups" in p for p in problems), problems
+    assert any("group_0: weights are neither FP4 with group_size 16 nor FP8" in p for p in problems), problems

@@ -175,6 +175,10 @@ class CompressedTensors(Layout):
         if qc.get("format") not in (*FORMAT_NAMES.values(), "mixed-precision"):
             problems.append(f"compressed-tensors format is {qc.get('format')!r}, expected 'nvfp4-pack-quantized', "
                             "'float-quantized' or 'mixed-precision'")  # fmt: skip
+        groups = {FORMAT_NAMES.get(self._group_format(g)) for g in (qc.get("config_groups") or {}).values()}
+        want = groups.pop() if len(groups) == 1 else "mixed-precision"
+        if qc.get("format") in (*FORMAT_NAMES.values(), "mixed-precision") and qc.get("format") != want:
+            problems.append(f"compressed-tensors format is {qc.get('format')!r} but its config groups are {want!r}")
         for gname, group in (qc.get("config_groups") or {}).items():
             if self._group_format(group) is None:
                 problems.append(f"config group {gname}: weights are neither FP4 with group_size 16 nor FP8 per tensor")
