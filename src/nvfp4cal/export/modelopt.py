@@ -46,16 +46,15 @@ def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None
     """``hf_quant_config.json``: ModelOpt's own file (TensorRT-LLM reads it; vLLM only when config.json
     carries no ``quantization_config``)."""
     groups = format_groups(formats or {}) or {"nvfp4": []}
-    q = {"kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": excluded}
     if len(groups) > 1:
-        q["quant_algo"] = "MIXED_PRECISION"
-        q["quantized_layers"] = {m: _layer_entry(f) for m, f in sorted(formats.items())}
+        q = {"quant_algo": "MIXED_PRECISION"}
     else:
         (fmt,) = groups
-        q["quant_algo"] = ALGOS[fmt]
-        if fmt == "nvfp4":
-            q["group_size"] = nvfp4.BLOCK
-    return {"producer": producer(source), "quantization": dict(sorted(q.items()))}
+        q = {"quant_algo": ALGOS[fmt], **({"group_size": nvfp4.BLOCK} if fmt == "nvfp4" else {})}
+    q |= {"kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": excluded}
+    if len(groups) > 1:
+        q["quantized_layers"] = {m: _layer_entry(f) for m, f in sorted(formats.items())}
+    return {"producer": producer(source), "quantization": q}
 
 
 def _fp4_args() -> dict:
