@@ -54,7 +54,7 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert message in _message(tmp_path, args)
 
 
-@pytest.mark.xdist_group("torchrun")  # a subprocess: kept off the other worker
+@pytest.mark.xdist_group("subprocess")  # one CLI process: its own worker, beside the torchrun group
 def test_exit_code_and_one_line_and_nothing_overwritten(tmp_path, capsys):
     out = tmp_path / "ckpt"
     out.mkdir()

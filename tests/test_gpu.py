@@ -70,15 +70,15 @@ def test_pipeline_same_bytes_with_kernel_and_reference(tmp_path):
 
 def test_grouped_experts_on_cuda_match_eager():
     """bf16 on CUDA picks the grouped path (torch._grouped_mm); it agrees with the eager loop."""
+    from helpers import tiny_model
     from nvfp4cal.experts import QuantExpertsMixin
     from nvfp4cal.insert import insert_quantizers
     from nvfp4cal.quantizers import set_mode
     from nvfp4cal.recipe import build_recipe
-    from test_families import _model
 
     outs, amax = {}, {}
     for impl in ("eager", "auto"):
-        m = _model("tiny_qwen3_moe").to("cuda", torch.bfloat16)
+        m = tiny_model("tiny_qwen3_moe").to("cuda", torch.bfloat16)
         insert_quantizers(m, build_recipe("t", rules=["*.experts.*"]))
         experts = [x for x in m.modules() if isinstance(x, QuantExpertsMixin)]
         for x in experts:

@@ -89,7 +89,7 @@ def test_a_users_config_directory_adds_options(tmp_path):
     assert res.report["model"] == "my_llama" and (tmp_path / "ckpt" / "model.safetensors").is_file()
 
 
-@pytest.mark.xdist_group("torchrun")  # a subprocess: kept off the other worker
+@pytest.mark.xdist_group("subprocess")  # one CLI process: its own worker, beside the torchrun group
 def test_a_wheel_runs_from_an_unrelated_directory(tmp_path):
     """Build the wheel, install it (no source tree on the path) and calibrate a tiny model elsewhere."""
     proj, wheels = tmp_path / "project", tmp_path / "wheels"  # a copy: the build leaves the checkout alone

@@ -78,7 +78,7 @@ def test_max_recipe_without_perplexity(tmp_path):
     assert res.report["plots"] == ["sqnr_per_layer.png"]  # dense: no expert heatmap
 
 
-@pytest.mark.xdist_group("torchrun")  # a subprocess: kept off the other worker
+@pytest.mark.xdist_group("subprocess")  # one CLI process: its own worker, beside the torchrun group
 def test_multirun_and_tabulate(tmp_path, capsys):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [

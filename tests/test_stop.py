@@ -79,7 +79,7 @@ def test_stop_during_a_layerwise_run_keeps_only_its_progress(tmp_path, monkeypat
     assert "calibration.resume=true" in stop_message(err, compose([*args, f"export.dir={tmp_path}/ckpt"]))
 
 
-@pytest.mark.xdist_group("torchrun")  # a subprocess: kept off the other worker
+@pytest.mark.xdist_group("subprocess")  # one CLI process: its own worker, beside the torchrun group
 def test_sigterm_from_outside_exits_with_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [
