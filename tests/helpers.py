@@ -21,11 +21,6 @@ GPTQ_RECIPES = [r for r in RECIPES if "method: gptq" in (CONF / "recipe" / f"{r}
 WHOLE_MODEL_RECIPES = [r for r in RECIPES if r not in GPTQ_RECIPES]
 
 
-def layout_for(recipe: str) -> str:
-    """The export layout a recipe's checkpoint can be written in (weight-only NVFP4: compressed-tensors)."""
-    return "compressed_tensors" if "w4a16" in recipe else "modelopt"
-
-
 TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
 MOE_FAMILIES = [m for m in TINY_MODELS if m != "tiny_llama"]  # every tiny model but the dense one is an MoE
 SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]

@@ -10,9 +10,7 @@ from helpers import (
     SMALL,
     WHOLE_MODEL_RECIPES,
     check_round_trip,
-    check_round_trip_divided,
     compose,
-    layout_for,
     run_calibrate,
 )
 from nvfp4cal import nvfp4
@@ -28,22 +26,18 @@ def test_calibrate_export_reload(tmp_path, model, recipe):
         with pytest.raises(UserError, match="matches no quantizable module"):
             run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *SMALL])
         return
-    layout = layout_for(recipe)
-    res = run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", f"export.format={layout}", *SMALL])
+    res = run_calibrate(tmp_path, [f"model={model}", f"recipe={recipe}", *SMALL])
     ckpt = tmp_path / "ckpt"
     assert (tmp_path / "run" / "report.json").is_file()
     assert res.report["quantized"] > 0
     cfg = json.loads((ckpt / "config.json").read_text())
-    if layout == "compressed_tensors":
-        assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
-        check_round_trip_divided(res, ckpt)
-        return
     hq = json.loads((ckpt / "hf_quant_config.json").read_text())
     formats = sorted(res.report["exports"][0]["formats"])
-    want = "MIXED_PRECISION" if len(formats) > 1 else {"nvfp4": "NVFP4", "fp8": "FP8"}[formats[0]]
+    algos = {"nvfp4": "NVFP4", "nvfp4_w4a16": "W4A16_NVFP4", "fp8": "FP8"}
+    want = "MIXED_PRECISION" if len(formats) > 1 else algos[formats[0]]
     assert cfg["quantization_config"]["quant_method"] == "modelopt"
-    assert hq["quantization"]["quant_algo"] == want
-    assert want != "NVFP4" or hq["quantization"]["group_size"] == 16
+    assert hq["quantization"]["quant_algo"] == cfg["quantization_config"]["quant_algo"] == want
+    assert "NVFP4" not in want or hq["quantization"]["group_size"] == 16
     assert "lm_head" in hq["quantization"]["exclude_modules"]
     assert (hq["quantization"]["kv_cache_quant_algo"] == "FP8") == recipe.endswith("fp8_cast_kv")
     check_round_trip(res, ckpt)

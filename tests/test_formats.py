@@ -59,8 +59,9 @@ def test_experts_nvfp4_attention_fp8_mixed_checkpoint(tmp_path, layout):
     qc = _qc(ckpt)
     if layout == "modelopt":
         hq = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
-        assert hq["quant_algo"] == "MIXED_PRECISION" and qc["quantization"] == hq
+        assert hq["quant_algo"] == qc["quant_algo"] == "MIXED_PRECISION"
         layers = hq["quantized_layers"]
+        assert qc["quantized_layers"] == layers and qc["kv_cache_scheme"]["num_bits"] == 8
         assert {e["quant_algo"] for m, e in layers.items() if "self_attn" in m} == {"FP8"}
         assert {e["quant_algo"] for m, e in layers.items() if "experts" in m} == {"NVFP4"}
         assert set(layers) == set(v.fp8) | set(v.quantized)
@@ -136,9 +137,24 @@ def test_transformers_reads_fp8_and_weight_only_nvfp4(tmp_path):
         torch.testing.assert_close(mods[n].weight.float(), rebuilt[n].weight.float(), rtol=2**-7, atol=0, msg=n)
 
 
-def test_weight_only_in_the_modelopt_layout_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="nvfp4_w4a16 has no modelopt form.*export.format=compressed_tensors"):
-        run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_w4a16_mse", *SMALL])
+def test_weight_only_in_the_modelopt_layout(tmp_path):
+    """ModelOpt's W4A16_NVFP4: uniform (quant_algo, no input scales) and per layer in a mix."""
+    res = run_calibrate(tmp_path / "u", ["model=tiny_qwen3_moe", "recipe=nvfp4_w4a16_mse", *SMALL])
+    ckpt = tmp_path / "u" / "ckpt"
+    assert verify(ckpt).ok
+    qc = _qc(ckpt)
+    assert qc["quant_algo"] == "W4A16_NVFP4" and qc["config_groups"]["group_0"]["input_activations"] is None
+    from nvfp4cal.reload import read_tensors
+
+    assert not [k for k in read_tensors(ckpt) if k.endswith("input_scale")]
+    check_round_trip(res, ckpt)
+    res = run_calibrate(tmp_path / "m", ["model=tiny_llama", *ATTN_FP8_MLP_W4A16, *SMALL])
+    ckpt = tmp_path / "m" / "ckpt"
+    assert verify(ckpt).ok
+    qc = _qc(ckpt)
+    assert qc["quant_algo"] == "MIXED_PRECISION" and "quantization" not in qc  # flat: where vLLM reads it
+    assert {e["quant_algo"] for e in qc["quantized_layers"].values()} == {"FP8", "W4A16_NVFP4"}
+    check_round_trip(res, ckpt)
 
 
 def test_a_fused_group_in_two_formats_is_an_error(tmp_path):
@@ -162,7 +178,7 @@ def test_verify_catches_a_format_the_config_does_not_say(tmp_path):
         hq["quantization"]["quantized_layers"][layer] = {"quant_algo": "NVFP4", "group_size": 16}
         (ckpt / f).write_text(json.dumps(hq))
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["quantization"] = hq["quantization"]
+    cfg["quantization_config"]["quantized_layers"] = hq["quantization"]["quantized_layers"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     v = verify(ckpt)
     assert any(f"{layer}: FP8 tensors but the config says format nvfp4" in p for p in v.problems), v.problems

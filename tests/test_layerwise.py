@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import MOE_FAMILIES, WHOLE_MODEL_RECIPES, layout_for, run_calibrate
+from helpers import MOE_FAMILIES, WHOLE_MODEL_RECIPES, run_calibrate
 from nvfp4cal.errors import UserError
 from nvfp4cal.reload import read_tensors
 from nvfp4cal.verify import verify
@@ -32,7 +32,7 @@ def _same(a, b):
 
 
 def _pair(tmp_path, model, recipe, *layerwise):
-    base = [f"model={model}", f"recipe={recipe}", *DATA, f"export.format={layout_for(recipe)}"]
+    base = [f"model={model}", f"recipe={recipe}", *DATA]
     whole = run_calibrate(tmp_path / "whole", base)
     lw = run_calibrate(tmp_path / "lw", [*base, "calibration=layerwise", *layerwise])
     return whole, lw

@@ -120,7 +120,7 @@ class QuantExpertsMixin:
         if q.mode == "calib":
             q.observe(x, e)
             return x
-        if q.mode == "quant" and on:
+        if q.mode == "quant" and on and q.kind == "nvfp4":  # kind "none": weight-only, inputs as they are
             return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
         return x
 
@@ -177,7 +177,7 @@ class QuantExpertsMixin:
                     if seg.shape[0]:
                         q.add_hessian(e, seg)
             return x
-        if q.mode == "quant" and on:
+        if q.mode == "quant" and on and q.kind == "nvfp4":  # kind "none": weight-only, inputs as they are
             return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
         return x
 

@@ -55,6 +55,10 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     tensors, layout_obj = read_tensors(ckpt), layout_of(cfg.get("quantization_config"))
     weights, inputs, kv = dequantized(tensors, layout_obj)
     fp8_inputs = layout_obj.fp8_input_scales(tensors)  # FP8 Linears: their inputs cast to FP8 (W8A8)
+    packed, scale = layout_obj.suffixes[:2]
+    nvfp4_mods = {
+        k.removesuffix(packed) for k in tensors if k.endswith(packed) and k.removesuffix(packed) + scale in tensors
+    }
     del tensors
     cfg.pop("quantization_config", None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +97,8 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
                 if q.fixed_scale is not None and not torch.equal(q.fixed_scale, scale):
                     raise ValueError(f"{mod}: input_scale differs between experts of {owner_name}")
                 q.fixed_scale = scale
+        elif mod in nvfp4_mods and pname != "weight" and not isinstance(owner, QuantExpertsMixin):
+            convert(owner_name, owner, True, True, weights=False)  # weight-only experts: our experts forward
         if mod in fp8_inputs and pname == "weight":
             QuantLinear.convert(owner, nvfp4_on=True, kv=False, weights=False, fmt="fp8")
             owner.input_quantizer.fixed_scale = fp8_inputs[mod].float().reshape(())

@@ -48,7 +48,7 @@ class Layout:
 
     fp8_suffixes = (".weight", ".weight_scale", ".input_scale")  # the same in both layouts
     # the formats this layout can write (a rule's format; see recipe.FORMATS)
-    formats: tuple[str, ...] = ("nvfp4", "fp8")
+    formats: tuple[str, ...] = ("nvfp4", "nvfp4_w4a16", "fp8")
 
     def quant_names(self, module: str) -> tuple[str, str, str, str]:
         return tuple(module + s for s in self.suffixes)

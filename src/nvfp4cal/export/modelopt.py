@@ -14,10 +14,11 @@ layout; GPT-OSS's gate/up rows stay interleaved), ``P_weight_scale`` [E, out, in
 
 An FP8 Linear (format ``fp8``) is ``X.weight`` float8_e4m3fn [out, in], ``X.weight_scale`` float32 []
 (``amax / 448``) and ``X.input_scale`` float32 [] (``input_amax / 448``). A checkpoint of one format says
-``quant_algo: NVFP4`` or ``FP8``; one that mixes them says ``MIXED_PRECISION`` with ModelOpt's per-module
-``quantized_layers`` map (``{"quant_algo": "NVFP4", "group_size": 16}`` or ``{"quant_algo": "FP8"}``), in
-hf_quant_config.json and, in the same nested form, in config.json. NVFP4 weight-only (``nvfp4_w4a16``)
-has no modelopt form engines read: it is written in the compressed-tensors layout.
+``quant_algo: NVFP4``, ``W4A16_NVFP4`` (NVFP4 weight-only: no ``input_scale``) or ``FP8``; one that mixes
+them says ``MIXED_PRECISION`` with ModelOpt's per-module ``quantized_layers`` map (``{"quant_algo":
+"NVFP4", "group_size": 16}``, ``{"quant_algo": "W4A16_NVFP4", "group_size": 16}`` or ``{"quant_algo":
+"FP8"}``), in hf_quant_config.json and at the top level of config.json's flat form (where vLLM's
+``modelopt_mixed`` reads it).
 
 FP8 KV cache adds ``k_proj.k_scale`` / ``v_proj.v_scale`` (float32 []). Every other tensor keeps
 its dtype. config.json's ``quantization_config`` (what vLLM and SGLang read) and
@@ -34,12 +35,12 @@ import torch
 from .. import nvfp4
 from .layout import Layout, format_groups, fp4_dequantize, producer, update_config
 
-ALGOS = {"nvfp4": "NVFP4", "fp8": "FP8"}  # our format -> ModelOpt's quant_algo
+ALGOS = {"nvfp4": "NVFP4", "nvfp4_w4a16": "W4A16_NVFP4", "fp8": "FP8"}  # our format -> ModelOpt's quant_algo
 FORMAT_OF_ALGO = {v: k for k, v in ALGOS.items()}
 
 
 def _layer_entry(fmt: str) -> dict:
-    return {"quant_algo": "NVFP4", "group_size": nvfp4.BLOCK} if fmt == "nvfp4" else {"quant_algo": ALGOS[fmt]}
+    return {"quant_algo": ALGOS[fmt], **({} if fmt == "fp8" else {"group_size": nvfp4.BLOCK})}
 
 
 def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None, formats: dict | None = None) -> dict:
@@ -50,7 +51,7 @@ def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None
         q = {"quant_algo": "MIXED_PRECISION"}
     else:
         (fmt,) = groups
-        q = {"quant_algo": ALGOS[fmt], **({"group_size": nvfp4.BLOCK} if fmt == "nvfp4" else {})}
+        q = _layer_entry(fmt)
     q |= {"kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": excluded}
     if len(groups) > 1:
         q["quantized_layers"] = {m: _layer_entry(f) for m, f in sorted(formats.items())}
@@ -75,16 +76,18 @@ def config_json_quantization(
     ``kv_cache_scheme`` dict, W4A4 vs weight-only from ``config_groups`` (``input_activations``).
     """
     groups = format_groups(formats or {}) or {"nvfp4": []}
-    if len(groups) > 1:  # mixed: the nested form of hf_quant_config.json, which vLLM's modelopt_mixed reads
-        hq = quant_config(kv_cache, excluded, source, formats)
-        return {"quant_method": "modelopt", "producer": hq["producer"], "quantization": hq["quantization"]}
-    (fmt,) = groups
-    args = _fp4_args() if fmt == "nvfp4" else _fp8_args()
-    qc = {
-        "config_groups": {"group_0": {"input_activations": args, "weights": dict(args), "targets": ["Linear"]}},
-        "ignore": excluded,
-        "quant_algo": ALGOS[fmt],
-    }
+    if len(groups) > 1:  # mixed: ModelOpt's flat form with the per-layer map at the top (vLLM's modelopt_mixed)
+        qc = {"ignore": excluded, "quant_algo": "MIXED_PRECISION",
+              "quantized_layers": quant_config(kv_cache, excluded, source, formats)["quantization"]["quantized_layers"]}  # fmt: skip
+    else:
+        (fmt,) = groups
+        args = _fp8_args() if fmt == "fp8" else _fp4_args()
+        inputs = None if fmt == "nvfp4_w4a16" else dict(args)
+        qc = {
+            "config_groups": {"group_0": {"input_activations": inputs, "weights": args, "targets": ["Linear"]}},
+            "ignore": excluded,
+            "quant_algo": ALGOS[fmt],
+        }
     if kv_cache:
         qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
     qc["producer"] = producer(source)
@@ -188,8 +191,12 @@ class ModelOpt(Layout):
                 problems.append("hf_quant_config.json and config.json disagree on the FP8 KV cache")
         if str(algo).upper() not in (*FORMAT_OF_ALGO, "MIXED_PRECISION"):
             problems.append(f"quantization config says quant_algo={algo!r}, expected NVFP4, FP8 or MIXED_PRECISION")
-        if hq is not None and qc and "quantization" in qc and qc["quantization"] != hq:
-            problems.append("hf_quant_config.json and config.json's quantization differ")
+        if (
+            hq is not None
+            and qc
+            and (qc.get("quantization") or qc).get("quantized_layers") != hq.get("quantized_layers")
+        ):
+            problems.append("hf_quant_config.json and config.json give different quantized_layers")
         return list(exclude), kv
 
 
