@@ -335,3 +335,26 @@ def test_fp8_kv_refusal_is_recorded_not_hidden(vllm_python, checkpoints, tmp_pat
     assert probe["kv_cache_dtype"] == "bfloat16"
     assert probe["unexpected"] == [] and probe["missing"] == []
     assert all(state["k_scale"] == 1.0 for state in probe["kv"].values())  # the scales still load
+
+
+def test_vllm_runs_a_mixed_modelopt_checkpoint_and_reads_weight_only(vllm_python, tmp_path):
+    """Formats per rule: a MIXED_PRECISION modelopt checkpoint (experts NVFP4, attention FP8, FP8 KV
+    scales) builds in vLLM (``modelopt_mixed``), every tensor consumed, nothing unfilled, and
+    generates; a weight-only NVFP4 checkpoint (both layouts) is read as W4A16: vLLM picks its FP4
+    Marlin kernel, which its CPU build does not have (so it is parsed here, not run)."""
+    mixed = tmp_path / "mixed"
+    run_calibrate(
+        mixed, ["model=tiny_mixtral", "recipe=nvfp4_experts_fp8_attention_mse_fp8_cast_kv", *VLLM_SHAPE, *SMALL]
+    )
+    probe, _ = _probe(vllm_python, mixed / "ckpt", tmp_path / "probe_mixed", kv=True)
+    methods = probe["methods"]
+    assert probe["unexpected"] == [] and probe["missing"] == [], probe
+    assert {m for n, m in methods.items() if n.endswith(("qkv_proj", "o_proj"))} == {"ModelOptLinearMethod"}
+    assert {m for n, m in methods.items() if n.endswith("experts")} == {"ModelOptNvFp4FusedMoE"}, methods
+    assert len(probe["generated"]) == 2
+    w4a16 = tmp_path / "w4a16"
+    run_calibrate(w4a16, ["model=tiny_llama", "recipe=nvfp4_w4a16_mse", "export.format=both", *VLLM_SHAPE, *SMALL])
+    for layout in LAYOUTS:
+        r = _run_probe(vllm_python, w4a16 / "ckpt" / layout, tmp_path / f"probe_{layout}", "auto")
+        error = json.loads((tmp_path / f"probe_{layout}" / "probe.json").read_text()).get("build_error", "")
+        assert r.returncode == 0 or "marlin" in error.lower() or "w4a16" in error.lower(), (layout, error[-2000:])
