@@ -77,3 +77,15 @@ def test_api_mistakes_are_named():
         nvfp4cal.quantize(model, tok, data=[1, 2])
     with pytest.raises(UserError, match="is not a file"):
         nvfp4cal.quantize(model, tok, recipe="/no/such/recipe.yaml")
+
+
+def test_a_mixed_format_recipe_object_from_python(tmp_path):
+    """Formats per rule through the API: attention FP8, the rest NVFP4; both layouts verify."""
+    model, tok = _tiny()
+    recipe = build_recipe("mix", rules=[{"pattern": "*"}, {"pattern": "*self_attn*", "format": "fp8"},
+                                        {"pattern": "*lm_head*", "enable": False}])  # fmt: skip
+    res = nvfp4cal.quantize(model, tok, recipe=recipe, data=TEXTS, export_dir=tmp_path / "mo", **SIZES, overrides=QUIET)
+    nvfp4cal.export(res.model, tmp_path / "ct", format="compressed_tensors", tokenizer=tok)
+    for d in ("mo", "ct"):
+        v = nvfp4cal.verify(tmp_path / d)
+        assert v.ok and len(v.fp8) == 4 * tiny_config("tiny_llama")["num_hidden_layers"] and v.quantized, v.problems
