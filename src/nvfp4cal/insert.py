@@ -152,8 +152,7 @@ def share_global_amax(model: nn.Module) -> None:
                      if isinstance(m, QuantLinear) and m.weight_quantizer is not None]  # fmt: skip
             if len(named) < 2:
                 continue
-            kinds = {(type(q), m_in.input_quantizer.kind) for (n, q), m_in in
-                     zip(named, [getattr(parent, n) for n, _ in named], strict=True)}  # fmt: skip
+            kinds = {(type(q), getattr(parent, n).input_quantizer.kind) for n, q in named}  # the format of each
             if len(kinds) > 1:
                 raise UserError(
                     f"{pname}: {'/'.join(n for n, _ in named)} are fused by engines but the recipe quantizes them "

@@ -138,8 +138,6 @@ class CompressedTensors(Layout):
     def kv_value(self):
         return torch.ones(1, dtype=torch.float32)
 
-    formats = ("nvfp4", "nvfp4_w4a16", "fp8")
-
     def fp8_scale(self, s):
         return s.float().reshape(1)
 

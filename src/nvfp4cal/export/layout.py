@@ -47,8 +47,6 @@ class Layout:
     fused_suffixes: tuple[str, str, str, str] | None = None
 
     fp8_suffixes = (".weight", ".weight_scale", ".input_scale")  # the same in both layouts
-    # the formats this layout can write (a rule's format; see recipe.FORMATS)
-    formats: tuple[str, ...] = ("nvfp4", "nvfp4_w4a16", "fp8")
 
     def quant_names(self, module: str) -> tuple[str, str, str, str]:
         return tuple(module + s for s in self.suffixes)

@@ -43,18 +43,20 @@ def _layer_entry(fmt: str) -> dict:
     return {"quant_algo": ALGOS[fmt], **({} if fmt == "fp8" else {"group_size": nvfp4.BLOCK})}
 
 
+def _quantized_layers(formats: dict[str, str]) -> dict[str, dict]:
+    """ModelOpt's per-module map of a mixed checkpoint."""
+    return {m: _layer_entry(f) for m, f in sorted(formats.items())}
+
+
 def quant_config(kv_cache: bool, excluded: list[str], source: dict | None = None, formats: dict | None = None) -> dict:
     """``hf_quant_config.json``: ModelOpt's own file (TensorRT-LLM reads it; vLLM only when config.json
     carries no ``quantization_config``)."""
     groups = format_groups(formats or {}) or {"nvfp4": []}
-    if len(groups) > 1:
-        q = {"quant_algo": "MIXED_PRECISION"}
-    else:
-        (fmt,) = groups
-        q = _layer_entry(fmt)
+    mixed = len(groups) > 1
+    q = {"quant_algo": "MIXED_PRECISION"} if mixed else _layer_entry(next(iter(groups)))
     q |= {"kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": excluded}
-    if len(groups) > 1:
-        q["quantized_layers"] = {m: _layer_entry(f) for m, f in sorted(formats.items())}
+    if mixed:
+        q["quantized_layers"] = _quantized_layers(formats)
     return {"producer": producer(source), "quantization": q}
 
 
@@ -77,8 +79,7 @@ def config_json_quantization(
     """
     groups = format_groups(formats or {}) or {"nvfp4": []}
     if len(groups) > 1:  # mixed: ModelOpt's flat form with the per-layer map at the top (vLLM's modelopt_mixed)
-        qc = {"ignore": excluded, "quant_algo": "MIXED_PRECISION",
-              "quantized_layers": quant_config(kv_cache, excluded, source, formats)["quantization"]["quantized_layers"]}  # fmt: skip
+        qc = {"ignore": excluded, "quant_algo": "MIXED_PRECISION", "quantized_layers": _quantized_layers(formats)}
     else:
         (fmt,) = groups
         args = _fp8_args() if fmt == "fp8" else _fp4_args()
@@ -131,10 +132,9 @@ class ModelOpt(Layout):
 
     def config_format(self, ckpt: Path, qc: dict):
         hq_file = ckpt / "hf_quant_config.json"
-        src = qc.get("quantization") or (qc if qc else None)
-        if src is None and hq_file.is_file():
+        src = qc.get("quantization") or qc
+        if not src and hq_file.is_file():
             src = json.loads(hq_file.read_text()).get("quantization") or {}
-        src = src or {}
         algo = str(src.get("quant_algo")).upper()
         if algo == "MIXED_PRECISION":
             layers = {m: FORMAT_OF_ALGO.get(str(e.get("quant_algo")).upper()) for m, e in
@@ -190,7 +190,9 @@ class ModelOpt(Layout):
             if (hq.get("kv_cache_quant_algo") == "FP8") != kv:
                 problems.append("hf_quant_config.json and config.json disagree on the FP8 KV cache")
         if str(algo).upper() not in (*FORMAT_OF_ALGO, "MIXED_PRECISION"):
-            problems.append(f"quantization config says quant_algo={algo!r}, expected NVFP4, FP8 or MIXED_PRECISION")
+            problems.append(
+                f"quantization config says quant_algo={algo!r}, expected one of {[*FORMAT_OF_ALGO, 'MIXED_PRECISION']}"
+            )
         if (
             hq is not None
             and qc

@@ -14,7 +14,7 @@ import math
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import torch
@@ -168,11 +168,6 @@ def plan_export(
         if s.param in quant:
             src = quant[s.param]
             fmt = src.format
-            if fmt not in layout.formats:
-                raise ExportError(
-                    f"{out_name}: format {fmt} has no {layout.name} form that engines read; "
-                    "use export.format=compressed_tensors"
-                )
             numel = slice_numel(t.shape, s)
             if fmt == "fp8":
                 mod = out_name.removesuffix(".weight")
@@ -182,8 +177,6 @@ def plan_export(
                     return fp8_tensors(n, get(s.param), q, s, layout)
 
                 items.append(Item(numel + 8, names, produce, quantized=True, param=s.param))
-                formats[mod] = fmt
-                n_quant += 1
             else:
                 if out_name.endswith(".weight"):
                     mod = out_name[: -len(".weight")]
@@ -205,8 +198,8 @@ def plan_export(
                     return quantized_tensors(n, get(s.param), q, s, layout, packed_params, s.param)
 
                 items.append(Item(numel // 2 + numel // 16 + 8, names, produce, quantized=True, param=s.param))
-                formats[mod] = fmt
-                n_quant += 1
+            formats[mod] = fmt
+            n_quant += 1
         else:
             dt = dtypes.get(s.param, t.dtype)
             nbytes = slice_numel(t.shape, s) * (torch.finfo(dt).bits // 8 if dt.is_floating_point else t.element_size())
@@ -337,7 +330,7 @@ class CheckpointWriter:
             "dir": str(self.out_dir.resolve()),
             "format": self.layout.name,
             "quantized_tensors": self.n_quant,
-            "formats": {f: sum(1 for v in self.formats.values() if v == f) for f in sorted(set(self.formats.values()))},
+            "formats": dict(sorted(Counter(self.formats.values()).items())),  # format -> modules written in it
             "excluded": self.excluded,
             "files": sorted(set(weight_map.values())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
