@@ -251,6 +251,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _exported(exp: dict) -> str:
+    """`` (N tensors in the export)``, with the count per format when not all are NVFP4 W4A4."""
+    if exp.get("quantized_tensors") is None:
+        return ""
+    formats = exp.get("formats") or {}
+    per = f"; {', '.join(f'{n} {f}' for f, n in formats.items())}" if set(formats) - {"nvfp4"} else ""
+    return f" ({exp['quantized_tensors']} tensors in the export{per})"
+
+
 def print_summary(report: dict, run_dir: Path) -> None:
     exports = report.get("exports") or [{}]
     exp = exports[0]
@@ -265,7 +274,7 @@ def print_summary(report: dict, run_dir: Path) -> None:
             if report.get("exports")
             else ["  checkpoint : not written (export.dir=null)"]
         ),
-        f"  quantized  : {report['quantized']} weights ({exp.get('quantized_tensors')} tensors in the export)",
+        f"  quantized  : {report['quantized']} weights{_exported(exp)}",
         f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
         f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"
         + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
