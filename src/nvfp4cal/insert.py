@@ -14,7 +14,7 @@ from . import experts as experts_mod
 from .errors import UserError
 from .export.layout import FUSED_SCALE_GROUPS
 from .nvfp4 import BLOCK
-from .quantizers import FP8WeightQuantizer, QuantLinear, WeightQuantizer
+from .quantizers import INPUT_KIND, FP8WeightQuantizer, QuantLinear, WeightQuantizer
 from .recipe import Recipe
 from .view import check_finite
 
@@ -94,8 +94,8 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
             m = d["module"]
             experts_mod.convert(mod_name, m, bool(d.get("gate_up")), bool(d.get("down")))
             for q, pname in ((m.gate_up_input, m.first_proj), (m.down_input, "down_proj")):
-                if plan.formats.get(f"{mod_name}.{pname}") == "nvfp4_w4a16":
-                    q.kind = "none"  # weight-only: the input is observed (Hessians), never quantized
+                if f"{mod_name}.{pname}" in plan.formats:  # weight-only: observed (Hessians), never quantized
+                    q.kind = INPUT_KIND[plan.formats[f"{mod_name}.{pname}"]]
     if recipe.kv_cache and not plan.kv_cache:
         log.warning(
             "recipe %s asks for an FP8 KV cache but the model has no attention k_proj/v_proj "

@@ -23,6 +23,7 @@ MODES = ("off", "calib", "quant")
 
 
 INPUT_KINDS = ("nvfp4", "fp8", "none")  # how a quantized weight's input is quantized in quant mode
+INPUT_KIND = {"nvfp4": "nvfp4", "nvfp4_w4a16": "none", "fp8": "fp8"}  # a rule's format -> its input's kind
 
 
 class InputQuantizer(nn.Module):
@@ -257,8 +258,7 @@ class QuantLinear(nn.Linear):
             linear.input_quantizer = linear.weight_quantizer = linear.output_quantizer = None
         dev = linear.weight.device
         if nvfp4_on:
-            kind = {"nvfp4": "nvfp4", "nvfp4_w4a16": "none", "fp8": "fp8"}[fmt]
-            linear.input_quantizer = InputQuantizer(kind=kind).to(dev)
+            linear.input_quantizer = InputQuantizer(kind=INPUT_KIND[fmt]).to(dev)
         if nvfp4_on and weights:
             wq = FP8WeightQuantizer() if fmt == "fp8" else WeightQuantizer(linear.weight.shape)
             linear.weight_quantizer = wq.to(dev)

@@ -55,10 +55,7 @@ def rebuild_model(ckpt: str | Path, dtype: torch.dtype | None = None):
     tensors, layout_obj = read_tensors(ckpt), layout_of(cfg.get("quantization_config"))
     weights, inputs, kv = dequantized(tensors, layout_obj)
     fp8_inputs = layout_obj.fp8_input_scales(tensors)  # FP8 Linears: their inputs cast to FP8 (W8A8)
-    packed, scale = layout_obj.suffixes[:2]
-    nvfp4_mods = {
-        k.removesuffix(packed) for k in tensors if k.endswith(packed) and k.removesuffix(packed) + scale in tensors
-    }
+    nvfp4_mods = layout_obj.packed_modules(tensors)
     del tensors
     cfg.pop("quantization_config", None)
     with tempfile.TemporaryDirectory() as tmp:

@@ -69,7 +69,7 @@ def _group(fmt: str, targets: list[str]) -> dict:
 
 def _pattern(name: str) -> str:
     """``re:`` pattern of a module name with every number generalised (layer and expert indices)."""
-    return "re:^" + re.sub(r"\\d\+|\d+", r"\\d+", re.escape(name)) + "$"
+    return "re:^" + re.sub(r"\d+", r"\\d+", re.escape(name)) + "$"
 
 
 def targets_of(formats: dict[str, str]) -> dict[str, list[str]]:

@@ -144,11 +144,15 @@ class Layout:
                 weights[k] = v
         return weights, inputs, kv
 
-    def holds(self, names) -> bool:
-        """Whether tensors of these names are in this layout (its packed-weight names occur)."""
+    def packed_modules(self, names) -> set[str]:
+        """Modules (or fused parameters) whose NVFP4 packed weight and block scales are among ``names``."""
         packed, scale = self.suffixes[:2]
         names = set(names)
-        return any(n.endswith(packed) and n.removesuffix(packed) + scale in names for n in names)
+        return {n.removesuffix(packed) for n in names if n.endswith(packed) and n.removesuffix(packed) + scale in names}
+
+    def holds(self, names) -> bool:
+        """Whether tensors of these names are in this layout (its packed-weight names occur)."""
+        return bool(self.packed_modules(names))
 
 
 def format_groups(formats: dict[str, str]) -> dict[str, list[str]]:
