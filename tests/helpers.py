@@ -41,7 +41,7 @@ def run_calibrate(tmp_path: Path, overrides: list[str]):
 
     out = tmp_path / "ckpt"
     cfg = compose([f"export.dir={out}", "trainer.enable_progress_bar=false", *overrides])
-    return run(cfg, tmp_path / "run")
+    return run(cfg, tmp_path / "run", explicit=overrides)
 
 
 def tiny_model(name: str):

@@ -1,5 +1,7 @@
 """GPTQ for NVFP4: the rounding against its definition, and the pipeline layer by layer on quantized inputs."""
 
+import logging
+
 import pytest
 import torch
 
@@ -85,11 +87,33 @@ def test_gptq_pipeline_writes_a_checkpoint_of_its_codes(tmp_path, model, recipe)
     assert plain.report["weights"]
 
 
-def test_gptq_outside_layerwise_quantized_propagation_is_refused(tmp_path):
-    with pytest.raises(UserError, match="calibration.propagate=quantized"):
-        run_calibrate(
-            tmp_path, ["model=tiny_llama", "recipe=nvfp4_gptq", "calibration=layerwise", "+model.init=per_param"]
-        )
+@pytest.mark.parametrize(
+    "contradiction",
+    [["calibration=whole"], ["calibration=layerwise", "calibration.propagate=unquantized"]],
+    ids=["whole", "unquantized"],
+)
+def test_gptq_against_an_explicit_schedule_is_one_line(tmp_path, contradiction):
+    with pytest.raises(UserError, match="needs calibration=layerwise calibration.propagate=quantized: remove") as err:
+        run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_gptq", *contradiction])
+    assert "\n" not in str(err.value)
+
+
+def test_gptq_chooses_the_schedule_it_needs(tmp_path, caplog):
+    """recipe=nvfp4_gptq with no other override runs layer by layer on quantized inputs (a model held in
+    memory, read layer by layer from there) and says so; the same bytes as the explicit schedule."""
+    caplog.set_level(logging.INFO, logger="nvfp4cal")
+    small = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "recipe.algorithm.min_tokens=1"]
+    chosen = run_calibrate(tmp_path / "chosen", ["model=tiny_llama", "recipe=nvfp4_gptq", *small])
+    assert "needs calibration=layerwise calibration.propagate=quantized: chosen" in caplog.text
+    assert chosen.report["config"]["calibration"]["propagate"] == "quantized"
+    assert chosen.report["gptq"]["weights"] == 14
+    explicit = run_calibrate(tmp_path / "explicit", ["model=tiny_llama", "recipe=nvfp4_gptq", *small,
+                                                     "calibration=layerwise", "calibration.propagate=quantized"])  # fmt: skip
+    a, b = read_tensors(tmp_path / "chosen" / "ckpt"), read_tensors(tmp_path / "explicit" / "ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8) if a[k].dtype.itemsize == 1 else a[k],
+                                                    b[k].view(torch.uint8) if b[k].dtype.itemsize == 1 else b[k])
+                                        for k in a)  # fmt: skip
+    assert explicit.report["gptq"] == chosen.report["gptq"]
 
 
 def test_a_gptq_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):

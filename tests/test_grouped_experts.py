@@ -6,7 +6,7 @@ import torch
 from helpers import MOE_FAMILIES as FAMILIES
 from helpers import tiny_model
 from nvfp4cal.experts import QuantExpertsMixin
-from nvfp4cal.insert import insert_quantizers
+from nvfp4cal.insert import enable_hessians, insert_quantizers
 from nvfp4cal.quantizers import set_mode
 from nvfp4cal.recipe import build_recipe
 
@@ -76,6 +76,7 @@ def test_grouped_and_eager_collect_the_same_hessians(family):
     eager, grouped = tiny_model(family), tiny_model(family)
     for m in (eager, grouped):
         insert_quantizers(m, build_recipe("t", rules=["*.experts.*"], algorithm={"method": "hessian_mse"}))
+        enable_hessians(m)  # what the calibration loop does for method hessian_mse
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
     _run(eager, "eager", "calib", ids), _run(grouped, "grouped", "calib", ids)
     for x, y in zip(_experts(eager), _experts(grouped), strict=True):

@@ -93,17 +93,21 @@ def _calibrated(model_name: str, recipe_name: str):
     from hydra.utils import instantiate
 
     from helpers import compose
+    from nvfp4cal.algorithms import Unit
     from nvfp4cal.bootstrap import bootstrap_dead_experts
+    from nvfp4cal.calibration import begin_unit, end_unit
+    from nvfp4cal.comm import RunContext
     from nvfp4cal.insert import insert_quantizers
-    from nvfp4cal.quantizers import set_mode
 
     cfg = compose([f"model={model_name}", f"recipe={recipe_name}"])
     model = instantiate(cfg.model).model
-    insert_quantizers(model, instantiate(cfg.recipe, _convert_="all"))
-    set_mode(model, "calib")
+    recipe = instantiate(cfg.recipe, _convert_="all")
+    insert_quantizers(model, recipe)
+    unit = Unit("", model, model)
+    begin_unit(unit, recipe.algorithm, RunContext.single())  # the algorithm's statistics (Hessians) on
     with torch.no_grad():
         model(input_ids=torch.randint(0, 200, (4, 48), generator=torch.Generator().manual_seed(0)))
-    set_mode(model, "off")
+    end_unit(unit, RunContext.single())
     bootstrap_dead_experts(model)
     return model
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import MOE_FAMILIES, WHOLE_MODEL_RECIPES, run_calibrate
+from helpers import MOE_FAMILIES, SMALL, WHOLE_MODEL_RECIPES, run_calibrate
 from nvfp4cal.errors import UserError
 from nvfp4cal.reload import read_tensors
 from nvfp4cal.verify import verify
@@ -111,6 +111,17 @@ def test_quantized_propagation_feeds_the_next_layer_w4a4_outputs(tmp_path):
     assert verify(tmp_path / "quant" / "ckpt").ok
 
 
-def test_a_model_that_cannot_be_read_row_by_row_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"\+model.init=per_param"):
-        run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", "calibration=layerwise"])
+def test_a_model_held_in_memory_runs_layer_by_layer(tmp_path):
+    """A model that cannot be built on the meta device (here: a tiny model with transformers' init) is read
+    layer by layer from memory: the same checkpoint as the whole-model run, and the model whole again."""
+    args = ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL]
+    whole = run_calibrate(tmp_path / "whole", args)
+    lw = run_calibrate(tmp_path / "lw", [*args, "calibration=layerwise"])
+    a, b = read_tensors(tmp_path / "whole" / "ckpt"), read_tensors(tmp_path / "lw" / "ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].view(torch.uint8).equal(b[k].view(torch.uint8)) if a[k].dtype.itemsize == 1 else a[k].equal(b[k]), k
+    assert not any(p.is_meta for p in lw.model.parameters())
+    wq = dict(whole.model.named_buffers())
+    for n, t in lw.model.named_buffers():
+        assert torch.equal(t, wq[n]), n

@@ -46,7 +46,7 @@ def test_import_contracts_hold():
 
 
 OPTIONS = sorted(
-    (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name not in ("experiment",)
+    (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name not in ("experiment", "exclusions")
 )  # fmt: skip
 REQUIRED = {
     "hf": ["model.path=/x"],

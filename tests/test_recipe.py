@@ -57,3 +57,20 @@ def test_unmatched_pattern_warns(caplog):
     loaded = instantiate(cfg.model, _convert_="all")
     insert_quantizers(loaded.model, build_recipe("t", rules=["*mlp*", "*nothing_like_this*"]))
     assert "*nothing_like_this*" in caplog.text
+
+
+def test_every_shipped_recipe_ends_with_the_common_exclusions():
+    """One shared list (conf/exclusions/common.yaml), appended as disabled rules after a recipe's own."""
+    from omegaconf import OmegaConf
+
+    from helpers import CONF
+
+    common = OmegaConf.load(CONF / "exclusions" / "common.yaml").exclude
+    for name in RECIPES:
+        r = instantiate(compose([f"recipe={name}"]).recipe, _convert_="all")
+        assert [(x.pattern, x.enable) for x in r.rules[-len(common) :]] == [(p, False) for p in common], name
+        assert not r.quantizes("model.lm_head") and not r.quantizes("model.layers.0.mlp.gate"), name
+    r = build_recipe("t", rules=["*"], exclude=["*q_proj"])
+    assert r.quantizes("a.k_proj") and not r.quantizes("a.q_proj")
+    with pytest.raises(RecipeError, match="exclude must be a list"):
+        build_recipe("t", rules=["*"], exclude="*q_proj")

@@ -53,9 +53,9 @@ def test_stop_during_calibration(tmp_path, monkeypatch):
 
 
 def test_stop_during_the_sweep(tmp_path, monkeypatch):
-    from nvfp4cal import steps
+    from nvfp4cal.algorithms import fp8_sweep
 
-    _signal_in(monkeypatch, steps, "mse_sweep")
+    _signal_in(monkeypatch, fp8_sweep, "mse_sweep")
     assert _stopped(tmp_path, ARGS).where == "sweep"
 
 
@@ -67,7 +67,7 @@ def test_stop_during_the_export(tmp_path, monkeypatch):
 
 
 def test_stop_during_a_layerwise_run_keeps_only_its_progress(tmp_path, monkeypatch):
-    from nvfp4cal.layer_state import LayerState
+    from nvfp4cal.schedule.layer_state import LayerState
 
     _signal_in(monkeypatch, LayerState, "save", after_calls=1)
     args = [*ARGS, "+model.init=per_param", "calibration=layerwise", "calibration.offload=disk"]

@@ -47,6 +47,8 @@ def _recipe(recipe) -> tuple[list[str], Recipe | None]:
             raise UserError(f"recipe {recipe} is not a file")
         spec = OmegaConf.to_container(OmegaConf.load(recipe))
         spec.pop("_target_", None)
+        if "defaults" in spec:  # a recipe file written for the config tree: compose it as the CLI does
+            return [f"hydra.searchpath=[file://{Path(recipe).resolve().parent}]", f"recipe={Path(recipe).stem}"], None
         return [], build_recipe(**spec)
     if isinstance(recipe, str):
         return [f"recipe={recipe}"], None
@@ -116,13 +118,19 @@ def quantize(
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     loaded = LoadedModel(model, tokenizer, Path(str(name)).name or type(model).__name__)
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="nvfp4cal-run-"))
-    return run(cfg, run_dir, loaded=loaded, recipe=recipe_obj, source=source)
+    return run(cfg, run_dir, loaded=loaded, recipe=recipe_obj, source=source, explicit=list(overrides))
 
 
-def export(model, dir: str | Path, format: str = "modelopt", tokenizer=None, overwrite: bool = False) -> list[dict]:
-    """Write the checkpoint(s) of a model calibrated by :func:`quantize` (``format``: modelopt,
-    compressed_tensors or both); verified before they are renamed into place."""
-    return export_model(model, dir, format, tokenizer, overwrite)
+def export(result, dir: str | Path, format: str = "modelopt", tokenizer=None, overwrite: bool = False) -> list[dict]:
+    """Write the checkpoint(s) of what :func:`quantize` returned (``result``: its :class:`RunResult`, or
+    the calibrated model itself) in ``format`` (modelopt, compressed_tensors or both); verified before
+    they are renamed into place. A RunResult also gives the tokenizer and the dtypes the model came in
+    (a model calibrated on the CPU computes in float32; its checkpoint keeps the original dtypes)."""
+    if isinstance(result, RunResult):
+        model, dtypes, tokenizer = result.model, result.dtypes, tokenizer or result.tokenizer
+    else:
+        model, dtypes = result, None
+    return export_model(model, dir, format, tokenizer, overwrite, dtypes=dtypes)
 
 
 def verify(dir: str | Path) -> Verdict:

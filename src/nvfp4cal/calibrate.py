@@ -8,6 +8,7 @@ callback (bootstrap -> sweep -> export), then writes the run's report and prints
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -17,13 +18,28 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from .callback import PostCalibration
 from .errors import RunStopped, UserError
+from .evaluate import current_stage, stage
+from .insert import insert_quantizers
+from .models import fill_from_memory, upcast_for_cpu
+from .module import CalibrationModule
+from .report import OBJECTIVES, objective, print_summary, versions, write_report
+from .results import Results
+from .steps import post_calibration
+from .sweep import warm_up
 
 log = logging.getLogger("nvfp4cal")
 
@@ -34,14 +50,12 @@ class RunResult:
     model: object  # the calibrated model, quantizers attached (mode "off")
     tokenizer: object
     data: object
+    dtypes: dict | None = None  # the original dtypes of a model computed in fp32 (the export writes these)
 
 
 def build(node: DictConfig, key: str, **runtime):
     """``instantiate`` one config group; ``runtime`` passes values known only during the run (the
     tokenizer). Failures caused by the user's values become one line naming the group."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     try:
         return instantiate(node, _convert_="all", **runtime)
     except InstantiationException as err:
@@ -64,49 +78,107 @@ def environment() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NVFP4CAL_")}
 
 
-def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=None) -> RunResult:
-    """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``.
+@dataclass
+class Built:
+    """Everything a run is made of, built from the config and checked before any work."""
 
-    The Python API (:mod:`nvfp4cal.api`) passes what it holds already: ``loaded`` (a
-    :class:`~nvfp4cal.models.LoadedModel`) instead of the ``model`` group, ``recipe`` (a Recipe)
-    instead of the ``recipe`` group, ``source`` (a Dataset of texts) instead of ``data.source``."""
-    import dataclasses
+    export: object
+    trainer: object
+    recipe: object
+    calibration: object
+    loaded: object
+    plan: object
+    data: object
+    schedule: object
+    dtypes: dict | None
+    eval_batches: object
 
-    import lightning as L
-    import torch
-    from hydra.utils import get_method
 
-    from .callback import PostCalibration
-    from .evaluate import stage
-    from .insert import insert_quantizers
-    from .models import upcast_for_cpu
-    from .module import CalibrationModule
-    from .report import OBJECTIVES, objective, write_report
-    from .steps import Results, post_calibration
-    from .sweep import warm_up
+def _calibration(cfg: DictConfig, recipe, explicit: set[str]):
+    """The ``calibration`` group, switched to what the recipe's algorithm needs unless the user chose
+    otherwise (then: one line naming the contradiction)."""
+    needs, calibration = recipe.algorithm.needs, build(cfg.calibration, "calibration")
+    what = f"recipe {recipe.name} (method {recipe.algorithm.method}) needs {needs.describe()}"
+    if needs.layerwise and not calibration.layerwise:
+        if "calibration" in explicit:
+            raise UserError(
+                f"{what}: remove calibration={OmegaConf.select(cfg, 'hydra:runtime.choices.calibration', default='whole')}"
+            )
+        node = OmegaConf.load(files("nvfp4cal.conf") / "calibration" / "layerwise.yaml")
+        with open_dict(cfg):
+            cfg.calibration = node
+        calibration = build(cfg.calibration, "calibration")
+        log.info("%s: chosen", what)
+    if needs.propagate and calibration.propagate != needs.propagate:
+        if "calibration.propagate" in explicit:
+            raise UserError(f"{what}: remove calibration.propagate={calibration.propagate}")
+        with open_dict(cfg):
+            cfg.calibration.propagate = needs.propagate
+        calibration = build(cfg.calibration, "calibration")
+    return calibration
 
-    t_start = time.perf_counter()
-    given = {"model": loaded is not None, "recipe": recipe is not None, "data.source": source is not None}
-    missing = sorted(
-        k
-        for k in OmegaConf.missing_keys(cfg)
-        if not k.startswith("hydra") and not any(on and (k == g or k.startswith(g + ".")) for g, on in given.items())
-    )
-    if missing:
-        raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
+
+def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stages: dict, env: dict) -> Built:
+    """Build every object of the run from ``cfg`` and check every precondition, cheapest first."""
     export = build(cfg.export, "export")
     export.check_targets()  # before any work
-    L.seed_everything(cfg.seed, verbose=False)
-    objective_name = cfg.report.objective
-    if objective_name not in OBJECTIVES:
-        raise UserError(f"report.objective={objective_name!r} unknown; use one of {list(OBJECTIVES)}")
-    stages = {}
+    if cfg.report.objective not in OBJECTIVES:
+        raise UserError(f"report.objective={cfg.report.objective!r} unknown; use one of {list(OBJECTIVES)}")
+    trainer = build_trainer(cfg)
+    device, holding = trainer.strategy.root_device, getattr(trainer.strategy, "holding", "whole")
+    with stage(stages, "load"):
+        recipe = recipe if recipe is not None else build(cfg.recipe, "recipe")
+        if "NVFP4CAL_KERNEL" in env:  # recorded in the report's environment
+            log.info("NVFP4CAL_KERNEL=%s overrides recipe.algorithm.kernel", env["NVFP4CAL_KERNEL"])
+            recipe = dataclasses.replace(recipe, algorithm=recipe.algorithm.with_kernel(env["NVFP4CAL_KERNEL"]))
+        calibration = _calibration(cfg, recipe, explicit)
+        if calibration.layerwise and holding == "rows":
+            raise UserError("calibration=layerwise holds one layer at a time: use trainer=cpu, gpu or ddp, not fsdp")
+        if trainer.is_global_zero:
+            where = "CPU" if device.type == "cpu" else f"GPU ({device})"
+            auto = " (trainer.accelerator=auto)" if cfg.trainer.accelerator == "auto" else ""
+            log.info("calibrating on the %s%s", where, auto)
+        if recipe.algorithm.kernel is not None:
+            warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
+        on_meta = loaded is None and "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
+        extra = {"sharded": True} if on_meta and (holding == "rows" or calibration.layerwise) else {}
+        if holding == "rows" and not on_meta:
+            log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
+        if loaded is None:
+            loaded = build(cfg.model, "model", **extra)
+    with stage(stages, "insert", next(loaded.model.parameters()).device):
+        plan = insert_quantizers(loaded.model, recipe)
+    counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(plan.formats.values()).items()))
+    log.info("recipe %s quantizes %d weights (%s):\n%s", recipe.name, len(plan.quantized), counts, plan.summary())
+    if plan.kv_cache:
+        log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))
+    if not plan.quantized:
+        raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
+    with stage(stages, "plan"):
+        export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
+    data = calibration_data(cfg, loaded.tokenizer, source)
+    with stage(stages, "data"):
+        data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
+    eval_batches = data.eval_dataloader if cfg.report.perplexity else None
+    if calibration.layerwise:
+        dtypes = {n: t.dtype for n, t in loaded.model.state_dict().items() if t.is_floating_point()}
+        held = loaded.fill is None  # a model in memory: read layer by layer from there
+        fill = fill_from_memory(loaded.model) if held else loaded.fill
+        fingerprint = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "recipe", "data")}
+        fingerprint["calibration.propagate"] = calibration.propagate
+        schedule = calibration.schedule(recipe.algorithm, fill=fill, fingerprint=fingerprint, held=held)
+        if eval_batches is not None and trainer.is_global_zero:
+            log.info("calibration=layerwise: held-out perplexity is not measured (the weight SQNR is)")
+        eval_batches = None
+    else:
+        dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
+        schedule = calibration.schedule(recipe.algorithm)
+    return Built(export, trainer, recipe, calibration, loaded, plan, data, schedule, dtypes, eval_batches)
 
+
+def build_trainer(cfg: DictConfig):
     try:
-        trainer = build(cfg.trainer, "trainer")
+        return build(cfg.trainer, "trainer")
     except Exception as err:  # Lightning's own checks of accelerator, devices, strategy
         if isinstance(err, (UserError, RunStopped)):
             raise
@@ -115,189 +187,73 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
             f"trainer: {type(cause).__name__}: {str(cause).splitlines()[0]} - check trainer=... and the trainer.* "
             "overrides (gpu, ddp and fsdp run on CUDA GPUs unless trainer.accelerator=cpu)"
         ) from err
-    device = trainer.strategy.root_device
-    holding = getattr(trainer.strategy, "holding", "whole")
-    calibration = build(cfg.calibration, "calibration")
-    if calibration.layerwise and holding == "rows":
-        raise UserError("calibration=layerwise holds one layer at a time: use trainer=cpu, gpu or ddp, not fsdp")
-    if trainer.is_global_zero:
-        where = "CPU" if device.type == "cpu" else f"GPU ({device})"
-        asked = cfg.trainer.accelerator
-        log.info("calibrating on the %s%s", where, " (trainer.accelerator=auto)" if asked == "auto" else "")
-    with stage(stages, "load"):
-        recipe = recipe if recipe is not None else build(cfg.recipe, "recipe")
-        if "NVFP4CAL_KERNEL" in env:  # recorded in the report's environment
-            log.info("NVFP4CAL_KERNEL=%s overrides recipe.algorithm.kernel", env["NVFP4CAL_KERNEL"])
-            algorithm = dataclasses.replace(recipe.algorithm, kernel=env["NVFP4CAL_KERNEL"])
-            recipe = dataclasses.replace(recipe, algorithm=algorithm)
-        if recipe.algorithm.gptq and not (calibration.layerwise and calibration.propagate == "quantized"):
-            raise UserError(
-                "recipe.algorithm.method=gptq rounds each layer on the inputs its quantized predecessors give it: "
-                "add calibration=layerwise calibration.propagate=quantized"
-            )
-        if recipe.algorithm.sweep:
-            warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
-        extra = {}
-        on_meta = loaded is None and "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
-        if holding == "rows" or calibration.layerwise:  # built on the meta device, rows read when needed
-            if on_meta:
-                extra["sharded"] = True
-            elif calibration.layerwise:
-                what = "a model given as an object" if loaded is not None else cfg.model._target_
-                raise UserError(f"calibration=layerwise: {what} cannot be built on the meta device")
-            else:
-                log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
-        if loaded is None:
-            loaded = build(cfg.model, "model", **extra)
-        if calibration.layerwise and loaded.fill is None:
-            raise UserError(
-                "calibration=layerwise needs a model read row by row: model=hf, or a tiny model with +model.init=per_param"
-            )
 
-    with stage(stages, "insert", next(loaded.model.parameters()).device):
-        plan = insert_quantizers(loaded.model, recipe)
-    counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(plan.formats.values()).items()))
-    log.info("recipe %s quantizes %d weights (%s):\n%s", recipe.name, len(plan.quantized), counts, plan.summary())
-    if plan.kv_cache:
-        log.info("FP8 KV cache on %d k/v projections", len(plan.kv_cache))
-    if trainer.is_global_zero:
-        (run_dir / "quantized_modules.json").write_text(json.dumps(vars(plan), indent=2))
-    if not plan.quantized:
-        raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
-    with stage(stages, "plan"):
-        export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
 
-    data = calibration_data(cfg, loaded.tokenizer, source)
-    with stage(stages, "data"):
-        data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
-    eval_batches = data.eval_dataloader if cfg.report.perplexity else None
-    schedule = None
-    if calibration.layerwise:
-        from .layerwise import LayerwiseSchedule
+def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=None, explicit=()) -> RunResult:
+    """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``.
 
-        dtypes = {n: t.dtype for n, t in loaded.model.state_dict().items() if t.is_floating_point()}
-        fingerprint = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "recipe", "data")}
-        fingerprint["calibration.propagate"] = calibration.propagate
-        schedule = LayerwiseSchedule(
-            calibration, loaded.fill, fingerprint, hessian=recipe.algorithm.hessian, gptq=recipe.algorithm.gptq
-        )
-        if eval_batches is not None and trainer.is_global_zero:
-            log.info("calibration=layerwise: held-out perplexity is not measured (the weight SQNR is)")
-        eval_batches = None
-    else:
-        dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
-        loaded.model.__dict__["_nvfp4cal_dtypes"] = dtypes  # for a later nvfp4cal.export of this model
+    The Python API (:mod:`nvfp4cal.api`) passes what it holds already: ``loaded`` (a
+    :class:`~nvfp4cal.models.LoadedModel`) instead of the ``model`` group, ``recipe`` (a Recipe)
+    instead of the ``recipe`` group, ``source`` (a Dataset of texts) instead of ``data.source``.
+    ``explicit``: the overrides the user typed (a recipe's needs never override a choice made there)."""
+    t_start = time.perf_counter()
+    given = {"model": loaded is not None, "recipe": recipe is not None, "data.source": source is not None}
+    check_missing(cfg, given)
+    run_dir, env, stages = Path(run_dir), environment(), {}
+    L.seed_everything(cfg.seed, verbose=False)
+    b = build_run(cfg, loaded, recipe, source, explicit_keys(explicit), stages, env)
+    if b.trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "quantized_modules.json").write_text(json.dumps(vars(b.plan), indent=2))
     results = Results()
-
-    def make_steps(ctx):
-        steps = post_calibration(ctx, recipe.algorithm, export, loaded.tokenizer, eval_batches, dtypes)
-        if schedule is None:
-            return steps
-        schedule.per_layer = [s for s in steps if s.per_layer]  # once per decoder layer
-        return [s for s in steps if not s.per_layer]
-
-    trainer.callbacks.append(PostCalibration(make_steps, results))
-    module = CalibrationModule(loaded.model, results, loaded.fill, schedule)
+    post = PostCalibration(lambda ctx: post_calibration(ctx, b.recipe.algorithm, b.export, b.loaded.tokenizer,
+                                                        b.eval_batches, b.dtypes, b.loaded.source_format),
+                           results)  # fmt: skip
+    b.trainer.callbacks.append(post)
     try:
-        trainer.validate(module, datamodule=data, verbose=False)
+        b.trainer.validate(CalibrationModule(b.loaded.model, b.schedule, post, results, b.loaded.fill),
+                           datamodule=b.data, verbose=False)  # fmt: skip
     except BaseException:
-        if schedule is not None:
-            schedule.abort()
+        b.schedule.abort()
         raise
-    if schedule is not None:
-        schedule.finish()  # the checkpoint is written: the progress kept for a resume goes
-
+    b.schedule.done()  # the checkpoint is written: a layer-by-layer run's progress goes
     report = {
-        "model": loaded.name,
-        "recipe": recipe.name,
-        "calibration_samples": len(data.calib),
-        "held_out_samples": len(data.held_out),
-        "seq_len": data.seq_len,
-        "data": data.stats,
-        "quantized": len(plan.quantized),
-        "excluded_shape": plan.skipped_shape,
-        "kv_cache": plan.kv_cache,
-        **results.as_dict(),
-        "stages": {**stages, **results.stages},
-        **({"layers": schedule.layers, "layers_materialized_at_once": schedule.materializer.peak} if schedule else {}),
-        "environment": env,
-        "versions": versions(),
+        "model": b.loaded.name, "recipe": b.recipe.name, "algorithm": b.recipe.algorithm.describe(),
+        "calibration_samples": len(b.data.calib), "held_out_samples": len(b.data.held_out), "seq_len": b.data.seq_len,
+        "data": b.data.stats, "quantized": len(b.plan.quantized), "excluded_shape": b.plan.skipped_shape,
+        "kv_cache": b.plan.kv_cache, **results.as_dict(), "stages": {**stages, **results.stages},
+        **b.schedule.report(), "environment": env, "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         **({"given": [g for g, on in given.items() if on]} if any(given.values()) else {}),
-    }
+    }  # fmt: skip
     report["wall_seconds"] = round(time.perf_counter() - t_start, 3)  # all of run() until the report
-    report["objective"] = {"name": objective_name, "value": objective(report, objective_name)}
-    if trainer.is_global_zero:
-        t0 = time.perf_counter()
+    report["objective"] = {"name": cfg.report.objective, "value": objective(report, cfg.report.objective)}
+    if b.trainer.is_global_zero:
         write_report(run_dir, report)
         print_summary(report, run_dir)
-        log.info(
-            "report written in %.1f s; %.1f s since the start of the run",
-            time.perf_counter() - t0,
-            time.perf_counter() - t_start,
-        )
-    return RunResult(report, loaded.model, loaded.tokenizer, data)
+        log.info("report written; %.1f s since the start of the run", time.perf_counter() - t_start)
+    return RunResult(report, b.loaded.model, b.loaded.tokenizer, b.data, b.dtypes)
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
+def check_missing(cfg: DictConfig, given: dict[str, bool]) -> None:
+    missing = sorted(
+        k
+        for k in OmegaConf.missing_keys(cfg)
+        if not k.startswith("hydra") and not any(on and (k == g or k.startswith(g + ".")) for g, on in given.items())
+    )
+    if missing:
+        raise UserError(f"missing value for {', '.join(missing)}: pass {missing[0]}=... on the command line")
 
-    out = {}
-    for pkg in ("nvfp4cal", "torch", "triton", "transformers", "lightning", "datasets", "hydra-core"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
+
+def explicit_keys(overrides) -> set[str]:
+    """The keys (and groups) the user set: ``calibration=whole`` -> ``calibration``."""
+    out = set()
+    for o in overrides or ():
+        key = str(o).split("=", 1)[0].lstrip("+~")
+        if "@" in key:
+            key = key.split("@", 1)[0]
+        out.add(key)
     return out
-
-
-def _exported(exp: dict) -> str:
-    """`` (N tensors in the export)``, with the count per format when not all are NVFP4 W4A4."""
-    if exp.get("quantized_tensors") is None:
-        return ""
-    formats = exp.get("formats") or {}
-    per = f"; {', '.join(f'{n} {f}' for f, n in formats.items())}" if set(formats) - {"nvfp4"} else ""
-    return f" ({exp['quantized_tensors']} tensors in the export{per})"
-
-
-def print_summary(report: dict, run_dir: Path) -> None:
-    exports = report.get("exports") or [{}]
-    exp = exports[0]
-    ppl = report.get("perplexity", {})
-    ppl_line = " -> ".join(f"{k} {ppl[k]:.2f}" for k in ("original", "max_calibrated", "quantized") if k in ppl)
-    dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
-    lines = [
-        "",
-        f"nvfp4cal: {report['model']} with {report['recipe']}",
-        *(
-            (f"  checkpoint : {e['dir']} ({e['format']} layout)" for e in exports)
-            if report.get("exports")
-            else ["  checkpoint : not written (export.dir=null)"]
-        ),
-        f"  quantized  : {report['quantized']} weights{_exported(exp)}",
-        f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
-        f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"
-        + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
-        + (f"\n    ... {len(dead) - 10} more layers" if len(dead) > 10 else ""),
-        f"  perplexity : {ppl_line or 'not measured'} (held-out, {report['held_out_samples']} samples)",
-        *(
-            [
-                f"  sharded    : {sh['ranks']} ranks hold "
-                + ", ".join(f"{b / 2**30:.3f}" for b in sh["param_bytes_per_rank"])
-                + f" of {sh['param_bytes'] / 2**30:.3f} GiB of parameters"
-            ]
-            if (sh := report.get("sharding"))
-            else []
-        ),
-        *(
-            [f"  GPU peaks  : {report['gpu_peak_gib_per_rank']} GiB per rank"]
-            if "gpu_peak_gib_per_rank" in report
-            else []
-        ),
-        "  stage times: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items()),
-        f"  report     : {run_dir.resolve() / 'report.md'} (+ report.json, {', '.join(report.get('plots', []))})",
-    ]
-    print("\n".join(lines), flush=True)
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -316,7 +272,6 @@ def stop_on_signals():
     """While running: SIGTERM (what SLURM and ``timeout`` send) and SIGINT raise :class:`RunStopped` in
     the main thread, so the run unwinds as on any error (writers remove their temporary directories;
     a layerwise run keeps its progress)."""
-    from .evaluate import current_stage
 
     def stop(signum, frame):
         raise RunStopped(signum, current_stage())
@@ -363,7 +318,6 @@ if not OmegaConf.has_resolver("nvfp4cal_launch_id"):
 
 @hydra.main(version_base="1.3", config_path="pkg://nvfp4cal.conf", config_name="calibrate")
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
 
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
@@ -374,7 +328,9 @@ def main(cfg: DictConfig) -> float | None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
         with stop_on_signals():
-            return run(cfg, HydraConfig.get().runtime.output_dir).report["objective"]["value"]
+            return run(cfg, HydraConfig.get().runtime.output_dir, explicit=HydraConfig.get().overrides.task).report[
+                "objective"
+            ]["value"]
     except RunStopped as err:
         print(f"nvfp4cal: {stop_message(err, cfg)}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)

@@ -15,7 +15,7 @@ from .errors import UserError
 from .export.layout import FUSED_SCALE_GROUPS
 from .nvfp4 import BLOCK
 from .quantizers import INPUT_KIND, FP8WeightQuantizer, QuantLinear, WeightQuantizer
-from .recipe import Recipe
+from .rules import Selection
 from .view import check_finite
 
 log = logging.getLogger("nvfp4cal")
@@ -52,8 +52,10 @@ def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return out
 
 
-def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
-    """Convert matching modules in place; weights are max-calibrated right away."""
+def insert_quantizers(model: nn.Module, recipe: Selection) -> QuantPlan:
+    """Convert matching modules in place (``recipe``: a Recipe, or any :class:`~nvfp4cal.rules.Selection`);
+    weights are max-calibrated right away. What an algorithm observes beyond the amaxes (input Hessians)
+    is switched on when its unit is calibrated (:func:`nvfp4cal.calibration.begin_unit`)."""
     check_finite(model)
     plan = QuantPlan()
     names = quantizable_names(model)
@@ -104,8 +106,6 @@ def insert_quantizers(model: nn.Module, recipe: Recipe) -> QuantPlan:
         )
     share_global_amax(model)
     check_quantized(model, plan.quantized)
-    if recipe.algorithm.hessian or recipe.algorithm.gptq:
-        enable_hessians(model, full=recipe.algorithm.gptq)
     return plan
 
 

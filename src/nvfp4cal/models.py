@@ -38,6 +38,7 @@ class LoadedModel:
     # a model built on the meta device (sharded runs): fill(param, out, start, stop, rows) writes
     # rows [start, stop) of dim 0 of a parameter with ``rows`` rows into ``out``
     fill: Callable[[str, torch.Tensor, int, int, int], None] | None = None
+    source_format: dict | None = None  # a quantized source checkpoint (source_formats.source_format), or None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -103,10 +104,9 @@ def load_hf(path: str, dtype: str = "auto", trust_remote_code: bool = False, sha
         raise ModelError(f"cannot load {p}: {str(err).splitlines()[0]}") from err
     model.eval()
     if fmt is not None:
-        model.__dict__["_nvfp4cal_source_format"] = fmt  # the export names it in its producer metadata
         log.info("model.path %s: %s weights (blocks %s) dequantized to %s as read", p, fmt["quant_method"],
                  fmt["weight_block_size"], next(model.parameters()).dtype)  # fmt: skip
-    return LoadedModel(model, tokenizer, p.name, fill)
+    return LoadedModel(model, tokenizer, p.name, fill, source_format=fmt)
 
 
 def _fill_all(model: torch.nn.Module, fill) -> None:
@@ -351,3 +351,24 @@ def upcast_for_cpu(model: torch.nn.Module) -> dict[str, torch.dtype]:
         log.info("computing in float32 on CPU; the export keeps the original dtypes")
         model.float()
     return dtypes
+
+
+def fill_from_memory(model: torch.nn.Module) -> Callable[[str, torch.Tensor, int, int, int], None]:
+    """A ``fill`` over a model held in memory (for layer-by-layer calibration of a model that cannot be
+    built on the meta device: the embedded default, a model given to the Python API).
+
+    The model's parameters are kept aside (no copy) and replaced by meta parameters of the same shape
+    and dtype (buffers, such as RoPE tables, stay); ``fill(name, out, start, stop, rows)`` copies rows
+    ``[start, stop)`` of the kept parameter into ``out``. Tied parameters are kept under every name.
+    """
+    kept = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+    for mod in model.modules():
+        for leaf, p in list(mod._parameters.items()):
+            if p is not None and not p.is_meta:
+                mod._parameters[leaf] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def fill(name: str, out: torch.Tensor, start: int, stop: int, rows: int) -> None:
+        src = kept[name]
+        out.copy_(src[start:stop] if src.dim() else src)
+
+    return fill

@@ -1,4 +1,4 @@
-"""The LightningModule: owns the model with quantizers and runs max calibration in ``validation_step``."""
+"""The LightningModule: owns the model with quantizers; its schedule runs max calibration over the Trainer's pass."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import os
 import lightning as L
 import torch
 
+from .callback import PostCalibration
 from .comm import RunContext, default_comm
 from .evaluate import stage
-from .quantizers import set_mode
-from .steps import Results
-from .view import sync_statistics
+from .results import Results
 
 
 def run_context(trainer: L.Trainer) -> RunContext:
@@ -33,16 +32,20 @@ def run_context(trainer: L.Trainer) -> RunContext:
 
 
 class CalibrationModule(L.LightningModule):
-    """``Trainer.validate(module, datamodule)`` = one max-calibration pass over the data.
+    """``Trainer.validate(module, datamodule)`` = one max-calibration pass over the data, delegated to the
+    schedule (:mod:`nvfp4cal.schedule`): the whole model is calibrated in ``validation_step``, or each
+    decoder layer's inputs are captured there and the layers calibrated one by one at the epoch's end.
+    Every calibrated unit goes through ``post.run_unit`` (the :class:`~nvfp4cal.callback.PostCalibration`
+    callback's per-unit steps).
 
     Run the Trainer with ``inference_mode=False``: the quantizers update their amax buffers.
     ``results.stages["calibration"]`` gets the pass's time and memory peaks.
     """
 
-    def __init__(self, model: torch.nn.Module, results: Results, fill=None, schedule=None):
+    def __init__(self, model: torch.nn.Module, schedule, post: PostCalibration, results: Results, fill=None):
         super().__init__()
-        self.schedule = schedule  # a layerwise.LayerwiseSchedule, or None: the whole model at once
-        if schedule is None:
+        self.schedule, self.post = schedule, post
+        if schedule.holds_model:
             self.model = model
         else:  # on the meta device: kept out of Lightning's reach (it would move it to the device)
             object.__setattr__(self, "model", model)
@@ -56,9 +59,7 @@ class CalibrationModule(L.LightningModule):
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def setup(self, stage: str) -> None:
-        self.ctx = run_context(self.trainer)
-        if self.schedule is not None:
-            self.ctx = self.schedule.context(self.model, self.ctx)
+        self.ctx = self.schedule.context(self.model, run_context(self.trainer))
 
     def configure_model(self) -> None:
         """Let the strategy lay the model out (``trainer=fsdp``: shard it over every rank), once."""
@@ -72,25 +73,20 @@ class CalibrationModule(L.LightningModule):
             raise RuntimeError(f"NVFP4CAL_FAIL_ON_RANK={fail}: rank {self.global_rank} fails on purpose")
         self._timer = stage(self.results.stages, "calibration", self.ctx.device)
         self._timer.__enter__()
-        if self.schedule is not None:
-            self.schedule.start_capture(self.model, self.ctx)
-        else:
-            set_mode(self.model, "calib")
+        self.schedule.start(self.model, self.ctx)
 
     def validation_step(self, batch, batch_idx):
-        if self.schedule is not None:  # the layers' inputs, kept for the layer-by-layer pass
-            n = self.trainer.num_val_batches[0]
-            self.schedule.capture(self.model, batch, self.extra, self.ctx, int(n))
-            return
-        with torch.no_grad():
-            self.model(input_ids=batch["input_ids"], use_cache=False, **self.extra)
+        self.schedule.observe(self.model, batch, self.extra, self.ctx, int(self.trainer.num_val_batches[0]))
 
     def on_validation_epoch_end(self) -> None:
-        if self.schedule is not None:  # calibrate, sweep and save the decoder layers one at a time
-            self.schedule.run_layers(self.model, self.ctx, self.results)
-        else:
-            set_mode(self.model, "off")
-            sync_statistics(self.model, self.ctx.comm)
+        whole = self.schedule.holds_model
+        if whole:  # the stage is the calibration pass; the steps are timed under their own names
+            self._stop_timer()
+        self.schedule.finish(self.model, self.ctx, self.results, self.post.run_unit,
+                             lambda: self.trainer.val_dataloaders, self.extra)  # fmt: skip
+        self._stop_timer()
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.__exit__(None, None, None)
             self._timer = None

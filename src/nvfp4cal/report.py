@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import math
 import re
@@ -121,3 +122,62 @@ def write_report(run_dir: Path, report: dict) -> list[str]:
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (run_dir / "report.md").write_text(markdown(report))
     return ["report.json", "report.md", *report["plots"]]
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("nvfp4cal", "torch", "triton", "transformers", "lightning", "datasets", "hydra-core"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _exported(exp: dict) -> str:
+    """`` (N tensors in the export)``, with the count per format when not all are NVFP4 W4A4."""
+    if exp.get("quantized_tensors") is None:
+        return ""
+    formats = exp.get("formats") or {}
+    per = f"; {', '.join(f'{n} {f}' for f, n in formats.items())}" if set(formats) - {"nvfp4"} else ""
+    return f" ({exp['quantized_tensors']} tensors in the export{per})"
+
+
+def print_summary(report: dict, run_dir: Path) -> None:
+    exports = report.get("exports") or [{}]
+    exp = exports[0]
+    ppl = report.get("perplexity", {})
+    ppl_line = " -> ".join(f"{k} {ppl[k]:.2f}" for k in ("original", "max_calibrated", "quantized") if k in ppl)
+    dead = [(e["module"], e["experts"]) for e in report.get("experts", []) if e["experts"]]
+    lines = [
+        "",
+        f"nvfp4cal: {report['model']} with {report['recipe']}",
+        *(
+            (f"  checkpoint : {e['dir']} ({e['format']} layout)" for e in exports)
+            if report.get("exports")
+            else ["  checkpoint : not written (export.dir=null)"]
+        ),
+        f"  quantized  : {report['quantized']} weights{_exported(exp)}",
+        f"  excluded   : {len(exp.get('excluded', []))} modules kept in their dtype",
+        f"  dead experts: {sum(len(e) for _, e in dead)} in {len(dead)} layers"
+        + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
+        + (f"\n    ... {len(dead) - 10} more layers" if len(dead) > 10 else ""),
+        f"  perplexity : {ppl_line or 'not measured'} (held-out, {report['held_out_samples']} samples)",
+        *(
+            [
+                f"  sharded    : {sh['ranks']} ranks hold "
+                + ", ".join(f"{b / 2**30:.3f}" for b in sh["param_bytes_per_rank"])
+                + f" of {sh['param_bytes'] / 2**30:.3f} GiB of parameters"
+            ]
+            if (sh := report.get("sharding"))
+            else []
+        ),
+        *(
+            [f"  GPU peaks  : {report['gpu_peak_gib_per_rank']} GiB per rank"]
+            if "gpu_peak_gib_per_rank" in report
+            else []
+        ),
+        "  stage times: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items()),
+        f"  report     : {run_dir.resolve() / 'report.md'} (+ report.json, {', '.join(report.get('plots', []))})",
+    ]
+    print("\n".join(lines), flush=True)

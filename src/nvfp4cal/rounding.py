@@ -19,20 +19,19 @@ from tqdm.auto import tqdm
 from .comm import RunContext
 from .gptq import gptq_round, hessian_error, round_to_grid
 from .nvfp4 import BLOCK, block_steps, scale_2
-from .recipe import Algorithm
 from .view import weight_inputs, weight_quantizers
 
 EXPERTS_PER_PASS_BYTES = 1 << 30  # experts rounded together: their fp32 Hessians (and factors) up to ~1 GiB
 
 
-def _round_weight(name: str, flat: torch.Tensor, wq, iq, algorithm: Algorithm, fallback: list[str]) -> dict:
+def _round_weight(name: str, flat: torch.Tensor, wq, iq, params, fallback: list[str]) -> dict:
     """GPTQ-round ``flat`` [E, out, in] in place, the experts with enough tokens together (in passes
     of at most ``EXPERTS_PER_PASS_BYTES`` of Hessians); the others keep plain rounding."""
     n, dev = flat.shape[0], flat.device
     g = wq.global_amax.reshape(-1)
     blk = wq.block_amax.reshape(n, flat.shape[1], -1)
     per_expert = iq.hessian.shape[0] > 1
-    live = [e for e in range(n) if int(iq.seen[e if per_expert else 0]) >= algorithm.min_tokens]
+    live = [e for e in range(n) if int(iq.seen[e if per_expert else 0]) >= params.min_tokens]
     fallback += [f"{name}[{e}]" if n > 1 else name for e in range(n) if e not in live]
     in_f = flat.shape[-1]
     per_pass = max(1, EXPERTS_PER_PASS_BYTES // (in_f * in_f * 4))
@@ -47,8 +46,8 @@ def _round_weight(name: str, flat: torch.Tensor, wq, iq, algorithm: Algorithm, f
         q = plain.clone()
         rows = [i for i, e in enumerate(chunk) if e in live]
         if rows:
-            q[rows] = gptq_round(orig[rows], h[rows], steps[rows], algorithm.dampening, algorithm.block_columns,
-                                 algorithm.act_order)  # fmt: skip
+            q[rows] = gptq_round(orig[rows], h[rows], steps[rows], params.dampening, params.block_columns,
+                                 params.act_order)  # fmt: skip
         h_gptq += hessian_error(orig, q, h)
         h_rtn += hessian_error(orig, plain, h)
         err += float((orig.double() - q.double()).pow(2).sum())
@@ -62,7 +61,7 @@ def _round_weight(name: str, flat: torch.Tensor, wq, iq, algorithm: Algorithm, f
 
 
 @torch.no_grad()
-def gptq_weights(model: nn.Module, ctx: RunContext, algorithm: Algorithm) -> tuple[dict, dict]:
+def gptq_weights(model: nn.Module, ctx: RunContext, params) -> tuple[dict, dict]:
     """(summary, per-weight {sqnr_db, rel_mse, hessian_error_vs_rtn}) after rounding every weight."""
     if ctx.sharded:
         raise ValueError("GPTQ needs whole weights on each rank (calibration=layerwise, trainer=gpu or ddp)")
@@ -75,7 +74,7 @@ def gptq_weights(model: nn.Module, ctx: RunContext, algorithm: Algorithm) -> tup
         iq = inputs[name]
         flat = w.reshape(-1, *w.shape[-2:])  # [E, out, in] (a Linear: E = 1); a view of the parameter
         if rank == ctx.rank:
-            per_weight[name] = _round_weight(name, flat, wq, iq, algorithm, fallback)
+            per_weight[name] = _round_weight(name, flat, wq, iq, params, fallback)
         if ctx.world > 1:  # every rank takes the owner's rounded weight
             buf = w.detach().contiguous()
             ctx.comm.broadcast_(buf, rank)

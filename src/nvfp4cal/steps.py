@@ -1,66 +1,40 @@
 """The post-calibration steps, in order, as plain objects: testable without Lightning.
 
-After max calibration: ``bootstrap`` (dead experts) -> ``measure`` (weight SQNR under max) ->
-``perplexity_max`` (held-out perplexity of the max-calibrated model) -> ``sweep`` (FP8-scale MSE or
-Hessian sweep) -> ``measure_mse`` -> ``export`` -> ``evaluate`` (perplexity of the original and of
-the quantized model). Which of them run follows from the recipe and the run context
-(:func:`post_calibration`); the callback only runs them in order and times each under its name.
-Every step writes into one :class:`Results`.
+Per unit (the whole model, or each decoder layer): ``bootstrap`` (dead experts) -> ``measure`` (weight
+SQNR under max) -> ``perplexity_max`` (held-out perplexity of the max-calibrated model; whole-model runs
+of an algorithm that refines max) -> the algorithm's ``after`` hook (its own stages: ``sweep``,
+``measure_mse``, ``gptq``, ...). Once per run: ``export`` -> ``evaluate`` (perplexity of the original and
+of the quantized model). :func:`post_calibration` lists them for a run; the callback runs and times them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from .algorithms import Algorithm, Unit, UnitInputs, UnitRun
 from .bootstrap import bootstrap_dead_experts, check_inputs_calibrated
 from .comm import RunContext
-from .evaluate import perplexity, weight_errors
+from .evaluate import perplexity
 from .export.targets import Export, early_writers, export_checkpoints
-from .recipe import Algorithm
-from .rounding import gptq_weights
-from .sweep import mse_sweep
 
 log = logging.getLogger("nvfp4cal")
 
 
-@dataclass
-class Results:
-    """What the post-calibration steps found (the report's sections of the same names)."""
-
-    stages: dict[str, dict] = field(default_factory=dict)  # step name -> seconds and memory peaks
-    experts: list[dict] = field(default_factory=list)
-    weights: dict[str, dict] = field(default_factory=dict)  # weight -> {"max": errors, "mse": errors}
-    sweep: dict | None = None
-    gptq: dict | None = None
-    exports: list[dict] = field(default_factory=list)
-    perplexity: dict[str, float] = field(default_factory=dict)
-    sharding: dict | None = None  # trainer=fsdp: what each rank holds
-    gpu_peak_gib_per_rank: list[float] | None = None  # several GPUs: each rank's highest stage peak
-
-    def as_dict(self) -> dict:
-        out = {"experts": self.experts, "weights": self.weights, "exports": self.exports}
-        out["perplexity"] = self.perplexity
-        for key in ("sweep", "gptq", "sharding", "gpu_peak_gib_per_rank"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
-
-
 class Step:
-    """One post-calibration step: ``start`` when calibration begins, ``run`` after it, ``abort`` on an error."""
+    """One step: ``start`` when calibration begins, ``run`` after it (per unit or once), ``abort`` on an error.
+    A step that times its own parts (the algorithm's) sets ``timed = False``."""
 
     name: str
-    per_layer = False  # True: runs on one decoder layer at a time in a layer-by-layer run
+    timed = True
 
-    def start(self, model: nn.Module, ctx: RunContext) -> None:
+    def start(self, model, ctx: RunContext) -> None:
         pass
 
-    def run(self, model: nn.Module, ctx: RunContext, results: Results) -> None:
+    def run(self, unit: Unit, inputs: UnitInputs | None, run: UnitRun) -> None:
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -69,27 +43,22 @@ class Step:
 
 class Bootstrap(Step):
     name = "bootstrap"
-    per_layer = True
 
-    def run(self, model, ctx, results):
-        check_inputs_calibrated(model)
-        results.experts = [vars(d) for d in bootstrap_dead_experts(model)]
+    def run(self, unit, inputs, run):
+        check_inputs_calibrated(unit.module)
+        run.results.experts = [vars(d) for d in bootstrap_dead_experts(unit.module)]
 
 
 class Measure(Step):
-    """Weight SQNR and relative MSE under the current block amaxes, kept under ``results.weights[n][key]``.
+    """Weight SQNR and relative MSE under the current block amaxes, kept under ``results.weights[n][key]``."""
 
-    ``keep``: leave the fake-quant weights cached for a quant-mode perplexity that follows.
-    """
+    timed = False  # run.measure times it
 
-    per_layer = True
+    def __init__(self, name: str, key: str):
+        self.name, self.key = name, key
 
-    def __init__(self, name: str, key: str, keep: bool):
-        self.name, self.key, self.keep = name, key, keep
-
-    def run(self, model, ctx, results):
-        for n, e in weight_errors(model, ctx, keep=self.keep).items():
-            results.weights.setdefault(n, {})[self.key] = e
+    def run(self, unit, inputs, run):
+        run.measure(self.name, self.key, unit)
 
 
 class Perplexity(Step):
@@ -98,35 +67,21 @@ class Perplexity(Step):
     def __init__(self, name: str, batches: Callable, modes: dict[str, str]):
         self.name, self.batches, self.modes = name, batches, modes
 
-    def run(self, model, ctx, results):
+    def run(self, unit, inputs, run):
         for label, mode in self.modes.items():
-            results.perplexity[label] = perplexity(model, self.batches(), mode)
+            run.results.perplexity[label] = perplexity(unit.module, self.batches(), mode)
 
 
-class Sweep(Step):
-    name = "sweep"
-    per_layer = True
+class AlgorithmStep(Step):
+    """The algorithm's ``after`` hook on the calibrated unit, with the unit's calibration inputs."""
 
-    def __init__(self, algorithm: Algorithm):
-        self.algorithm = algorithm
-
-    def run(self, model, ctx, results):
-        results.sweep = mse_sweep(model, ctx, self.algorithm.kernel, hessian=self.algorithm.hessian)
-
-
-class Gptq(Step):
-    """GPTQ rounding of every NVFP4 weight under its full input Hessian (:mod:`nvfp4cal.rounding`)."""
-
-    name = "gptq"
-    per_layer = True
+    timed = False
 
     def __init__(self, algorithm: Algorithm):
-        self.algorithm = algorithm
+        self.algorithm, self.name = algorithm, algorithm.method
 
-    def run(self, model, ctx, results):
-        results.gptq, per_weight = gptq_weights(model, ctx, self.algorithm)  # (layers: layerwise merges them)
-        for n, e in per_weight.items():
-            results.weights.setdefault(n, {})["gptq"] = e
+    def run(self, unit, inputs, run):
+        self.algorithm.after(unit, inputs, run)
 
 
 class ExportStep(Step):
@@ -134,21 +89,36 @@ class ExportStep(Step):
 
     name = "export"
 
-    def __init__(self, export: Export, tokenizer=None, dtypes: dict[str, torch.dtype] | None = None):
-        self.export, self.tokenizer, self.dtypes = export, tokenizer, dtypes
+    def __init__(self, export: Export, tokenizer=None, dtypes: dict[str, torch.dtype] | None = None,
+                 source_format: dict | None = None):  # fmt: skip
+        self.export, self.tokenizer, self.dtypes, self.source_format = export, tokenizer, dtypes, source_format
         self.writers: list = []
 
     def start(self, model, ctx):
-        self.writers = early_writers(model, ctx, self.export, self.tokenizer, self.dtypes)
+        self.writers = early_writers(model, ctx, self.export, self.tokenizer, self.dtypes, self.source_format)
 
-    def run(self, model, ctx, results):
+    def run(self, unit, inputs, run):
         writers, self.writers = self.writers, []
-        results.exports = export_checkpoints(model, ctx, self.export, self.tokenizer, self.dtypes, writers)
+        run.results.exports = export_checkpoints(unit.module, run.ctx, self.export, self.tokenizer, self.dtypes,
+                                                 writers, self.source_format)  # fmt: skip
 
     def abort(self):
         for w in self.writers:  # leave no temporary export directory behind
             w.abort()
         self.writers = []
+
+
+@dataclass
+class StepPlan:
+    """The steps of one run: ``per_unit`` after each unit's calibration, ``once`` after all of them;
+    ``keep``: the measurements leave fake-quant weights cached for a quant-mode perplexity."""
+
+    per_unit: list[Step]
+    once: list[Step]
+    keep: bool = False
+
+    def all(self) -> list[Step]:
+        return [*self.per_unit, *self.once]
 
 
 def post_calibration(
@@ -158,21 +128,19 @@ def post_calibration(
     tokenizer=None,
     eval_batches: Callable | None = None,
     dtypes: dict[str, torch.dtype] | None = None,
-) -> list[Step]:
+    source_format: dict | None = None,
+) -> StepPlan:
     """The steps of this run, in order. Perplexity is measured on global rank 0 of a run that holds
-    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given. In a
-    layer-by-layer run the steps marked ``per_layer`` run once per decoder layer (:mod:`nvfp4cal.layerwise`)."""
+    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given (the
+    whole-model schedule; a layer-by-layer run passes None)."""
     evaluate = eval_batches is not None and ctx.rank0 and not ctx.sharded
     if eval_batches is not None and ctx.sharded and ctx.rank0:
         log.info("trainer=fsdp: held-out perplexity is not measured (the weight SQNR is)")
-    steps: list[Step] = [Bootstrap(), Measure("measure", "max", keep=evaluate)]
-    if algorithm.sweep:
-        if evaluate:
-            steps.append(Perplexity("perplexity_max", eval_batches, {"max_calibrated": "quant"}))
-        steps += [Sweep(algorithm), Measure("measure_mse", "mse", keep=evaluate)]
-    if algorithm.gptq:
-        steps.append(Gptq(algorithm))
-    steps.append(ExportStep(export, tokenizer, dtypes))
+    per_unit: list[Step] = [Bootstrap(), Measure("measure", "max")]
+    if algorithm.refines and evaluate:
+        per_unit.append(Perplexity("perplexity_max", eval_batches, {"max_calibrated": "quant"}))
+    per_unit.append(AlgorithmStep(algorithm))
+    once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format)]
     if evaluate:
-        steps.append(Perplexity("evaluate", eval_batches, {"original": "off", "quantized": "quant"}))
-    return steps
+        once.append(Perplexity("evaluate", eval_batches, {"original": "off", "quantized": "quant"}))
+    return StepPlan(per_unit, once, keep=evaluate)

@@ -25,6 +25,7 @@ from .quantizers import InputQuantizer, WeightQuantizer
 from .view import weight_inputs, weight_quantizers
 
 log = logging.getLogger("nvfp4cal")
+KERNELS = ("auto", "reference", "triton")  # recipe.algorithm.kernel
 SweepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

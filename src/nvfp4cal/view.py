@@ -16,6 +16,7 @@ for Mixtral, ...).
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,14 +67,18 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# saved_layout's results per model object (planning an export before calibration and exporting after it
+# pay for it once); a weak map, so a model that goes away takes its entry with it
+_SAVED_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Slice]:
     """Map each name ``save_pretrained`` would write to the slice of our parameters it holds.
 
-    The result depends only on the model's structure; it is remembered on the model (planning an
-    export before calibration and exporting after it pay for it once).
+    The result depends only on the model's structure; it is remembered per model object.
     """
     key = tuple((n, tuple(t.shape)) for n, t in tensors.items())
-    memo = model.__dict__.get("_nvfp4cal_saved_layout")
+    memo = _SAVED_LAYOUTS.get(model)
     if memo is not None and memo[0] == key:
         return memo[1]
     probes, starts, owners, base = {}, [], [], 0
@@ -106,7 +111,7 @@ def saved_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
         start = int(rel[0] % per) if t.dim() == 3 else int(rel[0])
         stop = start + len(rel)
         layout[out_name] = Slice(pname, e, start, stop, start == 0 and stop == per)
-    model.__dict__["_nvfp4cal_saved_layout"] = (key, layout)
+    _SAVED_LAYOUTS[model] = (key, layout)
     return layout
 
 

@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,14 +144,24 @@ class TensorSource:
         pass
 
 
+@dataclass
+class ExportPlan:
+    """What one checkpoint of a model will hold."""
+
+    items: list[Item]  # the tensors to write, in saved order
+    excluded: list[str]  # modules kept in their dtype
+    n_quant: int  # quantized tensors
+    kv_cache: bool  # FP8 KV cache scales
+    formats: dict[str, str]  # each quantized module's (or fused parameter's) format
+
+
 def plan_export(
     model: nn.Module,
     layout: Layout,
     dtypes: dict[str, torch.dtype] | None = None,
     source: TensorSource | None = None,
-) -> tuple[list[Item], list[str], int, bool, dict[str, str]]:
-    """(items to write, excluded module names, number of quantized tensors, FP8 KV cache or not, each
-    quantized module's (or fused parameter's) format).
+) -> ExportPlan:
+    """The :class:`ExportPlan` of ``model`` in ``layout``.
 
     ``dtypes`` maps parameter names to the dtype to write unquantized tensors in (default: as they are).
     ``source`` gives a model tensor when an item is produced (default: the model's own).
@@ -219,7 +230,7 @@ def plan_export(
             items.append(Item(4, (name,), lambda n=name: {n: layout.kv_value()}, quantized=True))
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in excluded:
         excluded.append("lm_head")
-    return items, sorted(set(excluded)), n_quant, bool(kv), formats
+    return ExportPlan(items, sorted(set(excluded)), n_quant, bool(kv), formats)
 
 
 class CheckpointWriter:
@@ -246,11 +257,20 @@ class CheckpointWriter:
         dtypes: dict[str, torch.dtype] | None = None,
         early: bool = False,
         source: TensorSource | None = None,
+        source_format: dict | None = None,
     ):
         t0 = time.perf_counter()
         self.model, self.out_dir, self.layout = model, Path(out_dir), layout
         self.tokenizer, self.progress = tokenizer, progress
-        items, self.excluded, self.n_quant, self.kv_cache, self.formats = plan_export(model, layout, dtypes, source)
+        self.source_format = source_format  # a quantized source checkpoint: named in the producer metadata
+        plan = plan_export(model, layout, dtypes, source)
+        items, self.excluded, self.n_quant, self.kv_cache, self.formats = (
+            plan.items,
+            plan.excluded,
+            plan.n_quant,
+            plan.kv_cache,
+            plan.formats,
+        )
         limit = int(max_shard_size_gb * 2**30)
         if early:  # unquantized tensors first, in shards of their own: written while calibration runs
             fixed = [i for i in items if not i.quantized]
@@ -308,8 +328,7 @@ class CheckpointWriter:
             if self.n > 1:
                 write_index(self.tmp, weight_map, self.early_result[1] + late[1])
             save_config(self.model, self.tmp)
-            source = self.model.__dict__.get("_nvfp4cal_source_format")  # a quantized source checkpoint
-            self.layout.configure(self.tmp, self.kv_cache, self.excluded, source, self.formats)
+            self.layout.configure(self.tmp, self.kv_cache, self.excluded, self.source_format, self.formats)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(self.tmp)
             if self.tokenizer is not None:
@@ -347,7 +366,7 @@ def follow_export(
 ) -> None:
     """A rank that does not write: follow each item in the order the writing rank produces them
     (a :class:`CheckpointWriter` without ``early`` writes shard after shard)."""
-    items = plan_export(model, layout, dtypes)[0]
+    items = plan_export(model, layout, dtypes).items
     for shard in plan_shards(items, int(max_shard_size_gb * 2**30)):
         for item in shard:
             source.follow(item.param)

@@ -59,22 +59,24 @@ class Export:
 
     def writer(
         self, model: nn.Module, layout: Layout, out: Path, ctx: RunContext, *, tokenizer=None, dtypes=None,
-        early: bool = False, source: TensorSource | None = None,
+        early: bool = False, source: TensorSource | None = None, source_format: dict | None = None,
     ) -> CheckpointWriter:  # fmt: skip
         return CheckpointWriter(
             model, out, layout, tokenizer=tokenizer, overwrite=self.overwrite, max_shard_size_gb=self.max_shard_size_gb,
-            progress=ctx.progress, dtypes=dtypes, early=early, source=source,
+            progress=ctx.progress, dtypes=dtypes, early=early, source=source, source_format=source_format,
         )  # fmt: skip
 
 
-def early_writers(model: nn.Module, ctx: RunContext, export: Export, tokenizer=None, dtypes=None) -> list:
+def early_writers(model: nn.Module, ctx: RunContext, export: Export, tokenizer=None, dtypes=None,
+                  source_format: dict | None = None) -> list:  # fmt: skip
     """On one GPU holding whole weights: writers that start writing the tensors calibration cannot
     change (the unquantized ones) while the GPU calibrates; elsewhere none."""
     if ctx.device.type != "cuda" or not ctx.rank0 or ctx.sharded or ctx.tensors is not None:
         return []  # (a tensor source of its own: the weights are not all there while calibrating)
     writers = []
     for layout, out in export.targets():
-        writers.append(export.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes, early=True))
+        writers.append(export.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes, early=True,
+                                     source_format=source_format))  # fmt: skip
         writers[-1].start_early()
     return writers
 
@@ -86,6 +88,7 @@ def export_checkpoints(
     tokenizer=None,
     dtypes: dict[str, torch.dtype] | None = None,
     writers: list[CheckpointWriter] | None = None,
+    source_format: dict | None = None,
 ) -> list[dict]:
     """The export step: write, verify and rename every checkpoint of ``export``; returns what each wrote.
 
@@ -99,7 +102,8 @@ def export_checkpoints(
         for i, (layout, out) in enumerate(export.targets()):
             if ctx.rank0:
                 w = writers[i] if i < len(writers) else None
-                w = w or export.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes, source=source)
+                w = w or export.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes, source=source,
+                                       source_format=source_format)  # fmt: skip
                 done.append(w.finish())
             elif ctx.sharded:  # take part in the same gathers, unit by unit
                 follow_export(model, layout, dtypes, source, export.max_shard_size_gb)
@@ -114,13 +118,13 @@ def export_checkpoints(
     return done
 
 
-def export_model(model: nn.Module, dir: str | Path, format: str = "modelopt", tokenizer=None, overwrite: bool = False):
+def export_model(model: nn.Module, dir: str | Path, format: str = "modelopt", tokenizer=None, overwrite: bool = False,
+                 dtypes: dict[str, torch.dtype] | None = None):  # fmt: skip
     """Write the checkpoint(s) of a calibrated model (``format``: modelopt, compressed_tensors or both),
     each verified before it is renamed into place; returns what each wrote. The Python API's
-    ``nvfp4cal.export``."""
+    ``nvfp4cal.export``. ``dtypes``: the dtypes to write unquantized tensors in (a model computed in fp32)."""
     target = Export(dir=str(dir), format=format, overwrite=overwrite)
     target.check_targets()
-    dtypes = model.__dict__.get("_nvfp4cal_dtypes")  # the original dtypes of a model computed in fp32
     ctx = RunContext.single()  # one process, no progress bars
     return [
         target.writer(model, layout, out, ctx, tokenizer=tokenizer, dtypes=dtypes).finish()

@@ -2,7 +2,11 @@
 layer at a time, resumable.
 
 The model is built on the meta device; its loader gives ``fill`` (rows of any parameter, from the
-checkpoint's safetensors or from seeds). Schedule, driven by ``Trainer.validate``:
+checkpoint's safetensors or from seeds). A model already in memory (the embedded default, a model given
+to the Python API) gets a ``fill`` that reads its own tensors (:func:`nvfp4cal.models.fill_from_memory`)
+and is whole again, calibrated, when the run ends. A model already in memory (the embedded default, a model given
+to the Python API) gets a ``fill`` that reads its own tensors (:func:`nvfp4cal.models.fill_from_memory`)
+and is whole again, calibrated, when the run ends. Schedule, driven by ``Trainer.validate``:
 
 1. **Capture** (the Trainer's pass over the DataModule's batches): the parameters outside the decoder
    layers (embeddings, final norm, LM head) are materialized, every decoder layer is replaced by a
@@ -12,10 +16,11 @@ checkpoint's safetensors or from seeds). Schedule, driven by ``Trainer.validate`
 2. **Layers**, in order: materialize the layer (``fill``), recalibrate its weight quantizers, run every
    cached batch through it with the quantizers calibrating (its outputs become the next layer's
    inputs: the unquantized outputs by default, ``calibration.propagate=quantized`` the W4A4 ones),
-   reduce its statistics across ranks, run the per-layer steps (bootstrap, measure, sweep) on it,
-   save its buffers (quantizer state) to the state directory, free it.
+   reduce its statistics across ranks, run the per-unit steps (bootstrap, measure, the algorithm's
+   hook) on it (all of it :func:`nvfp4cal.calibration.calibrate_unit`, as for the whole model), save its
+   buffers (quantizer state) and every weight the algorithm changed to the state directory, free it.
 3. **Export**: the usual writer, reading the model's tensors through :class:`LayerwiseSource`, which
-   materializes one layer at a time with its saved quantizer state.
+   materializes one layer at a time with its saved quantizer state and changed weights.
 
 With unquantized propagation every layer sees exactly the inputs it sees in a whole-model forward, so
 the checkpoint is byte-identical to a whole-model run of the same weights, data and recipe.
@@ -31,7 +36,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,18 +44,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import nvfp4
+from ..algorithms import Algorithm, Unit
+from ..calibration import RunUnit, calibrate_unit, forward
+from ..comm import RunContext
+from ..errors import UserError
+from ..export.plan import TensorSource
+from ..quantizers import InputQuantizer, clear_caches, set_mode
+from ..results import Results
+from ..view import decoder_layers
 from .activations import ActivationStore, choose_offload, nbytes
-from .comm import RunContext
-from .errors import UserError
-from .evaluate import stage
-from .experts import QuantExpertsMixin
-from .export.plan import TensorSource
-from .insert import enable_hessians, share_global_amax
-from .layer_state import CODES, LayerState
-from .quantizers import InputQuantizer, KVCastQuantizer, clear_caches, set_mode
-from .steps import Results, Step
-from .view import check_finite, decoder_layers, fp8_weights, sync_statistics, weight_quantizers
+from .layer_state import LayerState, changed_weights, restore_weights
 
 log = logging.getLogger("nvfp4cal")
 OFFLOADS = ("auto", "gpu", "cpu", "disk")
@@ -59,15 +62,8 @@ Fill = Callable[[str, torch.Tensor, int, int, int], None]
 
 
 @dataclass
-class WholeModel:
-    """``calibration=whole`` (the default): the whole model is held by the trainer's strategy."""
-
-    layerwise = False
-
-
-@dataclass
 class Layerwise:
-    """``calibration=layerwise``: see the module docstring."""
+    """``calibration=layerwise``: the config group's object (see the module docstring)."""
 
     state_dir: str
     offload: str = "auto"
@@ -80,6 +76,9 @@ class Layerwise:
             raise UserError(f"calibration.offload={self.offload!r} unknown; use one of {list(OFFLOADS)}")
         if self.propagate not in PROPAGATIONS:
             raise UserError(f"calibration.propagate={self.propagate!r} unknown; use one of {list(PROPAGATIONS)}")
+
+    def schedule(self, algorithm: Algorithm, fill: Fill, fingerprint: dict, held: bool = False) -> LayerwiseSchedule:
+        return LayerwiseSchedule(self, fill, fingerprint, algorithm, held)
 
 
 class _Recorder(nn.Module):
@@ -111,16 +110,17 @@ def _scope(prefix: str, module: nn.Module) -> nn.Module:
     return root
 
 
-def _reset_statistics(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, InputQuantizer):
-            m.amax.zero_()
-            m.seen.zero_()
-            m.hessian = None
-        elif isinstance(m, QuantExpertsMixin):
-            m.tokens.zero_()
-        elif isinstance(m, KVCastQuantizer):
-            m.amax.fill_(nvfp4.FP8_MAX)
+def _scope(prefix: str, module: nn.Module) -> nn.Module:
+    """A container whose ``named_modules`` names ``module`` as ``prefix`` (the steps then name weights
+    as in the whole model)."""
+    root = cur = nn.Module()
+    *parents, last = prefix.split(".")
+    for part in parents:
+        nxt = nn.Module()
+        cur.add_module(part, nxt)
+        cur = nxt
+    cur.add_module(last, module)
+    return root
 
 
 class LayerMaterializer:
@@ -174,15 +174,18 @@ class LayerMaterializer:
             if state is not None:
                 for n, b in layer.named_buffers():
                     b.copy_(state[n])
-                if CODES in state:  # weights rounded by GPTQ: their codes, on the saved block scales
-                    for wname, wq, w in weight_quantizers(_scope(name, layer)):
-                        nib = nvfp4.unpack(state[CODES][wname].to(w.device))
-                        scales = nvfp4.block_scales(wq.block_amax, wq.scale_2_bcast(w.device))
-                        w.copy_(nvfp4.dequantize(nib, scales, wq.scale_2_bcast(w.device)).to(w.dtype))
-                        wq.clear_cache()
+                restore_weights(_scope(name, layer), layer, state)
         self.real.add(i)
         self.peak = max(self.peak, len(self.real))
         return layer
+
+    def source_tensor(self, i: int, rel: str, like: torch.Tensor) -> torch.Tensor:
+        """Parameter ``rel`` of layer ``i`` as the source holds it (read again, in ``like``'s dtype)."""
+        name = f"{self.layers[i][0]}.{rel}"
+        t = torch.empty(like.shape, dtype=self.dtypes[name], device=like.device)
+        rows = t.shape[0] if t.dim() else 1
+        self.fill(name, t, 0, rows, rows)
+        return t.to(like.dtype)
 
     def leave(self, i: int) -> None:
         name, layer = self.layers[i]
@@ -224,6 +227,21 @@ class LayerwiseSource(TensorSource):
             self.current = None
 
 
+class LayerInputs:
+    """Layer ``i``'s calibration inputs from the activation store: ``((hidden,), kwargs)`` per batch."""
+
+    def __init__(self, store: ActivationStore, i: int):
+        self.store, self.i = store, i
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        for b in range(len(self.store)):
+            hidden, kwargs = self.store.get(b)
+            yield (hidden,), kwargs[self.i]
+
+
 @dataclass
 class LayerwiseSchedule:
     """The layer-by-layer schedule of one run (see the module docstring)."""
@@ -231,13 +249,13 @@ class LayerwiseSchedule:
     config: Layerwise
     fill: Fill
     fingerprint: dict
-    hessian: bool = False
-    gptq: bool = False
-    per_layer: list[Step] = field(default_factory=list)  # set by the run: bootstrap, measure, sweep, measure_mse
+    algorithm: Algorithm
+    held: bool = False  # the fill reads a model held in memory: it is made whole again at the end
     layers: list[dict] = field(default_factory=list)  # per-layer seconds, for the report
     store: ActivationStore | None = None
     materializer: LayerMaterializer | None = None
     state: LayerState | None = None
+    holds_model = False  # on the meta device: kept out of the strategy's reach
 
     def context(self, model: nn.Module, ctx: RunContext) -> RunContext:
         """Set up on the run's device; the context's tensor source becomes the layer-by-layer one."""
@@ -251,8 +269,8 @@ class LayerwiseSchedule:
         self.materializer.outside()
         return dataclasses.replace(ctx, tensors=lambda m: LayerwiseSource(m, self.materializer, self.state))
 
-    # -- 1. capture --------------------------------------------------------------------------------
-    def start_capture(self, model: nn.Module, ctx: RunContext) -> None:
+    # -- 1. capture (the Trainer's pass) ---------------------------------------------------------------
+    def start(self, model: nn.Module, ctx: RunContext) -> None:
         self._sink: dict = {}
         self._saved_forwards = []
         for i, (_, layer) in enumerate(self.materializer.layers):
@@ -260,11 +278,10 @@ class LayerwiseSchedule:
             self._saved_forwards.append(layer.forward)
             layer.forward = rec.forward
         set_mode(model, "off")
-        self._where = None
         self._root = Path(self.config.state_dir) / f"activations_rank{ctx.rank}"
 
     @torch.no_grad()
-    def capture(self, model: nn.Module, batch: dict, extra: dict, ctx: RunContext, n_batches: int) -> None:
+    def observe(self, model: nn.Module, batch: dict, extra: dict, ctx: RunContext, n_batches: int) -> None:
         self._sink.clear()
         model(input_ids=batch["input_ids"].to(ctx.device), use_cache=False, **extra)
         item = (self._sink["hidden"], [self._sink["kwargs"][i] for i in range(len(self.materializer.layers))])
@@ -279,18 +296,10 @@ class LayerwiseSchedule:
             self.store = ActivationStore(where, ctx.device, self._root)
         self.store.add(*item)
 
-    # -- 2. layers ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward(self, layer: nn.Module, i: int, mode: str, keep: bool) -> None:
-        set_mode(layer, mode)
-        for b in range(len(self.store)):
-            hidden, kwargs = self.store.get(b)
-            out = layer(hidden, **kwargs[i])
-            if keep:
-                self.store.set_hidden(b, out)
-        set_mode(layer, "off")
-
-    def run_layers(self, model: nn.Module, ctx: RunContext, results: Results) -> None:
+    # -- 2. layers -----------------------------------------------------------------------------------
+    def finish(self, model: nn.Module, ctx: RunContext, results: Results, run_unit: RunUnit,
+               batches: Callable[[], Iterable[dict]] | None = None, extra: dict | None = None) -> None:  # fmt: skip
+        """Calibrate, run the steps on and persist every decoder layer in order."""
         for (_, layer), fwd in zip(self.materializer.layers, self._saved_forwards, strict=True):
             layer.forward = fwd
         if self.store is None:
@@ -302,37 +311,28 @@ class LayerwiseSchedule:
         bar = tqdm(total=n, initial=self.state.done, desc=f"layers ({self.store.where})", unit="layer",
                    disable=not ctx.progress)  # fmt: skip
         for i in range(self.state.done):  # resumed: recompute the inputs of the first unfinished layer
-            layer = self.materializer.enter(i, self.state.load(i))
-            self._forward(layer, i, "quant" if quantized else "off", keep=True)
+            unit = self._unit(i, self.state.load(i))
+            forward(unit, LayerInputs(self.store, i), "quant" if quantized else "off", self.store.set_hidden)
             self.materializer.leave(i)
-        for r in self.state.results:
-            self._merge(results, r, resumed=True)
+        for record in self.state.results:
+            self._merge(results, record, resumed=True)
         for i in range(self.state.done, n):
             t0 = time.perf_counter()
-            name, layer = self.materializer.layers[i]
-            layer = self.materializer.enter(i)
-            scope = _scope(name, layer)
-            check_finite(scope)
-            _reset_statistics(layer)
-            for _, wq, w in [*weight_quantizers(scope), *fp8_weights(scope)]:
-                wq.calibrate(w)
-            share_global_amax(scope)
-            if self.hessian or self.gptq:
-                enable_hessians(scope, full=self.gptq)
-            self._forward(layer, i, "calib", keep=not quantized)
-            sync_statistics(scope, ctx.comm)
-            part = Results()
-            for step in self.per_layer:
-                with stage(part.stages, step.name, ctx.device):
-                    step.run(scope, quiet, part)
+            unit = self._unit(i)
+            inputs = LayerInputs(self.store, i)
+            # unquantized propagation: the calibration pass's outputs are the next layer's inputs, kept
+            # aside until this layer's steps (which may read its inputs) are done
+            keep = None if quantized else self.store.stage_hidden
+            part = calibrate_unit(unit, inputs, self.algorithm, quiet, run_unit, keep)
             if quantized:
-                self._forward(layer, i, "quant", keep=True)
-            seconds = round(time.perf_counter() - t0, 3)
-            record = {"layer": name, "seconds": seconds, **part.as_dict(), "stages": part.stages}
-            self.state.save(i, layer, record, self._codes(scope) if self.gptq else None)
+                forward(unit, inputs, "quant", self.store.stage_hidden)
+            self.store.commit()
+            record = {"layer": unit.name, "seconds": round(time.perf_counter() - t0, 3), **part.record()}
+            changes = self._changes(unit, i) if self.algorithm.changes_weights else None
+            self.state.save(i, unit.forward, record, changes)
             self._merge(results, record)
             self.materializer.leave(i)
-            bar.set_postfix_str(f"{name}: {seconds:.1f} s")
+            bar.set_postfix_str(f"{unit.name}: {record['seconds']:.1f} s")
             bar.update(1)
             if fail_after is not None and int(fail_after) == i:
                 raise RuntimeError(f"NVFP4CAL_FAIL_AFTER_LAYER={fail_after}: stopping after layer {i} on purpose")
@@ -340,42 +340,22 @@ class LayerwiseSchedule:
         self.store.close()
         self.state.flush()
 
-    @staticmethod
-    def _codes(scope: nn.Module) -> dict:
-        """The packed E2M1 codes of every NVFP4 weight of a layer (kept when a step changed the weights)."""
-        out = {}
-        for name, wq, w in weight_quantizers(scope):
-            nib, _ = nvfp4.quantize(w.detach(), wq.block_amax.to(w.device), wq.scale_2_bcast(w.device))
-            out[name] = nvfp4.pack(nib).cpu()
-        return out
+    def _unit(self, i: int, state: dict | None = None) -> Unit:
+        name, _ = self.materializer.layers[i]
+        layer = self.materializer.enter(i, state)
+        return Unit(name, _scope(name, layer), layer, index=i, fresh=state is None)
+
+    def _changes(self, unit: Unit, i: int) -> dict:
+        return changed_weights(unit.module, unit.forward, unit.name,
+                               lambda rel, like: self.materializer.source_tensor(i, rel, like))  # fmt: skip
 
     def _merge(self, results: Results, record: dict, resumed: bool = False) -> None:
         """One finished layer's results into the run's."""
-        results.experts += record["experts"]
-        for w, e in record["weights"].items():
-            results.weights.setdefault(w, {}).update(e)
-        if "gptq" in record:
-            g = record["gptq"]
-            if results.gptq is None:
-                results.gptq = {"weights": 0, "fallback": []}
-            results.gptq["weights"] += g["weights"]
-            results.gptq["fallback"] = sorted(results.gptq["fallback"] + g["fallback"])
-        if "sweep" in record:
-            s = record["sweep"]
-            if results.sweep is None:
-                results.sweep = {**s, "weights": 0, "blocks": 0, "kernel": []}
-            results.sweep["weights"] += s["weights"]
-            results.sweep["blocks"] += s["blocks"]
-            results.sweep["kernel"] = sorted(set(results.sweep["kernel"]) | set(s["kernel"]))
-            if "fallback" in s:
-                results.sweep["fallback"] = sorted(set(results.sweep.get("fallback", [])) | set(s["fallback"]))
-        for k, v in record["stages"].items():
-            total = results.stages.setdefault(k, {"seconds": 0.0})
-            total["seconds"] = round(total["seconds"] + v["seconds"], 3)
-            for key in ("gpu_peak_gib", "cpu_peak_rss_gib"):
-                if key in v:
-                    total[key] = max(total.get(key, 0.0), v[key])
+        results.merge(Results.from_record(record))
         self.layers.append({"layer": record["layer"], "seconds": record["seconds"], "resumed": resumed})
+
+    def report(self) -> dict:
+        return {"layers": self.layers, "layers_materialized_at_once": self.materializer.peak}
 
     def abort(self) -> None:
         """After an error or a stop: the cached activations go; the progress stays for a resume."""
@@ -387,6 +367,10 @@ class LayerwiseSchedule:
         if self.store is not None:
             self.store.close()
 
-    def finish(self) -> None:
-        """After a successful export: the progress is no longer needed."""
+    def done(self) -> None:
+        """After a successful export: a model held in memory is made whole again (every layer with its
+        calibrated state and weights); the progress is no longer needed."""
+        if self.held:
+            for i in range(len(self.materializer.layers)):
+                self.materializer.enter(i, self.state.load(i))
         self.state.remove()

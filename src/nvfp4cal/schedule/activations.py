@@ -51,6 +51,7 @@ class ActivationStore:
     def __init__(self, where: str, device: torch.device, root: Path):
         self.where, self.device, self.root = where, device, root
         self.items: list = []
+        self.staged: dict[int, torch.Tensor] = {}
         if where == "disk":
             root.mkdir(parents=True, exist_ok=True)
 
@@ -91,7 +92,32 @@ class ActivationStore:
             kwargs = item[1]
         self._put(i, (hidden, kwargs))
 
+    def stage_hidden(self, i: int, hidden: torch.Tensor) -> None:
+        """The next layer's input for batch ``i``, kept aside (as the store keeps it) until :meth:`commit`:
+        the current layer's inputs stay readable meanwhile."""
+        if self.where == "disk":
+            path = self.root / f"next_{i:06d}.pt"
+            torch.save(hidden.detach().cpu(), path)
+            self.staged[i] = path
+        elif self.where == "cpu":
+            self.staged[i] = _to(hidden, torch.device("cpu"), pin=self.device.type == "cuda")
+        else:
+            self.staged[i] = hidden.detach()
+
+    def commit(self) -> None:
+        """The staged outputs become the inputs (the next layer's)."""
+        staged, self.staged = self.staged, {}
+        for i, h in sorted(staged.items()):
+            if self.where == "disk":
+                path = h
+                h = torch.load(path, weights_only=True)
+                self.set_hidden(i, h)
+                path.unlink()
+            else:
+                self.set_hidden(i, h)
+
     def close(self) -> None:
+        self.staged = {}
         self.items = []
         if self.where == "disk":
             shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,42 @@
+"""``method: mse`` - after max calibration, each NVFP4 block's FP8 scale is the one of the 126 FP8
+candidates ``c_k * g`` that minimises the block's squared weight error
+``sum_i (w_i - fq(w_i; c_k g))^2`` (the exact sweep: :mod:`nvfp4cal.mse`, Triton in
+:mod:`nvfp4cal.kernels.fp8_sweep`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..results import SweepSummary
+from ..sweep import KERNELS, mse_sweep
+from .base import Algorithm, AlgorithmError, Unit, UnitInputs, UnitRun
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    kernel: str = "auto"  # auto | triton | reference: the same choices, bit for bit
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise AlgorithmError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
+
+
+class Fp8Sweep(Algorithm):
+    method = "mse"
+    Params = SweepParams
+    refines = True
+    weighted = False  # the Hessian-weighted sweep sets it
+
+    @property
+    def kernel(self) -> str:
+        return self.params.kernel
+
+    def with_kernel(self, kernel: str) -> Algorithm:
+        return type(self)(dataclasses.replace(self.params, kernel=kernel))
+
+    def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
+        with run.stage("sweep"):
+            summary = mse_sweep(unit.module, run.ctx, self.kernel, hessian=self.weighted)
+            run.results.add("sweep", SweepSummary(**summary))
+        run.measure("measure_mse", "mse", unit)

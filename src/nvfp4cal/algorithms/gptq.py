@@ -1,0 +1,67 @@
+"""``method: gptq`` - fixed block scales (from max calibration, the FP8 sweep or the Hessian-weighted
+sweep: ``scales``), then GPTQ rounding of every NVFP4 weight under its full input Hessian
+``H = sum_t x x^T`` (:mod:`nvfp4cal.gptq`, driven by :mod:`nvfp4cal.rounding`). It needs each layer's
+inputs from its already-quantized predecessors: layer by layer with quantized propagation. It changes the
+weights (to GPTQ's grid points), which the layer state keeps."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..results import GptqSummary, SweepSummary
+from ..rounding import gptq_weights
+from ..sweep import KERNELS, mse_sweep
+from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
+
+SCALES = ("max", "mse", "hessian_mse")  # how the fixed block scales are chosen
+
+
+@dataclass(frozen=True)
+class GptqParams:
+    scales: str = "mse"
+    dampening: float = 0.01
+    block_columns: int = 128
+    act_order: bool = False
+    min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep plain rounding
+    kernel: str = "auto"  # the scales' sweep kernel
+
+    def __post_init__(self):
+        if self.scales not in SCALES:
+            raise AlgorithmError(f"recipe.algorithm.scales={self.scales!r} unknown; valid: {list(SCALES)}")
+        if self.kernel not in KERNELS:
+            raise AlgorithmError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
+        if not (0 < self.dampening < 1) or self.block_columns < 1 or self.min_tokens < 1:
+            raise AlgorithmError("recipe.algorithm: dampening must be in (0, 1), block_columns and min_tokens >= 1")
+
+
+class Gptq(Algorithm):
+    method = "gptq"
+    Params = GptqParams
+    refines = True
+    changes_weights = True
+    needs = Needs(layerwise=True, propagate="quantized", whole_weights=True)
+
+    @property
+    def kernel(self) -> str | None:
+        return self.params.kernel if self.params.scales != "max" else None
+
+    @property
+    def hessian(self) -> str:
+        return "full"  # the Hessian-weighted scales read its 16 x 16 diagonal blocks
+
+    def with_kernel(self, kernel: str) -> Algorithm:
+        return type(self)(dataclasses.replace(self.params, kernel=kernel))
+
+    def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
+        p = self.params
+        if p.scales != "max":
+            with run.stage("sweep"):
+                summary = mse_sweep(unit.module, run.ctx, p.kernel, hessian=p.scales == "hessian_mse")
+                run.results.add("sweep", SweepSummary(**summary))
+            run.measure("measure_mse", "mse", unit)
+        with run.stage("gptq"):
+            summary, per_weight = gptq_weights(unit.module, run.ctx, p)
+            run.results.add("gptq", GptqSummary(**summary))
+            for n, e in per_weight.items():
+                run.results.weights.setdefault(n, {})["gptq"] = e

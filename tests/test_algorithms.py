@@ -1,0 +1,79 @@
+"""Algorithms as objects: built from a recipe's keys, and whatever one changes persists in every schedule."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from helpers import SMALL, run_calibrate
+from nvfp4cal.algorithms import METHODS, Algorithm, build_algorithm
+from nvfp4cal.recipe import RecipeError
+from nvfp4cal.reload import read_tensors
+from nvfp4cal.view import weight_quantizers
+
+
+@dataclass(frozen=True)
+class ToyParams:
+    kernel: str = "auto"
+    factor: float = 0.75
+
+
+class ToyShrink(Algorithm):
+    """A toy weight-changing algorithm (tests only): every NVFP4 weight scaled by ``factor`` (off its grid:
+    kept as tensors) and every norm weight shifted, after calibration."""
+
+    method = "toy_shrink"
+    Params = ToyParams
+    changes_weights = True
+
+    def after(self, unit, inputs, run):
+        assert len(inputs) > 0 and all(isinstance(a, tuple) for a, _ in inputs)  # the unit's own inputs
+        with torch.no_grad():
+            for _, wq, w in weight_quantizers(unit.module):
+                w.mul_(self.params.factor)
+                wq.clear_cache()
+            for name, p in unit.module.named_parameters():
+                if "norm" in name and ".layers." in name:  # decoder layers only (the units of both schedules)
+                    p.add_(0.125)
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(METHODS, ToyShrink.method, ToyShrink)
+
+
+def _same(a, b) -> bool:
+    ta, tb = read_tensors(a), read_tensors(b)
+    same = lambda x, y: x.view(torch.uint8).equal(y.view(torch.uint8)) if x.dtype.itemsize == 1 else x.equal(y)  # noqa: E731
+    return ta.keys() == tb.keys() and all(same(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
+def test_a_weight_changing_algorithm_persists_in_both_schedules(tmp_path, toy, model):
+    args = [f"model={model}", "recipe=nvfp4_max", *SMALL, "report.perplexity=false", "+model.init=per_param"]
+    toy_args = [*args, "recipe.algorithm.method=toy_shrink"]
+    run_calibrate(tmp_path / "max", args)
+    run_calibrate(tmp_path / "whole", toy_args)
+    lw = run_calibrate(tmp_path / "lw", [*toy_args, "calibration=layerwise"])
+    assert not _same(tmp_path / "max" / "ckpt", tmp_path / "whole" / "ckpt")  # the toy changed the checkpoint
+    assert _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")  # and the layer state kept every change
+    assert lw.report["algorithm"] == {"method": "toy_shrink", "kernel": "auto", "factor": 0.75}
+
+
+def test_algorithm_keys_belong_to_their_method():
+    assert build_algorithm("r", {"method": "gptq", "scales": "max"}).params.scales == "max"
+    with pytest.raises(
+        RecipeError, match=r"unknown key\(s\) \['scales'\].*method mse.*valid keys: \['method', 'kernel'\]"
+    ):
+        build_algorithm("r", {"method": "mse", "scales": "max"})
+    with pytest.raises(RecipeError, match=r"method='awq' unknown; valid: \['max', 'mse', 'hessian_mse', 'gptq'\]"):
+        build_algorithm("r", {"method": "awq"})
+
+
+def test_each_algorithm_says_what_it_needs():
+    gptq = build_algorithm("r", {"method": "gptq"})
+    assert gptq.needs.layerwise and gptq.needs.propagate == "quantized" and gptq.changes_weights
+    assert gptq.hessian == "full" and build_algorithm("r", {"method": "hessian_mse"}).hessian == "block"
+    plain = build_algorithm("r", {"method": "mse"})
+    assert not plain.needs.layerwise and not plain.changes_weights and plain.hessian is None and plain.refines
+    assert not build_algorithm("r", None).refines  # max
