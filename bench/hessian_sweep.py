@@ -32,7 +32,7 @@ def make(shape, seed: int, device: str):
     w = (torch.randn(n, out, inp, generator=g) * 0.02).to(torch.bfloat16)
     mix = torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g) / inp**0.5
     x = torch.randn(512, inp, generator=g) @ mix * torch.rand(inp, generator=g).mul(3).exp()
-    from nvfp4cal.hessian import block_hessian
+    from nvfp4cal.numerics.hessian import block_hessian
 
     h = block_hessian(x).expand(n, -1, -1, -1).contiguous()
     w, h = w.to(device), h.to(device)
@@ -40,7 +40,7 @@ def make(shape, seed: int, device: str):
 
 
 def reference(w, g, h):
-    from nvfp4cal.hessian import hessian_amax_reference
+    from nvfp4cal.numerics.hessian import hessian_amax_reference
 
     if w.dim() == 2:
         return hessian_amax_reference(w, g, h).reshape(w.shape[0], -1)
@@ -49,8 +49,8 @@ def reference(w, g, h):
 
 def near_ties(w, g, h, got, want) -> tuple[int, int]:
     """(blocks that differ, of those the ones that are not fp64 near ties), checked on the first expert."""
-    from nvfp4cal.mse import candidate_scales
-    from nvfp4cal.nvfp4 import e2m1_round, rdiv
+    from nvfp4cal.numerics.mse import candidate_scales
+    from nvfp4cal.numerics.nvfp4 import e2m1_round, rdiv
 
     w0, g0, h0 = (w, g, h) if w.dim() == 2 else (w[0], g[0], h[0])
     a, b = (t if t.dim() == 2 else t[0] for t in (got, want))
@@ -74,8 +74,8 @@ def near_ties(w, g, h, got, want) -> tuple[int, int]:
 def bench_cuda(args) -> None:
     import triton.testing
 
-    from nvfp4cal.kernels.fp8_sweep import mse_amax_triton
-    from nvfp4cal.kernels.hessian_sweep import hessian_amax_triton
+    from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_triton
+    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"# {torch.cuda.get_device_name(0)}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}")
@@ -110,7 +110,7 @@ def bench_cuda(args) -> None:
 
 def interpreter_check() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
-    from nvfp4cal.kernels.hessian_sweep import hessian_amax_triton
+    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
 
     w, g, h = make((2, 32, 32), 0, "cpu")
     got = hessian_amax_triton(w, g, h)

@@ -31,4 +31,4 @@ e = r["exports"][0]
 print("export:", e["seconds"], "files", len(e["files"]))
 PY
 du -sh "$out/ckpt"
-python3 -m nvfp4cal.verify "$out/ckpt" | head -3
+python3 -m nvfp4cal.cli.verify "$out/ckpt" | head -3

@@ -83,7 +83,7 @@ def main() -> None:
         print(f"big: {a.big} layers, {gib:.1f} GiB of bf16 weights", flush=True)
         big = run(out, "big", args)
         print("big", big, f"GPU peak / bf16 size: {big['gpu_peak_gib'] / gib:.1%}", flush=True)
-        v = subprocess.run([sys.executable, "-m", "nvfp4cal.verify", f"{out}/big"], capture_output=True, text=True)
+        v = subprocess.run([sys.executable, "-m", "nvfp4cal.cli.verify", f"{out}/big"], capture_output=True, text=True)
         print("verify:", v.stdout.strip().splitlines()[0], f"(rc {v.returncode})", flush=True)
         du = subprocess.run(["du", "-sh", f"{out}/big"], capture_output=True, text=True).stdout.split()[0]
         print("checkpoint size:", du, flush=True)

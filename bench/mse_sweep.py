@@ -48,8 +48,8 @@ def rotating(fn, args_list):
 def bench_cuda(args) -> None:
     import triton.testing
 
-    from nvfp4cal.kernels.fp8_sweep import mse_amax_baseline, mse_amax_triton
-    from nvfp4cal.mse import mse_amax_reference
+    from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_baseline, mse_amax_triton
+    from nvfp4cal.numerics.mse import mse_amax_reference
 
     dtype = getattr(torch, args.dtype)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -110,8 +110,8 @@ def bench_cuda(args) -> None:
 
 def check_cpu() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from nvfp4cal.kernels.fp8_sweep import mse_amax_triton
-    from nvfp4cal.mse import mse_amax_reference
+    from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_triton
+    from nvfp4cal.numerics.mse import mse_amax_reference
 
     x = make((256, 1024), "student_t3", torch.float32, "cpu", 0)
     g = x.abs().max()

@@ -58,7 +58,7 @@ else
   t1=$(date +%s.%N)
   python3 -c "print(f\"wall: $n GPUs fsdp {$t1 - $t0:.1f} s (process start to exit)\")"
   summary "$out/run_fsdp/report.json" "$n GPUs fsdp"
-  python3 -m nvfp4cal.verify "$out/fsdp" | tail -3
+  python3 -m nvfp4cal.cli.verify "$out/fsdp" | tail -3
   du -sh "$out/fsdp"
   rm -rf "$out/fsdp"
 fi

@@ -38,13 +38,13 @@ def main() -> None:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from nvfp4cal.comm import RunContext
-    from nvfp4cal.export.modelopt import MODELOPT
-    from nvfp4cal.export.plan import write_checkpoint
-    from nvfp4cal.insert import insert_quantizers
-    from nvfp4cal.quantizers import InputQuantizer
-    from nvfp4cal.sweep import mse_sweep
-    from nvfp4cal.verify import verify
+    from nvfp4cal.checkpoint.modelopt import MODELOPT
+    from nvfp4cal.checkpoint.plan import write_checkpoint
+    from nvfp4cal.cli.verify import verify
+    from nvfp4cal.model.insert import insert_quantizers
+    from nvfp4cal.model.quantizers import InputQuantizer
+    from nvfp4cal.model.sweep import mse_sweep
+    from nvfp4cal.numerics.comm import RunContext
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=12)

@@ -84,7 +84,7 @@ def perplexity_of(model: str, dm) -> float:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from nvfp4cal.evaluate import perplexity
+    from nvfp4cal.evaluation.metrics import perplexity
 
     with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
         cfg = compose(config_name="calibrate", overrides=model_args(model))
@@ -95,8 +95,8 @@ def judge(ckpt: str, dm) -> float:
     """Held-out perplexity of any NVFP4 checkpoint (ours or a peer's) through our W4A4 reader, in fp32."""
     import torch
 
-    from nvfp4cal.evaluate import perplexity
-    from nvfp4cal.reload import rebuild_model
+    from nvfp4cal.checkpoint.reload import rebuild_model
+    from nvfp4cal.evaluation.metrics import perplexity
 
     model = rebuild_model(ckpt, dtype=torch.float32)
     return perplexity(model, dm.eval_dataloader(), "quant")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from nvfp4cal.experts import QuantExpertsMixin, logical
-from nvfp4cal.quantizers import QuantLinear, set_mode
-from nvfp4cal.reload import rebuild_model
+from nvfp4cal.checkpoint.reload import rebuild_model
+from nvfp4cal.model.experts import QuantExpertsMixin, logical
+from nvfp4cal.model.quantizers import QuantLinear, set_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "nvfp4cal" / "conf"

@@ -7,9 +7,9 @@ import torch
 
 from helpers import SMALL, run_calibrate
 from nvfp4cal.algorithms import METHODS, Algorithm, build_algorithm
+from nvfp4cal.checkpoint.reload import read_tensors
+from nvfp4cal.model.view import weight_quantizers
 from nvfp4cal.recipe import RecipeError
-from nvfp4cal.reload import read_tensors
-from nvfp4cal.view import weight_quantizers
 
 
 @dataclass(frozen=True)

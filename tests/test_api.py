@@ -7,8 +7,8 @@ import torch
 
 import nvfp4cal
 from helpers import CONF, SMALL, run_calibrate, tiny_config
-from nvfp4cal.errors import UserError
-from nvfp4cal.models import build_tiny
+from nvfp4cal.model.loaders import build_tiny
+from nvfp4cal.numerics.errors import UserError
 from nvfp4cal.recipe import build_recipe
 from nvfp4cal.texts import pydoc_texts
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from helpers import run_calibrate, tiny_config
-from nvfp4cal import nvfp4
-from nvfp4cal.quantizers import QuantLinear, set_mode
-from nvfp4cal.reload import dequantized, read_tensors, rebuild_model
-from nvfp4cal.verify import verify
-from nvfp4cal.view import model_tensors, quant_sources, saved_layout, take
+from nvfp4cal.checkpoint.reload import dequantized, read_tensors, rebuild_model
+from nvfp4cal.cli.verify import verify
+from nvfp4cal.model.quantizers import QuantLinear, set_mode
+from nvfp4cal.model.view import model_tensors, quant_sources, saved_layout, take
+from nvfp4cal.numerics import nvfp4
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from nvfp4cal.data import CalibrationData
-from nvfp4cal.models import byte_tokenizer
+from nvfp4cal.lightning.data import CalibrationData
+from nvfp4cal.model.loaders import byte_tokenizer
 from nvfp4cal.texts import DataError, local_texts, pydoc_texts
 
 

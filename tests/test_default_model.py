@@ -5,7 +5,7 @@ import math
 import pytest
 
 from helpers import run_calibrate
-from nvfp4cal.verify import verify
+from nvfp4cal.cli.verify import verify
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import one_process, torchrun
-from nvfp4cal.comm import RunContext
+from nvfp4cal.numerics.comm import RunContext
 
 # the torchrun tests share one pytest-xdist worker: two at once would run 4-6 ranks on 2 cores
 pytestmark = pytest.mark.xdist_group("torchrun")
@@ -91,7 +91,7 @@ def test_ddp_gptq_sums_the_hessians_of_both_ranks(tmp_path):
     half of the tokens would change far more codes)."""
     import torch
 
-    from nvfp4cal.reload import read_tensors
+    from nvfp4cal.checkpoint.reload import read_tensors
 
     args = [*COMMON, "+model.init=per_param", "recipe=nvfp4_experts_only_gptq_fp8_cast_kv", "calibration=layerwise",
             "calibration.propagate=quantized", "recipe.algorithm.min_tokens=1"]  # fmt: skip

@@ -13,10 +13,10 @@ from helpers import (
     compose,
     run_calibrate,
 )
-from nvfp4cal import nvfp4
-from nvfp4cal.errors import UserError
-from nvfp4cal.experts import QuantExpertsMixin
-from nvfp4cal.quantizers import QuantLinear, set_mode
+from nvfp4cal.model.experts import QuantExpertsMixin
+from nvfp4cal.model.quantizers import QuantLinear, set_mode
+from nvfp4cal.numerics import nvfp4
+from nvfp4cal.numerics.errors import UserError
 
 
 @pytest.mark.parametrize("recipe", WHOLE_MODEL_RECIPES)
@@ -78,7 +78,7 @@ def test_calibration_does_not_change_outputs(tmp_path):
     """During max calibration (mode calib) the model computes exactly the unquantized logits."""
     from hydra.utils import instantiate
 
-    from nvfp4cal.insert import insert_quantizers
+    from nvfp4cal.model.insert import insert_quantizers
 
     cfg = compose(["model=tiny_qwen3_moe", "recipe=nvfp4_mse"])
     ref = instantiate(cfg.model, _convert_="all").model
@@ -200,7 +200,7 @@ def test_mixed_chat_and_prose_sources_from_the_command_line(tmp_path, monkeypatc
         " {name: prose, weight: 1, source: {_target_: nvfp4cal.texts.pydoc_texts}}]"
     )
     template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-    from nvfp4cal import models
+    from nvfp4cal.model import loaders as models
 
     tok = models.byte_tokenizer()
     tok.chat_template = template

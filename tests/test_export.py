@@ -7,14 +7,14 @@ import torch
 from safetensors import safe_open
 
 from helpers import tiny_config
-from nvfp4cal.errors import ExportError
-from nvfp4cal.export.io import Item, Staging, plan_shards, write_groups, write_index
-from nvfp4cal.export.modelopt import MODELOPT
-from nvfp4cal.export.plan import check_tensors, write_checkpoint
-from nvfp4cal.insert import insert_quantizers
-from nvfp4cal.models import build_tiny
+from nvfp4cal.checkpoint.io import Item, Staging, plan_shards, write_groups, write_index
+from nvfp4cal.checkpoint.modelopt import MODELOPT
+from nvfp4cal.checkpoint.plan import check_tensors, write_checkpoint
+from nvfp4cal.model.insert import insert_quantizers
+from nvfp4cal.model.loaders import build_tiny
+from nvfp4cal.model.view import BadWeightError, model_tensors, saved_layout
+from nvfp4cal.numerics.errors import ExportError
 from nvfp4cal.recipe import build_recipe
-from nvfp4cal.view import BadWeightError, model_tensors, saved_layout
 
 
 def _tiny_quantized():
@@ -149,8 +149,8 @@ def test_saved_layout_uses_save_pretrained_names():
 def test_early_write_gives_the_same_tensors(tmp_path):
     """Unquantized tensors written first (as a GPU run does during calibration), quantized ones after."""
     from helpers import run_calibrate
-    from nvfp4cal.export.plan import CheckpointWriter
-    from nvfp4cal.reload import read_tensors
+    from nvfp4cal.checkpoint.plan import CheckpointWriter
+    from nvfp4cal.checkpoint.reload import read_tensors
 
     small = ["data.num_samples=2", "data.seq_len=16", "data.eval_samples=1", "report.perplexity=false"]
     r = run_calibrate(tmp_path, ["model=tiny_qwen3_moe", "recipe=nvfp4_mlp_only_mse_fp8_cast_kv", *small])
@@ -171,7 +171,7 @@ def test_early_write_gives_the_same_tensors(tmp_path):
 def test_failed_second_layout_leaves_no_temporary_dir(tmp_path, monkeypatch):
     """export.format=both: when the second checkpoint fails, the first stays and no temp dir is left."""
     from helpers import run_calibrate
-    from nvfp4cal.export.compressed_tensors import COMPRESSED_TENSORS
+    from nvfp4cal.checkpoint.compressed_tensors import COMPRESSED_TENSORS
 
     def broken(*_):
         raise ExportError("injected failure")

@@ -6,9 +6,9 @@ from hydra.utils import instantiate
 from safetensors import safe_open
 
 from helpers import MOE_FAMILIES, check_round_trip, compose, run_calibrate, tiny_model
-from nvfp4cal.experts import QuantExpertsMixin, UnsupportedExpertsError
-from nvfp4cal.insert import insert_quantizers
-from nvfp4cal.quantizers import set_mode
+from nvfp4cal.model.experts import QuantExpertsMixin, UnsupportedExpertsError
+from nvfp4cal.model.insert import insert_quantizers
+from nvfp4cal.model.quantizers import set_mode
 from nvfp4cal.recipe import build_recipe
 
 FAMILIES = MOE_FAMILIES

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import check_round_trip, check_round_trip_divided, fake_quant_weights, run_calibrate
-from nvfp4cal import nvfp4
-from nvfp4cal.errors import UserError
-from nvfp4cal.reload import rebuild_model
-from nvfp4cal.verify import verify
+from nvfp4cal.checkpoint.reload import rebuild_model
+from nvfp4cal.cli.verify import verify
+from nvfp4cal.numerics import nvfp4
+from nvfp4cal.numerics.errors import UserError
 
 SMALL = ["data.num_samples=4", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2", "report.perplexity=false"]
 ATTN_FP8_MLP_W4A16 = [  # a dense mix: attention FP8, MLP NVFP4 weight-only
@@ -91,7 +91,7 @@ def test_uniform_fp8_checkpoint(tmp_path, layout):
         assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["targets"] == ["Linear"]
     check_round_trip(res, ckpt)  # FP8 is the same in both layouts: bit-exact
     # q/k/v and gate/up share one FP8 weight scale (engines fuse them)
-    from nvfp4cal.reload import read_tensors
+    from nvfp4cal.checkpoint.reload import read_tensors
 
     t = read_tensors(ckpt)
     p = "model.layers.0.self_attn"
@@ -104,7 +104,7 @@ def test_weight_only_nvfp4_and_mix_with_fp8(tmp_path):
     ckpt = tmp_path / "ckpt"
     v = verify(ckpt)
     assert v.ok, v.problems
-    from nvfp4cal.reload import read_tensors
+    from nvfp4cal.checkpoint.reload import read_tensors
 
     t = read_tensors(ckpt)
     mlp = [m for m in v.quantized if ".mlp." in m]
@@ -120,7 +120,7 @@ def test_transformers_reads_fp8_and_weight_only_nvfp4(tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    from nvfp4cal.reload import rebuild_model
+    from nvfp4cal.checkpoint.reload import rebuild_model
 
     run_calibrate(tmp_path, ["model=tiny_llama", "model.dtype=bfloat16", *ATTN_FP8_MLP_W4A16,
                              "export.format=compressed_tensors", *SMALL])  # fmt: skip
@@ -144,7 +144,7 @@ def test_weight_only_in_the_modelopt_layout(tmp_path):
     assert verify(ckpt).ok
     qc = _qc(ckpt)
     assert qc["quant_algo"] == "W4A16_NVFP4" and qc["config_groups"]["group_0"]["input_activations"] is None
-    from nvfp4cal.reload import read_tensors
+    from nvfp4cal.checkpoint.reload import read_tensors
 
     assert not [k for k in read_tensors(ckpt) if k.endswith("input_scale")]
     check_round_trip(res, ckpt)

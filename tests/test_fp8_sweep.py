@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from nvfp4cal import mse
+from nvfp4cal.numerics import mse
 
-kern = pytest.importorskip("nvfp4cal.kernels.fp8_sweep")
+kern = pytest.importorskip("nvfp4cal.numerics.kernels.fp8_sweep")
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 BIG = 1024  # many blocks per program: the interpreter costs ~0.6 ms per program
 
@@ -69,12 +69,12 @@ def test_zero_global_amax():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="builds CPU models: interpreter only")
 def test_pipeline_sweep_with_kernel_equals_reference():
     """The sweep driver through the (interpreted) kernel gives the reference's block amaxes."""
-    from nvfp4cal.comm import RunContext
-    from nvfp4cal.insert import insert_quantizers
-    from nvfp4cal.models import build_tiny
+    from nvfp4cal.model.insert import insert_quantizers
+    from nvfp4cal.model.loaders import build_tiny
+    from nvfp4cal.model.sweep import mse_sweep
+    from nvfp4cal.model.view import weight_quantizers
+    from nvfp4cal.numerics.comm import RunContext
     from nvfp4cal.recipe import build_recipe
-    from nvfp4cal.sweep import mse_sweep
-    from nvfp4cal.view import weight_quantizers
 
     cfg = {
         "hidden_size": 64,
@@ -109,8 +109,8 @@ def test_fast_kernel_one_launch_for_all_experts():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_sqerr_matches_fake_quant(dtype):
     """The report's one-pass squared error equals sum((w - fake_quantize(w))^2) and sum(w^2)."""
-    from nvfp4cal import nvfp4
-    from nvfp4cal.kernels.fp8_sweep import block_sqerr_triton
+    from nvfp4cal.numerics import nvfp4
+    from nvfp4cal.numerics.kernels.fp8_sweep import block_sqerr_triton
 
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(3, 40, 64, generator=g) * torch.rand(3, 1, 1, generator=g)).to(DEV, dtype)

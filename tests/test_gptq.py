@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from helpers import run_calibrate
-from nvfp4cal import nvfp4
-from nvfp4cal.errors import UserError
-from nvfp4cal.gptq import gptq_round, hessian_error, round_to_grid
-from nvfp4cal.reload import read_tensors, rebuild_model
-from nvfp4cal.verify import verify
+from nvfp4cal.checkpoint.reload import read_tensors, rebuild_model
+from nvfp4cal.cli.verify import verify
+from nvfp4cal.numerics import nvfp4
+from nvfp4cal.numerics.errors import UserError
+from nvfp4cal.numerics.gptq import gptq_round, hessian_error, round_to_grid
 
 
 def _case(seed, out_f=24, in_f=64, tokens=256, heavy=False):
@@ -129,8 +129,8 @@ def test_a_gptq_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
 
 
 def test_a_full_hessian_gives_the_block_hessians_of_its_diagonal():
-    from nvfp4cal.hessian import block_hessian
-    from nvfp4cal.quantizers import InputQuantizer
+    from nvfp4cal.model.quantizers import InputQuantizer
+    from nvfp4cal.numerics.hessian import block_hessian
 
     x = torch.randn(3, 40, 48, generator=torch.Generator().manual_seed(0))
     full, blocks = InputQuantizer(), InputQuantizer()

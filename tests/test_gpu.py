@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import run_calibrate
-from nvfp4cal import mse
+from nvfp4cal.numerics import mse
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +38,7 @@ def _mixtral_576(layers: int) -> list[str]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dist", ["normal", "student_t3", "tiny_beside_outlier"])
 def test_compiled_kernels_match_reference(dtype, dist):
-    from nvfp4cal.kernels.fp8_sweep import mse_amax_baseline, mse_amax_triton
+    from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_baseline, mse_amax_triton
 
     g = torch.Generator().manual_seed(1)
     n = (1 << 20) + 77
@@ -71,9 +71,9 @@ def test_pipeline_same_bytes_with_kernel_and_reference(tmp_path):
 def test_grouped_experts_on_cuda_match_eager():
     """bf16 on CUDA picks the grouped path (torch._grouped_mm); it agrees with the eager loop."""
     from helpers import tiny_model
-    from nvfp4cal.experts import QuantExpertsMixin
-    from nvfp4cal.insert import insert_quantizers
-    from nvfp4cal.quantizers import set_mode
+    from nvfp4cal.model.experts import QuantExpertsMixin
+    from nvfp4cal.model.insert import insert_quantizers
+    from nvfp4cal.model.quantizers import set_mode
     from nvfp4cal.recipe import build_recipe
 
     outs, amax = {}, {}
@@ -95,8 +95,8 @@ def test_grouped_experts_on_cuda_match_eager():
 
 def test_hessian_kernel_matches_reference_on_cuda():
     """Compiled Hessian kernel vs the torch reference on the same Hessians: equal choices but for near ties."""
-    from nvfp4cal import hessian
-    from nvfp4cal.kernels.hessian_sweep import hessian_amax_triton
+    from nvfp4cal.numerics import hessian
+    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
 
     g = torch.Generator().manual_seed(2)
     w = (torch.distributions.StudentT(3.0).sample((4, 512, 1024)) * 0.02).to(torch.bfloat16)
@@ -123,7 +123,7 @@ def test_pipeline_hessian_sweep_on_cuda(tmp_path):
     a = run_calibrate(tmp_path / "triton", [*common, "recipe.algorithm.kernel=triton"])
     b = run_calibrate(tmp_path / "reference", [*common, "recipe.algorithm.kernel=reference"])
     assert a.report["sweep"]["kernel"] == ["hessian_triton"] and b.report["sweep"]["kernel"] == ["hessian_reference"]
-    from nvfp4cal.reload import read_tensors
+    from nvfp4cal.checkpoint.reload import read_tensors
 
     ta, tb = read_tensors(tmp_path / "triton" / "ckpt"), read_tensors(tmp_path / "reference" / "ckpt")
     differ = total = 0
@@ -136,7 +136,7 @@ def test_pipeline_hessian_sweep_on_cuda(tmp_path):
 
 def test_hessians_enabled_on_the_cpu_accumulate_on_the_gpu():
     """A model built on the CPU and moved by the Trainer: its Hessians follow the rows to the GPU."""
-    from nvfp4cal.quantizers import InputQuantizer
+    from nvfp4cal.model.quantizers import InputQuantizer
 
     for full in (False, True):
         q = InputQuantizer()

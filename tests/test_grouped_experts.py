@@ -5,9 +5,9 @@ import torch
 
 from helpers import MOE_FAMILIES as FAMILIES
 from helpers import tiny_model
-from nvfp4cal.experts import QuantExpertsMixin
-from nvfp4cal.insert import enable_hessians, insert_quantizers
-from nvfp4cal.quantizers import set_mode
+from nvfp4cal.model.experts import QuantExpertsMixin
+from nvfp4cal.model.insert import enable_hessians, insert_quantizers
+from nvfp4cal.model.quantizers import set_mode
 from nvfp4cal.recipe import build_recipe
 
 

@@ -4,12 +4,12 @@ cannot prune like the plain sweep, and the pipeline (never worse than max by its
 import pytest
 import torch
 
-from nvfp4cal import hessian, mse, nvfp4
-from nvfp4cal.comm import RunContext
-from nvfp4cal.experts import QuantExpertsMixin
-from nvfp4cal.quantizers import QuantLinear
-from nvfp4cal.sweep import mse_sweep
-from nvfp4cal.view import weight_inputs, weight_quantizers
+from nvfp4cal.model.experts import QuantExpertsMixin
+from nvfp4cal.model.quantizers import QuantLinear
+from nvfp4cal.model.sweep import mse_sweep
+from nvfp4cal.model.view import weight_inputs, weight_quantizers
+from nvfp4cal.numerics import hessian, mse, nvfp4
+from nvfp4cal.numerics.comm import RunContext
 
 
 def _weight(kind: str, out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
@@ -94,10 +94,10 @@ def _calibrated(model_name: str, recipe_name: str):
 
     from helpers import compose
     from nvfp4cal.algorithms import Unit
-    from nvfp4cal.bootstrap import bootstrap_dead_experts
     from nvfp4cal.calibration import begin_unit, end_unit
-    from nvfp4cal.comm import RunContext
-    from nvfp4cal.insert import insert_quantizers
+    from nvfp4cal.model.bootstrap import bootstrap_dead_experts
+    from nvfp4cal.model.insert import insert_quantizers
+    from nvfp4cal.numerics.comm import RunContext
 
     cfg = compose([f"model={model_name}", f"recipe={recipe_name}"])
     model = instantiate(cfg.model).model
@@ -157,7 +157,7 @@ def test_identity_hessians_in_the_pipeline_equal_the_plain_sweep():
             for q, p in ((m.gate_up_input, m.first_proj), (m.down_input, "down_proj")):
                 n, inp = m.tokens.numel(), m.logical_weight(p).shape[-1]
                 q.hessian = 2 * torch.eye(16, dtype=torch.float64).expand(n, inp // 16, 16, 16).clone()
-    from nvfp4cal.insert import share_global_amax
+    from nvfp4cal.model.insert import share_global_amax
 
     share_global_amax(model)
     mse_sweep(model, RunContext.single(), "reference", hessian=True)
@@ -178,7 +178,7 @@ def _near_tie_or_equal(w, g, h, got, want):
 
 def test_triton_kernel_matches_the_reference():
     """Interpreter (CPU): the kernel's choices equal the reference's, all experts in one launch."""
-    from nvfp4cal.kernels.hessian_sweep import hessian_amax_triton
+    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
 
     w = torch.stack([_weight("normal", 32, 32), _weight("heavy", 32, 32, seed=2)])
     g = w.abs().flatten(1).amax(-1)

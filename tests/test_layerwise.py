@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import MOE_FAMILIES, SMALL, WHOLE_MODEL_RECIPES, run_calibrate
-from nvfp4cal.errors import UserError
-from nvfp4cal.reload import read_tensors
-from nvfp4cal.verify import verify
+from nvfp4cal.checkpoint.reload import read_tensors
+from nvfp4cal.cli.verify import verify
+from nvfp4cal.numerics.errors import UserError
 
 # weights drawn per parameter from seeds, on the device the run computes on (trainer=auto), in both modes
 DATA = ["+model.init=per_param", "data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]

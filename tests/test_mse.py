@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nvfp4cal import mse, nvfp4
+from nvfp4cal.numerics import mse, nvfp4
 
 
 def _blocks(kind: str, n: int = 4096, seed: int = 0) -> torch.Tensor:

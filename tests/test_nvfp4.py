@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nvfp4cal import nvfp4
+from nvfp4cal.numerics import nvfp4
 
 
 def test_e2m1_rounding_ties_and_saturation():

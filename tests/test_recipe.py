@@ -4,7 +4,7 @@ import pytest
 from hydra.utils import instantiate
 
 from helpers import RECIPES, TINY_MODELS, compose
-from nvfp4cal.insert import insert_quantizers
+from nvfp4cal.model.insert import insert_quantizers
 from nvfp4cal.recipe import RecipeError, build_recipe
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_calibrate
-from nvfp4cal.tabulate import main as tabulate
+from nvfp4cal.cli.tabulate import main as tabulate
 
 SMALL = ["data.num_samples=4", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
 
@@ -106,9 +106,9 @@ def test_weight_errors_leave_the_weights_alone():
     from hydra.utils import instantiate
 
     from helpers import compose, tiny_config
-    from nvfp4cal.comm import RunContext
-    from nvfp4cal.evaluate import weight_errors
-    from nvfp4cal.insert import insert_quantizers
+    from nvfp4cal.evaluation.metrics import weight_errors
+    from nvfp4cal.model.insert import insert_quantizers
+    from nvfp4cal.numerics.comm import RunContext
     from nvfp4cal.recipe import build_recipe
 
     m = instantiate(compose(["model=tiny_llama"]).model, _convert_="all").model

@@ -8,8 +8,8 @@ import torch
 from accelerate import init_empty_weights
 
 from helpers import one_process, torchrun
-from nvfp4cal.comm import rows
-from nvfp4cal.models import CheckpointRows, RandomRows, build_tiny
+from nvfp4cal.model.loaders import CheckpointRows, RandomRows, build_tiny
+from nvfp4cal.numerics.comm import rows
 
 # the torchrun tests share one pytest-xdist worker: two at once would run 4-6 ranks on 2 cores
 pytestmark = pytest.mark.xdist_group("torchrun")

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import run_calibrate, tiny_config
-from nvfp4cal.comm import rows
-from nvfp4cal.errors import UserError
-from nvfp4cal.models import CheckpointRows, build_tiny, load_hf
-from nvfp4cal.verify import verify
+from nvfp4cal.cli.verify import verify
+from nvfp4cal.model.loaders import CheckpointRows, build_tiny, load_hf
+from nvfp4cal.numerics.comm import rows
+from nvfp4cal.numerics.errors import UserError
 
 BLOCK = [16, 16]
 

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import SMALL, compose
 from nvfp4cal.calibrate import run, stop_message, stop_on_signals
-from nvfp4cal.errors import RunStopped
+from nvfp4cal.numerics.errors import RunStopped
 
 ARGS = ["model=tiny_qwen3_moe", "recipe=nvfp4_mse", *SMALL, "report.perplexity=false"]
 
@@ -45,7 +45,7 @@ def _signal_in(monkeypatch, owner, attr: str, after_calls: int = 0):
 
 
 def test_stop_during_calibration(tmp_path, monkeypatch):
-    from nvfp4cal.module import CalibrationModule
+    from nvfp4cal.lightning.module import CalibrationModule
 
     _signal_in(monkeypatch, CalibrationModule, "validation_step", after_calls=1)
     err = _stopped(tmp_path, ARGS)
@@ -60,7 +60,7 @@ def test_stop_during_the_sweep(tmp_path, monkeypatch):
 
 
 def test_stop_during_the_export(tmp_path, monkeypatch):
-    from nvfp4cal.export import plan
+    from nvfp4cal.checkpoint import plan
 
     _signal_in(monkeypatch, plan, "write_groups", after_calls=1)  # a shard is on disk
     assert _stopped(tmp_path, [*ARGS, "export.max_shard_size_gb=0.00001"]).where == "export"

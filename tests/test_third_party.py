@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import run_calibrate
-from nvfp4cal.reload import read_tensors
+from nvfp4cal.checkpoint.reload import read_tensors
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter  # noqa: E402

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from nvfp4cal.experts import QuantExpertsMixin
-from nvfp4cal.insert import insert_quantizers
-from nvfp4cal.models import build_tiny
-from nvfp4cal.quantizers import set_mode
+from nvfp4cal.model.experts import QuantExpertsMixin
+from nvfp4cal.model.insert import insert_quantizers
+from nvfp4cal.model.loaders import build_tiny
+from nvfp4cal.model.quantizers import set_mode
+from nvfp4cal.model.upcycle import upcycle_llama_to_mixtral
 from nvfp4cal.recipe import build_recipe
-from nvfp4cal.upcycle import upcycle_llama_to_mixtral
 
 CFG = {
     "hidden_size": 64,

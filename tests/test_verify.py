@@ -1,4 +1,4 @@
-"""`python -m nvfp4cal.verify`: passes our exports, names every kind of corruption."""
+"""`python -m nvfp4cal.cli.verify`: passes our exports, names every kind of corruption."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import run_calibrate
-from nvfp4cal.verify import verify
+from nvfp4cal.cli.verify import verify
 
 SMALL = ["data.num_samples=4", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2", "report.perplexity=false"]
 L0 = "model.layers.0.block_sparse_moe.experts"
@@ -53,7 +53,7 @@ def test_our_export_passes(export):
     v = verify(export)
     assert v.ok, v.problems
     assert v.experts == {L0: 8, "model.layers.1.block_sparse_moe.experts": 8}
-    r = subprocess.run([sys.executable, "-m", "nvfp4cal.verify", str(export)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "nvfp4cal.cli.verify", str(export)], capture_output=True, text=True)
     assert r.returncode == 0 and "OK" in r.stdout and "problems               0" in r.stdout
 
 
@@ -93,7 +93,7 @@ def test_corruptions_are_named(export, fmt, tmp_path, corrupt, message):
     bad = _corrupt(export, tmp_path, lambda t: corrupt(t, g, i))
     v = verify(bad)
     assert any(message in p for p in v.problems), v.problems
-    r = subprocess.run([sys.executable, "-m", "nvfp4cal.verify", str(bad)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "nvfp4cal.cli.verify", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1 and message in r.stdout
 
 

@@ -1,4 +1,4 @@
-"""The Python API: ``nvfp4cal.quantize``, ``nvfp4cal.export``, ``nvfp4cal.verify``.
+"""The Python API: ``nvfp4cal.quantize``, ``nvfp4cal.checkpoint``, ``nvfp4cal.cli.verify``.
 
 ``quantize`` runs exactly what ``nvfp4cal-calibrate`` runs (the packaged config composed with the
 given settings, the same Trainer, LightningModule and callback) on a model object you already hold::
@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from .calibrate import RunResult, run
-from .errors import UserError
-from .export.check import Verdict
-from .export.check import verify as _verify
-from .export.targets import export_model
-from .models import LoadedModel
-from .quantizers import set_mode
+from .checkpoint.check import Verdict
+from .checkpoint.check import verify as _verify
+from .checkpoint.targets import export_model
+from .model.loaders import LoadedModel
+from .model.quantizers import set_mode
+from .numerics.errors import UserError
 from .recipe import Recipe, build_recipe
 
 __all__ = ["quantize", "export", "verify", "set_mode"]

@@ -30,16 +30,16 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from .callback import PostCalibration
-from .errors import RunStopped, UserError
-from .evaluate import current_stage, stage
-from .insert import insert_quantizers
-from .models import fill_from_memory, upcast_for_cpu
-from .module import CalibrationModule
-from .report import OBJECTIVES, objective, print_summary, versions, write_report
+from .evaluation.metrics import current_stage, stage
+from .evaluation.report import OBJECTIVES, objective, print_summary, versions, write_report
+from .lightning.callback import PostCalibration
+from .lightning.module import CalibrationModule
+from .model.insert import insert_quantizers
+from .model.loaders import fill_from_memory, upcast_for_cpu
+from .model.sweep import warm_up
+from .numerics.errors import RunStopped, UserError
 from .results import Results
 from .steps import post_calibration
-from .sweep import warm_up
 
 log = logging.getLogger("nvfp4cal")
 
@@ -193,7 +193,7 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
     """Calibrate and export as ``cfg`` says; the report is also written to ``run_dir``.
 
     The Python API (:mod:`nvfp4cal.api`) passes what it holds already: ``loaded`` (a
-    :class:`~nvfp4cal.models.LoadedModel`) instead of the ``model`` group, ``recipe`` (a Recipe)
+    :class:`~nvfp4cal.model.loaders.LoadedModel`) instead of the ``model`` group, ``recipe`` (a Recipe)
     instead of the ``recipe`` group, ``source`` (a Dataset of texts) instead of ``data.source``.
     ``explicit``: the overrides the user typed (a recipe's needs never override a choice made there)."""
     t_start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 :func:`begin_unit` -> forward over the unit's inputs with the quantizers calibrating -> :func:`end_unit`
 (statistics reduced across ranks) -> the per-unit steps (bootstrap, measure, the algorithm's ``after``:
-run by the :class:`~nvfp4cal.callback.PostCalibration` callback) -> the schedule persists the
+run by the :class:`~nvfp4cal.lightning.callback.PostCalibration` callback) -> the schedule persists the
 unit. :func:`calibrate_unit` runs the whole sequence for a unit whose inputs are at hand (a decoder
 layer); the whole-model schedule runs the same pieces around the Trainer's pass over the DataModule.
 """
@@ -14,14 +14,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import nvfp4
 from .algorithms import Algorithm, Unit, UnitInputs
-from .comm import RunContext
-from .experts import QuantExpertsMixin
-from .insert import enable_hessians, share_global_amax
-from .quantizers import InputQuantizer, KVCastQuantizer, set_mode
+from .model.experts import QuantExpertsMixin
+from .model.insert import enable_hessians, share_global_amax
+from .model.quantizers import InputQuantizer, KVCastQuantizer, set_mode
+from .model.view import check_finite, fp8_weights, sync_statistics, weight_quantizers
+from .numerics import nvfp4
+from .numerics.comm import RunContext
 from .results import Results
-from .view import check_finite, fp8_weights, sync_statistics, weight_quantizers
 
 # runs the per-unit steps on a calibrated unit (the callback's ``run_unit``)
 RunUnit = Callable[[Unit, UnitInputs, Results, RunContext], None]

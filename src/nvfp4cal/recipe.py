@@ -1,4 +1,4 @@
-"""Typed recipes: a :class:`~nvfp4cal.rules.Selection` (ordered rules, KV cache) plus its calibration
+"""Typed recipes: a :class:`~nvfp4cal.model.rules.Selection` (ordered rules, KV cache) plus its calibration
 algorithm (:mod:`nvfp4cal.algorithms`).
 
 ``exclude``: patterns that are never quantized, appended as disabled rules after ``rules`` (so they win).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .algorithms import Algorithm, Max, build_algorithm
-from .rules import KV_FORMATS, RecipeError, Rule, Selection, parse_rules
+from .model.rules import KV_FORMATS, RecipeError, Rule, Selection, parse_rules
 
 __all__ = ["Recipe", "RecipeError", "Rule", "build_recipe"]
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .algorithms import Algorithm, Unit, UnitInputs, UnitRun
-from .bootstrap import bootstrap_dead_experts, check_inputs_calibrated
-from .comm import RunContext
-from .evaluate import perplexity
-from .export.targets import Export, early_writers, export_checkpoints
+from .checkpoint.targets import Export, early_writers, export_checkpoints
+from .evaluation.metrics import perplexity
+from .model.bootstrap import bootstrap_dead_experts, check_inputs_calibrated
+from .numerics.comm import RunContext
 
 log = logging.getLogger("nvfp4cal")
 

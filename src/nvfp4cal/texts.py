@@ -10,7 +10,7 @@ import glob
 import os
 from pathlib import Path
 
-from .errors import RunStopped, UserError
+from .numerics.errors import RunStopped, UserError
 
 _LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

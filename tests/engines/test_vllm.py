@@ -2,7 +2,7 @@
 
 For a dense (Llama) and an MoE (Mixtral, the default model's family) checkpoint, FP8 KV on and off,
 each in both layouts, vLLM's CPU build is run in a subprocess (``vllm_probe.py``) and its view is
-compared with our reader (:mod:`nvfp4cal.reload`):
+compared with our reader (:mod:`nvfp4cal.checkpoint.reload`):
 
 - config parsing: every module we quantized is an NVFP4 layer in vLLM, every module we excluded is
   unquantized, every attention layer has a KV-cache method, FP8 KV where we wrote it;
@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import run_calibrate
-from nvfp4cal import nvfp4
-from nvfp4cal.reload import dequantized, read_tensors
+from nvfp4cal.checkpoint.reload import dequantized, read_tensors
+from nvfp4cal.numerics import nvfp4
 
 pytestmark = pytest.mark.engines
 

@@ -25,10 +25,10 @@ from typing import ClassVar, Protocol
 
 from torch import nn
 
-from ..comm import RunContext
-from ..evaluate import weight_errors
+from ..evaluation.metrics import weight_errors
+from ..model.rules import RecipeError
+from ..numerics.comm import RunContext
 from ..results import Results
-from ..rules import RecipeError
 
 
 class AlgorithmError(RecipeError):

@@ -1,15 +1,15 @@
 """``method: mse`` - after max calibration, each NVFP4 block's FP8 scale is the one of the 126 FP8
 candidates ``c_k * g`` that minimises the block's squared weight error
-``sum_i (w_i - fq(w_i; c_k g))^2`` (the exact sweep: :mod:`nvfp4cal.mse`, Triton in
-:mod:`nvfp4cal.kernels.fp8_sweep`)."""
+``sum_i (w_i - fq(w_i; c_k g))^2`` (the exact sweep: :mod:`nvfp4cal.numerics.mse`, Triton in
+:mod:`nvfp4cal.numerics.kernels.fp8_sweep`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from ..model.sweep import KERNELS, mse_sweep
 from ..results import SweepSummary
-from ..sweep import KERNELS, mse_sweep
 from .base import Algorithm, AlgorithmError, Unit, UnitInputs, UnitRun
 
 

@@ -1,6 +1,6 @@
 """``method: gptq`` - fixed block scales (from max calibration, the FP8 sweep or the Hessian-weighted
 sweep: ``scales``), then GPTQ rounding of every NVFP4 weight under its full input Hessian
-``H = sum_t x x^T`` (:mod:`nvfp4cal.gptq`, driven by :mod:`nvfp4cal.rounding`). It needs each layer's
+``H = sum_t x x^T`` (:mod:`nvfp4cal.numerics.gptq`, driven by :mod:`nvfp4cal.algorithms.rounding`). It needs each layer's
 inputs from its already-quantized predecessors: layer by layer with quantized propagation. It changes the
 weights (to GPTQ's grid points), which the layer state keeps."""
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..model.rounding import gptq_weights
+from ..model.sweep import KERNELS, mse_sweep
 from ..results import GptqSummary, SweepSummary
-from ..rounding import gptq_weights
-from ..sweep import KERNELS, mse_sweep
 from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
 
 SCALES = ("max", "mse", "hessian_mse")  # how the fixed block scales are chosen

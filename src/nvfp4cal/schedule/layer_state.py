@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import nvfp4
-from ..errors import UserError
-from ..quantizers import QuantLinear, clear_caches
-from ..view import weight_quantizers
+from ..model.quantizers import QuantLinear, clear_caches
+from ..model.view import weight_quantizers
+from ..numerics import nvfp4
+from ..numerics.errors import UserError
 
 log = logging.getLogger("nvfp4cal")
 # in a layer's saved state, beside its buffers: the weights an algorithm changed (``changes_weights``),

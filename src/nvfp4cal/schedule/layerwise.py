@@ -3,9 +3,9 @@ layer at a time, resumable.
 
 The model is built on the meta device; its loader gives ``fill`` (rows of any parameter, from the
 checkpoint's safetensors or from seeds). A model already in memory (the embedded default, a model given
-to the Python API) gets a ``fill`` that reads its own tensors (:func:`nvfp4cal.models.fill_from_memory`)
+to the Python API) gets a ``fill`` that reads its own tensors (:func:`nvfp4cal.model.loaders.fill_from_memory`)
 and is whole again, calibrated, when the run ends. A model already in memory (the embedded default, a model given
-to the Python API) gets a ``fill`` that reads its own tensors (:func:`nvfp4cal.models.fill_from_memory`)
+to the Python API) gets a ``fill`` that reads its own tensors (:func:`nvfp4cal.model.loaders.fill_from_memory`)
 and is whole again, calibrated, when the run ends. Schedule, driven by ``Trainer.validate``:
 
 1. **Capture** (the Trainer's pass over the DataModule's batches): the parameters outside the decoder
@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 
 from ..algorithms import Algorithm, Unit
 from ..calibration import RunUnit, calibrate_unit, forward
-from ..comm import RunContext
-from ..errors import UserError
-from ..export.plan import TensorSource
-from ..quantizers import InputQuantizer, clear_caches, set_mode
+from ..checkpoint.plan import TensorSource
+from ..model.quantizers import InputQuantizer, clear_caches, set_mode
+from ..model.view import decoder_layers
+from ..numerics.comm import RunContext
+from ..numerics.errors import UserError
 from ..results import Results
-from ..view import decoder_layers
 from .activations import ActivationStore, choose_offload, nbytes
 from .layer_state import LayerState, changed_weights, restore_weights
 

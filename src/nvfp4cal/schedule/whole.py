@@ -11,7 +11,7 @@ from torch import nn
 
 from ..algorithms import Algorithm, Unit
 from ..calibration import RunUnit, begin_unit, end_unit
-from ..comm import RunContext
+from ..numerics.comm import RunContext
 from ..results import Results
 
 

@@ -1,0 +1,1 @@
+"""Measurements of a run (perplexity, weight errors, stage timing) and its report."""
