@@ -85,7 +85,20 @@ def test_a_mixed_format_recipe_object_from_python(tmp_path):
     recipe = build_recipe("mix", rules=[{"pattern": "*"}, {"pattern": "*self_attn*", "format": "fp8"},
                                         {"pattern": "*lm_head*", "enable": False}])  # fmt: skip
     res = nvfp4cal.quantize(model, tok, recipe=recipe, data=TEXTS, export_dir=tmp_path / "mo", **SIZES, overrides=QUIET)
-    nvfp4cal.export(res.model, tmp_path / "ct", format="compressed_tensors", tokenizer=tok)
+    nvfp4cal.export(res, tmp_path / "ct", format="compressed_tensors")  # a RunResult: its tokenizer and dtypes
+    assert (tmp_path / "ct" / "tokenizer_config.json").is_file()
     for d in ("mo", "ct"):
         v = nvfp4cal.verify(tmp_path / d)
         assert v.ok and len(v.fp8) == 4 * tiny_config("tiny_llama")["num_hidden_layers"] and v.quantized, v.problems
+
+
+def test_gptq_from_python_runs_layer_by_layer_on_the_model_given(tmp_path):
+    """recipe=nvfp4_gptq on a model object: read layer by layer from memory, and whole again afterwards."""
+    model, tok = _tiny()
+    res = nvfp4cal.quantize(model, tok, recipe="nvfp4_gptq", data=TEXTS, export_dir=tmp_path / "ckpt", **SIZES,
+                            overrides=[*QUIET, "recipe.algorithm.min_tokens=1"])  # fmt: skip
+    assert res.report["gptq"]["weights"] > 0 and nvfp4cal.verify(tmp_path / "ckpt").ok
+    assert not any(p.is_meta for p in res.model.parameters())
+    nvfp4cal.set_mode(res.model, "quant")
+    out = res.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(out).all()

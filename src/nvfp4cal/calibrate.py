@@ -33,7 +33,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from .evaluation.metrics import current_stage, stage
 from .evaluation.report import OBJECTIVES, objective, print_summary, versions, write_report
 from .lightning.callback import PostCalibration
-from .lightning.module import CalibrationModule
+from .lightning.module import CalibrationModule, holding
 from .model.insert import insert_quantizers
 from .model.loaders import fill_from_memory, upcast_for_cpu
 from .model.sweep import warm_up
@@ -125,14 +125,14 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     if cfg.report.objective not in OBJECTIVES:
         raise UserError(f"report.objective={cfg.report.objective!r} unknown; use one of {list(OBJECTIVES)}")
     trainer = build_trainer(cfg)
-    device, holding = trainer.strategy.root_device, getattr(trainer.strategy, "holding", "whole")
+    device, holds = trainer.strategy.root_device, holding(trainer.strategy)
     with stage(stages, "load"):
         recipe = recipe if recipe is not None else build(cfg.recipe, "recipe")
         if "NVFP4CAL_KERNEL" in env:  # recorded in the report's environment
             log.info("NVFP4CAL_KERNEL=%s overrides recipe.algorithm.kernel", env["NVFP4CAL_KERNEL"])
             recipe = dataclasses.replace(recipe, algorithm=recipe.algorithm.with_kernel(env["NVFP4CAL_KERNEL"]))
         calibration = _calibration(cfg, recipe, explicit)
-        if calibration.layerwise and holding == "rows":
+        if calibration.layerwise and holds == "rows":
             raise UserError("calibration=layerwise holds one layer at a time: use trainer=cpu, gpu or ddp, not fsdp")
         if trainer.is_global_zero:
             where = "CPU" if device.type == "cpu" else f"GPU ({device})"
@@ -141,8 +141,8 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
         if recipe.algorithm.kernel is not None:
             warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
         on_meta = loaded is None and "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
-        extra = {"sharded": True} if on_meta and (holding == "rows" or calibration.layerwise) else {}
-        if holding == "rows" and not on_meta:
+        extra = {"sharded": True} if on_meta and (holds == "rows" or calibration.layerwise) else {}
+        if holds == "rows" and not on_meta:
             log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
         if loaded is None:
             loaded = build(cfg.model, "model", **extra)

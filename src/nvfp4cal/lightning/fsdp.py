@@ -46,12 +46,10 @@ Fill = Callable[[str, torch.Tensor, int, int, int], None]
 class ShardedStrategy(ModelParallelStrategy):
     """FSDP2 over every rank (data-parallel size = world size, no tensor parallelism).
 
-    What the run context reads from a strategy: ``holding`` (each rank holds rows of every
-    parameter), ``shard_model`` (the module's ``configure_model`` calls it) and ``tensor_source``
-    (how the export reads full tensors: one gathered unit at a time).
+    The run context recognises it (:func:`nvfp4cal.lightning.module.holding`: each rank holds rows of
+    every parameter) and uses ``shard_model`` (the module's ``configure_model`` calls it) and
+    ``tensor_source`` (how the export reads full tensors: one gathered unit at a time).
     """
-
-    holding = "rows"
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes

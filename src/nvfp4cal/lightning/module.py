@@ -12,22 +12,28 @@ from ..evaluation.metrics import stage
 from ..numerics.comm import RunContext, default_comm
 from ..results import Results
 from .callback import PostCalibration
+from .fsdp import ShardedStrategy
+
+
+def holding(strategy) -> str:
+    """How a strategy holds the weights: ``"rows"`` (:class:`~nvfp4cal.lightning.fsdp.ShardedStrategy`:
+    each rank holds rows of every parameter) or ``"whole"`` (one device, DDP replicas). The one place
+    that looks at the strategy's type."""
+    return "rows" if isinstance(strategy, ShardedStrategy) else "whole"
 
 
 def run_context(trainer: L.Trainer) -> RunContext:
-    """The run's context, decided once from the trainer (after its process group is up).
-
-    ``holding`` comes from the strategy (``holding = "rows"`` on :class:`nvfp4cal.lightning.fsdp.ShardedStrategy`,
-    whole weights otherwise); progress bars follow ``trainer.enable_progress_bar`` on global rank 0.
-    """
+    """The run's context, decided once from the trainer (after its process group is up): device, ranks,
+    how weights are held and how the export reads them; progress bars follow
+    ``trainer.enable_progress_bar`` on global rank 0."""
     strategy = trainer.strategy
-    holding = getattr(strategy, "holding", "whole")
+    rows = holding(strategy) == "rows"
     return RunContext(
         device=strategy.root_device,
         progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-        holding=holding,
+        holding=holding(strategy),
         comm=default_comm(),
-        tensors=getattr(strategy, "tensor_source", None),
+        tensors=strategy.tensor_source if rows else None,
     )
 
 
@@ -63,9 +69,9 @@ class CalibrationModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Let the strategy lay the model out (``trainer=fsdp``: shard it over every rank), once."""
-        shard = getattr(self.trainer.strategy, "shard_model", None)
-        if shard is not None and self.shards is None:
-            self.shards = shard(self.model, self.device_mesh["data_parallel"], self.ctx, self.fill)
+        if self.ctx.holding == "rows" and self.shards is None:
+            self.shards = self.trainer.strategy.shard_model(self.model, self.device_mesh["data_parallel"], self.ctx,
+                                                            self.fill)  # fmt: skip
 
     def on_validation_start(self) -> None:
         fail = os.environ.get("NVFP4CAL_FAIL_ON_RANK")  # fault injection for the distributed tests
