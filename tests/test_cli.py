@@ -70,3 +70,40 @@ def test_exit_code_and_one_line_and_nothing_overwritten(tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert "checkpoint :" in printed and "dead experts" in printed and "stage times" in printed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]  # no temp dirs left
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recipe=nvfp4_nonexistent"], "recipe=nvfp4_nonexistent: no such option; nearest: nvfp4_mse"),
+        (["recipe.algorithm.methd=mse"], "recipe.algorithm.methd=mse: no such key; nearest: recipe.algorithm.method"),
+        (["data.path=/x"], "data.path=/x: no such key; keys of data: source,"),
+        (["trainer=gpux"], "trainer=gpux: no such option; nearest: gpu"),
+    ],
+)
+def test_unknown_options_and_keys_name_the_nearest(args, message):
+    from nvfp4cal.calibrate import check_overrides
+
+    msg = check_overrides(args)
+    assert msg is not None and message in msg and "\n" not in msg
+    assert check_overrides(["recipe=nvfp4_mse", "data.num_samples=8"]) is None
+    assert check_overrides(["-m", "recipe=nvfp4_mse,nvfp4_max"]) is None  # multirun: Hydra's own
+
+
+def test_data_is_checked_before_the_model_loads(tmp_path):
+    """A bad data setting fails before any model is read (here the model path does not exist either:
+    the data error comes first)."""
+    bad_model = ["model=hf", "model.path=/no/such/model"]
+    assert "data.num_samples must be >= 1" in _message(tmp_path, [*bad_model, "data.num_samples=0"])
+    missing = ["data=text", "data.source.path=/no/such/file.txt"]
+    assert "matches no file" in _message(tmp_path, [*bad_model, *missing])
+
+
+@pytest.mark.xdist_group("subprocess")
+def test_hydra_errors_exit_2_in_one_line_and_leave_no_folder(tmp_path):
+    for args in (["recipe=nvfp4_nonexistent"], ["model=tiny_llama", "data.num_samples=0"]):
+        r = _cli(tmp_path, *args)
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("nvfp4cal: error:"), r.stderr[-2000:]
+        assert not (tmp_path / "run").exists()  # Hydra's run directory held only .hydra: removed

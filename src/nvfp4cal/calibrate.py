@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -24,8 +27,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -124,6 +133,7 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     export.check_targets()  # before any work
     if cfg.report.objective not in OBJECTIVES:
         raise UserError(f"report.objective={cfg.report.objective!r} unknown; use one of {list(OBJECTIVES)}")
+    data = calibration_data(cfg, None, source)  # the texts are read (a missing file fails) before the model loads
     trainer = build_trainer(cfg)
     device, holds = trainer.strategy.root_device, holding(trainer.strategy)
     with stage(stages, "load"):
@@ -156,7 +166,7 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
         raise UserError(f"recipe {recipe.name} matches no quantizable module of {loaded.name}; check its rules")
     with stage(stages, "plan"):
         export.check_model(loaded.model)  # a layout that cannot hold this model fails now, not after calibration
-    data = calibration_data(cfg, loaded.tokenizer, source)
+    data.tokenizer = loaded.tokenizer  # known once the model is loaded
     with stage(stages, "data"):
         data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
     eval_batches = data.eval_dataloader if cfg.report.perplexity else None
@@ -316,9 +326,52 @@ if not OmegaConf.has_resolver("nvfp4cal_launch_id"):
     OmegaConf.register_new_resolver("nvfp4cal_launch_id", launch_id, use_cache=True)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://nvfp4cal.conf", config_name="calibrate")
-def main(cfg: DictConfig) -> float | None:
+def _nearest(word: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f"nearest: {', '.join(near)}" if near else f"valid: {', '.join(choices)}"
 
+
+def check_overrides(argv: list[str]) -> str | None:
+    """Before Hydra starts (no run directory yet): compose the config with the user's overrides; an
+    unknown option or key is one line naming what was typed and the nearest valid names (None: fine, or
+    a command Hydra handles itself: ``--help``, ``-m``, ``hydra.searchpath``)."""
+    if any(a.startswith("-") or a.lstrip("+~").startswith("hydra.searchpath") for a in argv):
+        return None  # Hydra's own flags; options kept outside the package
+    argv = [a for a in argv if not a.lstrip("+~").startswith("hydra")]  # hydra.run.dir=...: Hydra's
+    try:
+        with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
+            compose(config_name="calibrate", overrides=argv)
+            return None
+    except MissingConfigException as err:  # group=option with no such option
+        group, _, option = str(err.missing_cfg_file or "").partition("/")
+        if err.options:
+            return f"{group}={option}: no such option; {_nearest(option, sorted(err.options))}"
+        return str(err).splitlines()[0]
+    except OverrideParseException as err:
+        return f"cannot parse the override: {str(err).splitlines()[0]}"
+    except ConfigCompositionException as err:
+        m = re.search(r"Could not override '([^']+)'", str(err))
+        if m is None:
+            cause = err.__cause__ or err
+            return str(cause).splitlines()[0]
+        key = m.group(1)
+        typed = next((a for a in argv if a.split("=", 1)[0].lstrip("+") == key), key)
+        parent, _, leaf = key.rpartition(".")
+        choices = [a for a in argv if "=" in a and "." not in a.split("=", 1)[0]]  # group=option only
+        with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
+            node = OmegaConf.select(compose(config_name="calibrate", overrides=choices), parent) if parent else None
+        if not isinstance(node, DictConfig):
+            return f"{typed}: no such key (a new key needs a leading +)"
+        keys = [k for k in node.keys() if isinstance(k, str) and not k.startswith("_")]
+        near = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.5)
+        hint = (
+            f"nearest: {', '.join(f'{parent}.{k}' for k in near)}" if near else f"keys of {parent}: {', '.join(keys)}"
+        )
+        return f"{typed}: no such key; {hint} (a new key needs a leading +)"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://nvfp4cal.conf", config_name="calibrate")
+def _hydra_main(cfg: DictConfig) -> float | None:
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[nvfp4cal] %(message)s"))
@@ -326,11 +379,11 @@ def main(cfg: DictConfig) -> float | None:
         log.setLevel(logging.INFO)
         log.propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with stop_on_signals():
-            return run(cfg, HydraConfig.get().runtime.output_dir, explicit=HydraConfig.get().overrides.task).report[
-                "objective"
-            ]["value"]
+            result = run(cfg, run_dir, explicit=HydraConfig.get().overrides.task)
+            return result.report["objective"]["value"]
     except RunStopped as err:
         print(f"nvfp4cal: {stop_message(err, cfg)}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
@@ -338,8 +391,32 @@ def main(cfg: DictConfig) -> float | None:
         msg = _user_error(err)
         if msg is None:
             raise
+        print(f"nvfp4cal: error: {msg}{remove_empty_run_dir(run_dir)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def remove_empty_run_dir(run_dir: Path) -> str:
+    """A run that failed before writing anything leaves no ``outputs/DATE/TIME`` folder (Hydra made it and
+    put only ``.hydra`` in it); otherwise the message names it."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
+            shutil.rmtree(run_dir)
+            parent = run_dir.parent
+            if parent.is_dir() and not any(parent.iterdir()):  # outputs/DATE, made for this run only
+                parent.rmdir()
+            return ""
+    except OSError:
+        pass
+    return f" (run directory: {run_dir})" if run_dir.is_dir() else ""
+
+
+def main() -> float | None:
+    """``nvfp4cal-calibrate`` / ``python -m nvfp4cal.calibrate``: overrides checked, then Hydra runs."""
+    msg = check_overrides(sys.argv[1:])
+    if msg is not None:
         print(f"nvfp4cal: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
+    return _hydra_main()
 
 
 if __name__ == "__main__":

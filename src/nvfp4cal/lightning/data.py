@@ -50,8 +50,8 @@ def _shares(total: int, weights: list[float]) -> list[int]:
 class CalibrationData(L.LightningDataModule):
     """Calibration batches for ``Trainer.validate`` and a held-out split for evaluation.
 
-    Built from the ``data`` group through ``_target_``; the model's tokenizer is passed when it is
-    built (``instantiate(cfg.data, tokenizer=...)``), as it is known only once the model is loaded.
+    Built from the ``data`` group through ``_target_`` before the model loads (so that a missing file or
+    a bad count fails at once); the model's tokenizer is set (``data.tokenizer = ...``) once it is known.
     ``source``: one data set (a ``text`` column, or ``messages`` with ``chat_template=True``: each row
     rendered with the tokenizer's chat template). ``sources``: several, ``[{name, weight, source}]``,
     mixed by weight: each is packed on its own and gives its share of the calibration and held-out
