@@ -125,3 +125,15 @@ def test_a_model_held_in_memory_runs_layer_by_layer(tmp_path):
     wq = dict(whole.model.named_buffers())
     for n, t in lw.model.named_buffers():
         assert torch.equal(t, wq[n]), n
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
+def test_layerwise_runs_report_the_perplexity_the_whole_model_does(tmp_path, model):
+    """Streamed layer by layer, the held-out perplexities of the original and the quantized model are the
+    whole-model run's (unquantized propagation: the same checkpoint)."""
+    args = [f"model={model}", "recipe=nvfp4_mse", *SMALL, "+model.init=per_param"]
+    whole = run_calibrate(tmp_path / "whole", args).report["perplexity"]
+    lw = run_calibrate(tmp_path / "lw", [*args, "calibration=layerwise"]).report["perplexity"]
+    assert set(lw) == {"original", "quantized"}
+    for k in lw:
+        assert lw[k] == pytest.approx(whole[k], rel=1e-5), k

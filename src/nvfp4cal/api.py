@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .calibrate import RunResult, run
+from .calibrate import RunResult, quiet_libraries, run
 from .checkpoint.check import Verdict
 from .checkpoint.check import verify as _verify
 from .checkpoint.targets import export_model
@@ -118,6 +118,7 @@ def quantize(
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     loaded = LoadedModel(model, tokenizer, Path(str(name)).name or type(model).__name__)
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="nvfp4cal-run-"))
+    quiet_libraries()
     return run(cfg, run_dir, loaded=loaded, recipe=recipe_obj, source=source, explicit=list(overrides))
 
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from importlib.resources import files
@@ -43,6 +44,7 @@ from .evaluation.metrics import current_stage, stage
 from .evaluation.report import OBJECTIVES, objective, print_summary, versions, write_report
 from .lightning.callback import PostCalibration
 from .lightning.module import CalibrationModule, holding
+from .lightning.progress import CalibrationProgress
 from .model.insert import insert_quantizers
 from .model.loaders import fill_from_memory, upcast_for_cpu
 from .model.sweep import warm_up
@@ -136,6 +138,7 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     data = calibration_data(cfg, None, source)  # the texts are read (a missing file fails) before the model loads
     trainer = build_trainer(cfg)
     device, holds = trainer.strategy.root_device, holding(trainer.strategy)
+    given_recipe = recipe
     with stage(stages, "load"):
         recipe = recipe if recipe is not None else build(cfg.recipe, "recipe")
         if "NVFP4CAL_KERNEL" in env:  # recorded in the report's environment
@@ -157,7 +160,8 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
         if loaded is None:
             loaded = build(cfg.model, "model", **extra)
     with stage(stages, "insert", next(loaded.model.parameters()).device):
-        plan = insert_quantizers(loaded.model, recipe)
+        shipped = given_recipe is None and not any(k.startswith("recipe.") for k in explicit)
+        plan = insert_quantizers(loaded.model, recipe, shipped=shipped)
     counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(plan.formats.values()).items()))
     log.info("recipe %s quantizes %d weights (%s):\n%s", recipe.name, len(plan.quantized), counts, plan.summary())
     if plan.kv_cache:
@@ -177,9 +181,6 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
         fingerprint = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "recipe", "data")}
         fingerprint["calibration.propagate"] = calibration.propagate
         schedule = calibration.schedule(recipe.algorithm, fill=fill, fingerprint=fingerprint, held=held)
-        if eval_batches is not None and trainer.is_global_zero:
-            log.info("calibration=layerwise: held-out perplexity is not measured (the weight SQNR is)")
-        eval_batches = None
     else:
         dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
         schedule = calibration.schedule(recipe.algorithm)
@@ -187,8 +188,9 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
 
 
 def build_trainer(cfg: DictConfig):
+    bar = [CalibrationProgress()] if cfg.trainer.get("enable_progress_bar", True) else []  # labelled "Calibration"
     try:
-        return build(cfg.trainer, "trainer")
+        return build(cfg.trainer, "trainer", callbacks=bar)
     except Exception as err:  # Lightning's own checks of accelerator, devices, strategy
         if isinstance(err, (UserError, RunStopped)):
             raise
@@ -217,7 +219,8 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
         (run_dir / "quantized_modules.json").write_text(json.dumps(vars(b.plan), indent=2))
     results = Results()
     post = PostCalibration(lambda ctx: post_calibration(ctx, b.recipe.algorithm, b.export, b.loaded.tokenizer,
-                                                        b.eval_batches, b.dtypes, b.loaded.source_format),
+                                                        b.eval_batches, b.dtypes, b.loaded.source_format,
+                                                        b.schedule.perplexities),
                            results)  # fmt: skip
     b.trainer.callbacks.append(post)
     try:
@@ -378,7 +381,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    quiet_libraries()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with stop_on_signals():
@@ -393,6 +396,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"nvfp4cal: error: {msg}{remove_empty_run_dir(run_dir)}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """What the libraries print that says nothing about this run: Lightning's accelerator lines and
+    logger advertisement, its pytree deprecation warning, matplotlib's first-run font cache note."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def remove_empty_run_dir(run_dir: Path) -> str:

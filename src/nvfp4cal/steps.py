@@ -72,6 +72,17 @@ class Perplexity(Step):
             run.results.perplexity[label] = perplexity(unit.module, self.batches(), mode)
 
 
+class StreamedPerplexity(Step):
+    """Held-out perplexity of the original and the quantized model computed by the schedule (layer by
+    layer: ``measure(model, batches, ctx) -> {"original": ..., "quantized": ...}``)."""
+
+    def __init__(self, name: str, batches: Callable, measure: Callable):
+        self.name, self.batches, self.measure = name, batches, measure
+
+    def run(self, unit, inputs, run):
+        run.results.perplexity.update(self.measure(unit.module, self.batches(), run.ctx))
+
+
 class AlgorithmStep(Step):
     """The algorithm's ``after`` hook on the calibrated unit, with the unit's calibration inputs."""
 
@@ -129,10 +140,15 @@ def post_calibration(
     eval_batches: Callable | None = None,
     dtypes: dict[str, torch.dtype] | None = None,
     source_format: dict | None = None,
+    streamed: Callable | None = None,
 ) -> StepPlan:
     """The steps of this run, in order. Perplexity is measured on global rank 0 of a run that holds
-    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given (the
-    whole-model schedule; a layer-by-layer run passes None)."""
+    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given; ``streamed``:
+    the schedule measures it (layer by layer, after the export; the max-calibrated model is not kept)."""
+    if streamed is not None and eval_batches is not None and ctx.rank0:
+        once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format),
+                            StreamedPerplexity("evaluate", eval_batches, streamed)]  # fmt: skip
+        return StepPlan([Bootstrap(), Measure("measure", "max"), AlgorithmStep(algorithm)], once)
     evaluate = eval_batches is not None and ctx.rank0 and not ctx.sharded
     if eval_batches is not None and ctx.sharded and ctx.rank0:
         log.info("trainer=fsdp: held-out perplexity is not measured (the weight SQNR is)")

@@ -51,16 +51,18 @@ def quantizable_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return out
 
 
-def insert_quantizers(model: nn.Module, recipe: Selection) -> QuantPlan:
+def insert_quantizers(model: nn.Module, recipe: Selection, shipped: bool = False) -> QuantPlan:
     """Convert matching modules in place (``recipe``: a Recipe, or any :class:`~nvfp4cal.model.rules.Selection`);
-    weights are max-calibrated right away. What an algorithm observes beyond the amaxes (input Hessians)
+    weights are max-calibrated right away. ``shipped``: a recipe as the package ships it (its patterns
+    that match nothing in this model are logged at debug level, not as a warning). What an algorithm observes beyond the amaxes (input Hessians)
     is switched on when its unit is calibrated (:func:`nvfp4cal.calibration.begin_unit`)."""
     check_finite(model)
     plan = QuantPlan()
     names = quantizable_names(model)
     plan.unused_patterns = [r.pattern for r in recipe.unused_rules(list(names))]
-    if plan.unused_patterns:
-        log.warning("recipe %s: rule pattern(s) %s match no module of this model", recipe.name, plan.unused_patterns)
+    if plan.unused_patterns:  # a shipped recipe covers every family: its patterns missing a model is normal
+        log.log(logging.DEBUG if shipped else logging.WARNING, "recipe %s: rule pattern(s) %s match no module of "
+                "this model", recipe.name, plan.unused_patterns)  # fmt: skip
 
     fused: dict[str, dict[str, bool]] = {}
     for name, (kind, m) in names.items():
