@@ -66,7 +66,9 @@ def test_algorithm_keys_belong_to_their_method():
         RecipeError, match=r"unknown key\(s\) \['scales'\].*method mse.*valid keys: \['method', 'kernel'\]"
     ):
         build_algorithm("r", {"method": "mse", "scales": "max"})
-    with pytest.raises(RecipeError, match=r"method='awq' unknown; valid: \['max', 'mse', 'hessian_mse', 'gptq'\]"):
+    with pytest.raises(
+        RecipeError, match=r"method='awq' unknown; valid: \['max', 'mse', 'imatrix_mse', 'hessian_mse', 'gptq'\]"
+    ):
         build_algorithm("r", {"method": "awq"})
 
 

@@ -145,3 +145,17 @@ def test_hessians_enabled_on_the_cpu_accumulate_on_the_gpu():
         q.observe(x)
         assert q.hessian.device.type == "cuda"
         assert q.block_hessians([0]).shape == (1, 2, 16, 16)
+
+
+def test_pipeline_default_recipe_on_cuda(tmp_path):
+    """The default recipe (experts-only imatrix sweep) on the GPU: its weighted sweep runs on CUDA tensors,
+    experts that got no token take the plain Triton kernel's choices; the checkpoint verifies."""
+    from nvfp4cal.checkpoint.check import verify
+
+    res = run_calibrate(tmp_path, [*_mixtral_576(layers=2), "model.config.num_local_experts=16"])
+    sweep = res.report["sweep"]
+    assert sweep["method"] == "imatrix_mse" and "imatrix_reference" in sweep["kernel"]
+    assert ("triton" in sweep["kernel"]) == bool(sweep["fallback"])
+    assert verify(tmp_path / "ckpt").ok
+    ppl = res.report["perplexity"]
+    assert ppl["quantized"] < float("inf")

@@ -177,15 +177,19 @@ def _near_tie_or_equal(w, g, h, got, want):
 
 
 def test_triton_kernel_matches_the_reference():
-    """Interpreter (CPU): the kernel's choices equal the reference's, all experts in one launch."""
+    """The kernel's choices equal the reference's, all experts in one launch (the interpreter on CPU; the
+    compiled kernel on CUDA tensors with NVFP4CAL_GPU_TESTS=1)."""
+    import os
+
     from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
 
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     w = torch.stack([_weight("normal", 32, 32), _weight("heavy", 32, 32, seed=2)])
     g = w.abs().flatten(1).amax(-1)
     g[1] *= 3  # experts with different global amaxes
     h = torch.stack([_correlated_hessian(32, seed=5), _correlated_hessian(32, seed=6)])
-    got = hessian_amax_triton(w, g, h)
+    got = hessian_amax_triton(w.to(dev), g.to(dev), h.to(dev)).cpu()
     for e in range(2):
         want = hessian.hessian_amax_reference(w[e], g[e], h[e]).reshape(32, -1)
         assert _near_tie_or_equal(w[e], g[e], h[e], got[e], want) <= 1
-    assert (hessian_amax_triton(w, torch.zeros(2), h) == 0).all()
+    assert (hessian_amax_triton(w.to(dev), torch.zeros(2, device=dev), h.to(dev)) == 0).all()

@@ -52,7 +52,7 @@ def begin_unit(unit: Unit, algorithm: Algorithm, ctx: RunContext) -> None:
         share_global_amax(unit.module)
     algorithm.before(unit, ctx)
     if algorithm.hessian is not None:
-        enable_hessians(unit.module, full=algorithm.hessian == "full")
+        enable_hessians(unit.module, kind=algorithm.hessian)
     set_mode(unit.module, "calib")
 
 

@@ -10,9 +10,10 @@ from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
 from .fp8_sweep import Fp8Sweep
 from .gptq import Gptq
 from .hessian_sweep import HessianSweep
+from .imatrix_sweep import ImatrixSweep
 from .max import Max
 
-METHODS: dict[str, type[Algorithm]] = {a.method: a for a in (Max, Fp8Sweep, HessianSweep, Gptq)}
+METHODS: dict[str, type[Algorithm]] = {a.method: a for a in (Max, Fp8Sweep, ImatrixSweep, HessianSweep, Gptq)}
 
 __all__ = ["METHODS", "Algorithm", "Max", "AlgorithmError", "Needs", "Unit", "UnitInputs", "UnitRun", "build_algorithm"]
 

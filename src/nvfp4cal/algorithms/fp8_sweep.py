@@ -27,6 +27,7 @@ class Fp8Sweep(Algorithm):
     Params = SweepParams
     refines = True
     weighted = False  # the Hessian-weighted sweep sets it
+    diag = False  # the imatrix sweep sets it
 
     @property
     def kernel(self) -> str:
@@ -37,6 +38,6 @@ class Fp8Sweep(Algorithm):
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         with run.stage("sweep"):
-            summary = mse_sweep(unit.module, run.ctx, self.kernel, hessian=self.weighted)
+            summary = mse_sweep(unit.module, run.ctx, self.kernel, hessian=self.weighted, diag=self.diag)
             run.results.add("sweep", SweepSummary(**summary))
         run.measure("measure_mse", "mse", unit)

@@ -110,18 +110,25 @@ def insert_quantizers(model: nn.Module, recipe: Selection, shipped: bool = False
     return plan
 
 
-def enable_hessians(model: nn.Module, full: bool = False) -> None:
-    """Every NVFP4 weight's input quantizer accumulates input Hessians during calibration: per block of
-    16 channels, or (``full``, GPTQ) over all input channels; per expert for fused experts, from its
-    routed tokens only."""
+HESSIANS = ("block", "full", "diag")
+
+
+def enable_hessians(model: nn.Module, full: bool = False, kind: str | None = None) -> None:
+    """Every NVFP4 weight's input quantizer accumulates input Hessians during calibration (``kind``):
+    ``block`` per block of 16 channels, ``full`` over all input channels (GPTQ; also ``full=True``) or
+    ``diag`` its diagonal (the imatrix sweep); per expert for fused experts, from its routed tokens only."""
+    kind = kind or ("full" if full else "block")
+    if kind not in HESSIANS:
+        raise ValueError(f"Hessian kind {kind!r}; valid: {HESSIANS}")
+    opts = {"full": kind == "full", "diag": kind == "diag"}
     for m in model.modules():
         if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, WeightQuantizer):
-            m.input_quantizer.enable_hessian(m.in_features, full)
+            m.input_quantizer.enable_hessian(m.in_features, **opts)
         elif isinstance(m, experts_mod.QuantExpertsMixin):
             if m.gate_up_weight is not None:
-                m.gate_up_input.enable_hessian(m.logical_weight(m.first_proj).shape[-1], full)
+                m.gate_up_input.enable_hessian(m.logical_weight(m.first_proj).shape[-1], **opts)
             if m.down_weight is not None:
-                m.down_input.enable_hessian(m.logical_weight("down_proj").shape[-1], full)
+                m.down_input.enable_hessian(m.logical_weight("down_proj").shape[-1], **opts)
 
 
 def check_quantized(model: nn.Module, names: list[str]) -> None:

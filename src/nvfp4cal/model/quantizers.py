@@ -57,13 +57,18 @@ class InputQuantizer(nn.Module):
         # sweep) or whole [n, in, in] (fp32 sums, GPTQ), one per expert for fused experts
         self.hessian: torch.Tensor | None = None
         self.full_hessian = False
+        self.diag_hessian = False  # [n, in]: sum_t x_i^2 per input channel
 
-    def enable_hessian(self, in_features: int, full: bool = False) -> None:
+    def enable_hessian(self, in_features: int, full: bool = False, diag: bool = False) -> None:
         """Accumulate ``sum_t x_b x_b^T`` per block of 16 input channels (``full``: ``sum_t x x^T`` over all
-        input channels, for GPTQ) during calibration (see hessian.py, gptq.py)."""
+        input channels, for GPTQ; ``diag``: only its diagonal ``sum_t x_i^2`` per channel, for the imatrix
+        sweep) during calibration (see hessian.py, gptq.py, mse.py)."""
         if self.hessian is None:
             n, dev = self.amax.numel(), self.amax.device
-            self.full_hessian = full
+            self.full_hessian, self.diag_hessian = full, diag and not full
+            if self.diag_hessian:
+                self.hessian = torch.zeros((n, in_features), dtype=torch.float64, device=dev)
+                return
             shape = (n, in_features, in_features) if full else (n, in_features // nvfp4.BLOCK, nvfp4.BLOCK, nvfp4.BLOCK)
             self.hessian = torch.zeros(shape, dtype=torch.float32 if full else torch.float64, device=dev)
 
@@ -82,7 +87,10 @@ class InputQuantizer(nn.Module):
         moved to the GPU after the Hessians were enabled accumulates there)."""
         if self.hessian.device != x.device:
             self.hessian = self.hessian.to(x.device)
-        if self.full_hessian:
+        if self.diag_hessian:
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            self.hessian[i] += rows.square().sum(0).to(torch.float64)
+        elif self.full_hessian:
             rows = x.detach().reshape(-1, x.shape[-1]).float()
             self.hessian[i] += rows.t() @ rows
         else:

@@ -104,10 +104,48 @@ def _hessian_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tenso
     return "hessian_reference", out
 
 
+IMATRIX_FLOOR = 1e-6  # added to the normalised channel weights: a block whose inputs never fired keeps MSE
+
+
+def _diag_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, g: torch.Tensor, name: str,
+                 plain: tuple[str, SweepFn], fallback: list[str]) -> tuple[list[str], torch.Tensor]:  # fmt: skip
+    """(implementations, imatrix-weighted choices [E, blocks]): each element's squared error weighted by
+    its input channel's ``sum_t x_i^2`` (normalised to mean 1, plus ``IMATRIX_FLOOR``); experts whose
+    input saw no token keep the plain sweep's choices (``plain``: its implementation for this device,
+    Triton on a GPU) and are listed in ``fallback``."""
+    n = flat_w.shape[0]
+    first = wq.rows[0] if wq.rows is not None and wq.block_amax.dim() > 2 else 0  # this rank's experts
+    per_expert = iq.hessian.shape[0] > 1
+    out = torch.empty_like(wq.block_amax).reshape(n, -1)
+    dead, impls = [], ["imatrix_reference"]
+    for e in range(n):
+        i = first + e if per_expert else 0
+        h = iq.hessian[i].to(device=flat_w.device, dtype=torch.float32)
+        if int(iq.seen[i]) == 0 or not bool((h > 0).any()):
+            fallback.append(f"{name}[{i}]" if per_expert else name)
+            dead.append(e)
+        else:
+            out[e] = mse_amax_reference(flat_w[e], g[e], weights=h / h.mean() + IMATRIX_FLOOR)
+    if dead:
+        plain_impl, plain_fn = plain
+        impls.append(plain_impl)
+        if plain_impl == "triton":  # one launch for the dead experts of the weight
+            out[dead] = plain_fn(flat_w[dead], g[dead]).reshape(len(dead), -1)
+        else:
+            for e in dead:
+                out[e] = plain_fn(flat_w[e], g[e])
+    if len(dead) == n:
+        impls.remove("imatrix_reference")
+    return impls, out
+
+
 @torch.no_grad()
-def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: bool = False) -> dict:
+def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: bool = False,
+              diag: bool = False) -> dict:  # fmt: skip
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
 
+    ``diag=True``: each element's error weighted by its input channel's mean square activation (the
+    diagonal of the Hessian, llama.cpp's importance matrix; the torch reference on every device).
     ``hessian=True``: each block's error is weighted by its input Hessian (:mod:`nvfp4cal.numerics.hessian`,
     collected during calibration; the Triton kernel where the plain sweep would use Triton, else the
     torch reference), ``'fallback'`` lists the experts that got no token and kept the plain choices.
@@ -122,8 +160,8 @@ def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: 
     owner = [rank] * len(items) if sharded else ctx.split([wq.block_amax.numel() for _, wq, _ in items])
     mine = [it for it, r in zip(items, owner, strict=True) if r == rank]
     used, blocks, fallback = set(), 0, []
-    inputs = weight_inputs(model) if hessian else {}
-    desc = "Hessian-weighted sweep" if hessian else "MSE sweep"
+    inputs = weight_inputs(model) if hessian or diag else {}
+    desc = "Hessian-weighted sweep" if hessian else "imatrix sweep" if diag else "MSE sweep"
     for name, wq, w in tqdm(mine, desc=desc, unit="weight", disable=not ctx.progress):
         w = local(w)
         if not w.numel():  # a rank without rows of this weight
@@ -132,7 +170,11 @@ def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: 
         flat_w = w.detach().reshape(-1, *w.shape[-2:])
         g = wq.local_global_amax().reshape(-1)
         impl, fn = choose_sweep(kernel, w.device)
-        if hessian:
+        if diag:
+            impls, out = _diag_blocks(wq, inputs[name], flat_w, g, name, (impl, fn), fallback)
+            impl = impls.pop()
+            used.update(impls)
+        elif hessian:
             impl, out = _hessian_blocks(wq, inputs[name], flat_w, g, name, (impl, fn), fallback)
         elif impl == "triton":  # one launch for all experts of the weight
             out = fn(flat_w, g).reshape(flat_w.shape[0], -1)
@@ -157,6 +199,6 @@ def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: 
         if not q.full_hessian:  # a full Hessian is GPTQ's, which runs next and frees it
             q.hessian = None  # [in/16, 16, 16] per weight (and expert): free it before the export
     out = {"kernel": sorted(used), "weights": len(items), "blocks": blocks, "ranks": world}
-    if hessian:
-        out["method"], out["fallback"] = "hessian_mse", fallback
+    if hessian or diag:
+        out["method"], out["fallback"] = ("imatrix_mse" if diag else "hessian_mse"), fallback
     return out

@@ -53,18 +53,20 @@ def candidate_scales(g: torch.Tensor, device: torch.device | str = "cpu") -> tup
     return amax, div(amax, FP4_MAX)
 
 
-def block_errors(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]."""
+def block_errors(ax: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]; ``h`` [n, 16]: each
+    element's weight (``err = tree_sum(h * d * d)``), None: all ones (no multiply)."""
     sc = s.unsqueeze(-1)
     q = e2m1_round(ax.unsqueeze(1) * rdiv(1.0, sc)).mul_(sc)
     d = torch.sub(ax.unsqueeze(1), q, out=q)
-    return tree_sum(d.mul_(d))
+    d = d.mul_(d)
+    return tree_sum(d if h is None else d.mul_(h.unsqueeze(1)))
 
 
-def clip_bound(ax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def clip_bound(ax: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """Lower bound of err at scale ``s`` [n]: the clipped elements' error alone."""
     d = (ax - (FP4_MAX * s).unsqueeze(-1)).clamp_min(0.0)
-    return tree_sum(d * d)
+    return tree_sum(d * d if h is None else d * d * h)
 
 
 def brute_force_amax(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,9 @@ def brute_force_amax(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return amax_k[err.argmin(-1)]
 
 
-def _sweep_chunk(ax: torch.Tensor, amax_k: torch.Tensor, s_k: torch.Tensor) -> torch.Tensor:
+def _sweep_chunk(
+    ax: torch.Tensor, amax_k: torch.Tensor, s_k: torch.Tensor, h: torch.Tensor | None = None
+) -> torch.Tensor:
     n = ax.shape[0]
     a = ax.amax(-1)
     k_top = (a.unsqueeze(-1) * rdiv(1.0, s_k) > 3.0).sum(-1) - 1  # fl(a*r) falls as k rises
@@ -85,42 +89,55 @@ def _sweep_chunk(ax: torch.Tensor, amax_k: torch.Tensor, s_k: torch.Tensor) -> t
 
     low = k_top - WINDOW + 1 < _FIRST_WITH_HALF
     if low.any():  # near the subnormal floor: no half-scale shortcut, evaluate everything
-        err = block_errors(ax[low], s_k.expand(int(low.sum()), -1))
+        err = block_errors(ax[low], s_k.expand(int(low.sum()), -1), None if h is None else h[low])
         best_k[low] = err.argmin(-1)
     hi = (~low).nonzero().squeeze(-1)
     if hi.numel():
         axh = ax[hi]
+        hh = None if h is None else h[hi]
         ks = k_top[hi].unsqueeze(-1) + torch.arange(-WINDOW + 1, 1, device=ax.device)
-        err = block_errors(axh, s_k[ks])
+        err = block_errors(axh, s_k[ks], hh)
         best_err, pos = err.min(-1)  # first minimum = smallest k on ties
         bk = ks.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
         nxt = ks[:, 0] - 1
-        open_ = (nxt >= 0) & (clip_bound(axh, s_k[nxt.clamp_min(0)]) <= best_err)
+        open_ = (nxt >= 0) & (clip_bound(axh, s_k[nxt.clamp_min(0)], hh) <= best_err)
         while open_.any():
             idx = open_.nonzero().squeeze(-1)
             k = nxt[idx]
-            e = block_errors(axh[idx], s_k[k].unsqueeze(-1)).squeeze(-1)
+            e = block_errors(axh[idx], s_k[k].unsqueeze(-1), None if hh is None else hh[idx]).squeeze(-1)
             take = e <= best_err[idx]  # a lower k wins ties
             best_err[idx] = torch.where(take, e, best_err[idx])
             bk[idx] = torch.where(take, k, bk[idx])
             nxt[idx] = k - 1
             still = nxt[idx] >= 0
-            still &= clip_bound(axh[idx], s_k[nxt[idx].clamp_min(0)]) <= best_err[idx]
+            still &= clip_bound(axh[idx], s_k[nxt[idx].clamp_min(0)], None if hh is None else hh[idx]) <= best_err[idx]
             open_[idx] = still
         best_k[hi] = bk
     return amax_k[best_k]
 
 
-def mse_amax_reference(x: torch.Tensor, g: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def mse_amax_reference(
+    x: torch.Tensor, g: torch.Tensor, chunk: int = DEFAULT_CHUNK, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Best block amax per block of ``x`` (any float dtype, numel a multiple of 16) -> fp32 [n_blocks].
 
-    Works through ``chunk`` blocks at a time, so the extra memory stays bounded.
+    ``weights``: a non-negative fp32 weight per input channel (``[x.shape[-1]]``): the objective becomes
+    ``tree_sum(h * d * d)`` (the imatrix sweep: ``h`` the diagonal of the input Hessian). Both pruning
+    facts hold unchanged: with ``h >= 0`` an element-wise smaller error is a smaller weighted error
+    (fact 1), and the clipped elements' weighted error still bounds ``err`` from below and grows as
+    ``k`` falls (fact 2); fp32 rounding is monotone in each step. Works through ``chunk`` blocks at a
+    time, so the extra memory stays bounded.
     """
     ax = x.detach().reshape(-1, BLOCK)
+    h = None
+    if weights is not None:
+        h = weights.to(device=ax.device, dtype=torch.float32).reshape(1, -1, BLOCK)
+        h = h.expand(x.numel() // x.shape[-1], -1, -1).reshape(-1, BLOCK)
     out = torch.empty(ax.shape[0], dtype=torch.float32, device=ax.device)
     if float(g) == 0.0:
         return out.zero_()
     amax_k, s_k = candidate_scales(g, ax.device)
     for i in range(0, ax.shape[0], chunk):
-        out[i : i + chunk] = _sweep_chunk(ax[i : i + chunk].float().abs(), amax_k, s_k)
+        hc = None if h is None else h[i : i + chunk]
+        out[i : i + chunk] = _sweep_chunk(ax[i : i + chunk].float().abs(), amax_k, s_k, hc)
     return out
