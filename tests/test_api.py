@@ -102,3 +102,18 @@ def test_gptq_from_python_runs_layer_by_layer_on_the_model_given(tmp_path):
     nvfp4cal.set_mode(res.model, "quant")
     out = res.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(out).all()
+
+
+def test_a_loaded_model_keeps_its_name_and_tokenizer(tmp_path, capsys):
+    """What a loader returns goes to quantize as it is: the summary names the model as the command does."""
+    from hydra.utils import instantiate
+
+    from helpers import compose
+
+    loaded = instantiate(compose(["model=tiny_qwen3_moe"]).model, _convert_="all")
+    res = nvfp4cal.quantize(loaded, recipe="nvfp4_experts_only_imatrix_mse_fp8_cast_kv", data=TEXTS, **SIZES,
+                            overrides=QUIET)  # fmt: skip
+    assert res.report["model"] == "tiny_qwen3_moe" and res.report["sweep"]["method"] == "imatrix_mse"
+    out = capsys.readouterr()
+    assert "tiny_qwen3_moe with nvfp4_experts_only_imatrix_mse_fp8_cast_kv" in out.out
+    assert "GPU available" not in out.out + out.err and "litlogger" not in out.out + out.err

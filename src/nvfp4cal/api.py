@@ -90,7 +90,9 @@ def quantize(
     run_dir: str | Path | None = None,
     overrides: list[str] = (),
 ) -> RunResult:
-    """Calibrate ``model`` (a transformers causal LM) as the CLI does; returns its :class:`RunResult`.
+    """Calibrate ``model`` (a transformers causal LM, or a :class:`~nvfp4cal.model.loaders.LoadedModel` as
+    the loaders return it: the embedded default is ``nvfp4cal.model.upcycle.load_smollm2_moe()``) as the
+    CLI does; returns its :class:`RunResult`.
 
     ``recipe``: a shipped recipe's name, a YAML file, or a :class:`~nvfp4cal.recipe.Recipe`.
     ``data``: None (the embedded corpus), a file path or glob, a list of texts, or a ``datasets.Dataset``.
@@ -98,6 +100,8 @@ def quantize(
     ``overrides``: any further ``key=value`` of the CLI (``report.perplexity=false``, ...).
     The report goes to ``run_dir`` (a temporary directory if None) and to ``result.report``.
     """
+    if isinstance(model, LoadedModel):  # what a loader returns (nvfp4cal.model.upcycle.load_smollm2_moe(), ...)
+        loaded, tokenizer = model, tokenizer or model.tokenizer
     if tokenizer is None:
         raise UserError("quantize needs the model's tokenizer (to tokenize the calibration data)")
     recipe_overrides, recipe_obj = _recipe(recipe)
@@ -115,8 +119,9 @@ def quantize(
             *overrides,
         ]
     )
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    loaded = LoadedModel(model, tokenizer, Path(str(name)).name or type(model).__name__)
+    if not isinstance(model, LoadedModel):
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        loaded = LoadedModel(model, tokenizer, Path(str(name)).name or type(model).__name__)
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="nvfp4cal-run-"))
     quiet_libraries()
     return run(cfg, run_dir, loaded=loaded, recipe=recipe_obj, source=source, explicit=list(overrides))
