@@ -42,6 +42,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .evaluation.metrics import current_stage, stage
 from .evaluation.report import OBJECTIVES, objective, print_summary, versions, write_report
+from .evaluation.sets import CORPUS
+from .evaluation.sets import batches as eval_batches
 from .lightning.callback import PostCalibration
 from .lightning.module import CalibrationModule, holding
 from .lightning.progress import CalibrationProgress
@@ -102,7 +104,7 @@ class Built:
     data: object
     schedule: object
     dtypes: dict | None
-    eval_batches: object
+    eval_sets: dict  # evaluation set -> a callable giving its batches (empty: report.perplexity=false)
 
 
 def _calibration(cfg: DictConfig, recipe, explicit: set[str]):
@@ -136,6 +138,7 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     if cfg.report.objective not in OBJECTIVES:
         raise UserError(f"report.objective={cfg.report.objective!r} unknown; use one of {list(OBJECTIVES)}")
     data = calibration_data(cfg, None, source)  # the texts are read (a missing file fails) before the model loads
+    evals = build(cfg.eval, "eval")  # the evaluation sets' texts too
     trainer = build_trainer(cfg)
     device, holds = trainer.strategy.root_device, holding(trainer.strategy)
     given_recipe = recipe
@@ -173,7 +176,11 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     data.tokenizer = loaded.tokenizer  # known once the model is loaded
     with stage(stages, "data"):
         data.setup("validate")  # tokenize, pack and split (Trainer.validate would do it, untimed)
-    eval_batches = data.eval_dataloader if cfg.report.perplexity else None
+    eval_sets = {}
+    if cfg.report.perplexity:
+        eval_sets[CORPUS] = data.eval_dataloader
+        for name, rows in evals.tokenized(loaded.tokenizer).items():
+            eval_sets[name] = lambda rows=rows: eval_batches(rows, data.batch_size)
     if calibration.layerwise:
         dtypes = {n: t.dtype for n, t in loaded.model.state_dict().items() if t.is_floating_point()}
         held = loaded.fill is None  # a model in memory: read layer by layer from there
@@ -184,7 +191,7 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     else:
         dtypes = upcast_for_cpu(loaded.model) if device.type == "cpu" else None
         schedule = calibration.schedule(recipe.algorithm)
-    return Built(export, trainer, recipe, calibration, loaded, plan, data, schedule, dtypes, eval_batches)
+    return Built(export, trainer, recipe, calibration, loaded, plan, data, schedule, dtypes, eval_sets)
 
 
 def build_trainer(cfg: DictConfig):
@@ -219,8 +226,8 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
         (run_dir / "quantized_modules.json").write_text(json.dumps(vars(b.plan), indent=2))
     results = Results()
     post = PostCalibration(lambda ctx: post_calibration(ctx, b.recipe.algorithm, b.export, b.loaded.tokenizer,
-                                                        b.eval_batches, b.dtypes, b.loaded.source_format,
-                                                        b.schedule.perplexities),
+                                                        b.eval_sets, b.dtypes, b.loaded.source_format,
+                                                        b.schedule.evaluate),
                            results)  # fmt: skip
     b.trainer.callbacks.append(post)
     try:

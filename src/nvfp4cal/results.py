@@ -78,7 +78,9 @@ class Results:
     weights: dict[str, dict] = field(default_factory=dict)  # weight -> {"max": errors, "mse": errors, ...}
     sections: dict[str, SweepSummary | GptqSummary] = field(default_factory=dict)  # algorithms' summaries
     exports: list[dict] = field(default_factory=list)
-    perplexity: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)  # the corpus's held-out rows (top line)
+    max_perplexity: dict[str, float] = field(default_factory=dict)  # evaluation set -> the max-calibrated ppl
+    evaluation: dict[str, dict] = field(default_factory=dict)  # evaluation set -> compare.Comparison.result()
     sharding: dict | None = None  # trainer=fsdp: what each rank holds
     gpu_peak_gib_per_rank: list[float] | None = None  # several GPUs: each rank's highest stage peak
 
@@ -103,6 +105,8 @@ class Results:
     def as_dict(self) -> dict:
         out = {"experts": self.experts, "weights": self.weights, "exports": self.exports}
         out["perplexity"] = self.perplexity
+        if self.evaluation:
+            out["evaluation"] = self.evaluation
         for key, s in self.sections.items():
             out[key] = s.as_dict()
         for key in ("sharding", "gpu_peak_gib_per_rank"):

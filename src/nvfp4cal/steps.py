@@ -17,7 +17,9 @@ import torch
 
 from .algorithms import Algorithm, Unit, UnitInputs, UnitRun
 from .checkpoint.targets import Export, early_writers, export_checkpoints
+from .evaluation.compare import compare
 from .evaluation.metrics import perplexity
+from .evaluation.sets import CORPUS
 from .model.bootstrap import bootstrap_dead_experts, check_inputs_calibrated
 from .numerics.comm import RunContext
 
@@ -61,26 +63,41 @@ class Measure(Step):
         run.measure(self.name, self.key, unit)
 
 
-class Perplexity(Step):
-    """Held-out perplexity with the quantizers in each of ``modes`` (``results.perplexity[label]``)."""
-
-    def __init__(self, name: str, batches: Callable, modes: dict[str, str]):
-        self.name, self.batches, self.modes = name, batches, modes
-
-    def run(self, unit, inputs, run):
-        for label, mode in self.modes.items():
-            run.results.perplexity[label] = perplexity(unit.module, self.batches(), mode)
+EvalSets = dict  # set name -> a callable giving its batches ({"input_ids": [b, t]})
 
 
-class StreamedPerplexity(Step):
-    """Held-out perplexity of the original and the quantized model computed by the schedule (layer by
-    layer: ``measure(model, batches, ctx) -> {"original": ..., "quantized": ...}``)."""
+class MaxPerplexity(Step):
+    """Perplexity of the max-calibrated model on every evaluation set (``results.max_perplexity[set]``),
+    before the algorithm changes anything."""
 
-    def __init__(self, name: str, batches: Callable, measure: Callable):
-        self.name, self.batches, self.measure = name, batches, measure
+    name = "perplexity_max"
+
+    def __init__(self, sets: EvalSets):
+        self.sets = sets
 
     def run(self, unit, inputs, run):
-        run.results.perplexity.update(self.measure(unit.module, self.batches(), run.ctx))
+        for name, batches in self.sets.items():
+            run.results.max_perplexity[name] = perplexity(unit.module, batches(), "quant")
+
+
+class Evaluate(Step):
+    """The quantized model against the original on every evaluation set (:mod:`nvfp4cal.evaluation.compare`):
+    on the whole model, or through the schedule (``streamed(model, sets, ctx)``: layer by layer)."""
+
+    name = "evaluate"
+
+    def __init__(self, sets: EvalSets, streamed: Callable | None = None):
+        self.sets, self.streamed = sets, streamed
+
+    def run(self, unit, inputs, run):
+        if self.streamed is not None:
+            found = self.streamed(unit.module, self.sets, run.ctx)
+        else:
+            found = {name: compare(unit.module, batches()) for name, batches in self.sets.items()}
+        ev = {n: c.result(run.results.max_perplexity.get(n)) for n, c in found.items()}
+        run.results.evaluation = ev
+        if CORPUS in ev:  # the report's top-line perplexities: the corpus's held-out rows
+            run.results.perplexity.update(ev[CORPUS]["perplexity"])
 
 
 class AlgorithmStep(Step):
@@ -137,26 +154,25 @@ def post_calibration(
     algorithm: Algorithm,
     export: Export,
     tokenizer=None,
-    eval_batches: Callable | None = None,
+    eval_sets: EvalSets | None = None,
     dtypes: dict[str, torch.dtype] | None = None,
     source_format: dict | None = None,
     streamed: Callable | None = None,
 ) -> StepPlan:
-    """The steps of this run, in order. Perplexity is measured on global rank 0 of a run that holds
-    whole weights, when ``eval_batches`` (a callable giving the held-out batches) is given; ``streamed``:
-    the schedule measures it (layer by layer, after the export; the max-calibrated model is not kept)."""
-    if streamed is not None and eval_batches is not None and ctx.rank0:
-        once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format),
-                            StreamedPerplexity("evaluate", eval_batches, streamed)]  # fmt: skip
+    """The steps of this run, in order. The evaluation sets (``eval_sets``: name -> a callable giving its
+    batches) are scored on global rank 0 of a run that holds whole weights; ``streamed``: the schedule
+    scores them (layer by layer, after the export; the max-calibrated model is not kept there)."""
+    if streamed is not None and eval_sets and ctx.rank0:
+        once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format), Evaluate(eval_sets, streamed)]
         return StepPlan([Bootstrap(), Measure("measure", "max"), AlgorithmStep(algorithm)], once)
-    evaluate = eval_batches is not None and ctx.rank0 and not ctx.sharded
-    if eval_batches is not None and ctx.sharded and ctx.rank0:
-        log.info("trainer=fsdp: held-out perplexity is not measured (the weight SQNR is)")
+    evaluate = bool(eval_sets) and ctx.rank0 and not ctx.sharded
+    if eval_sets and ctx.sharded and ctx.rank0:
+        log.info("trainer=fsdp: the evaluation sets are not scored (the weight SQNR is)")
     per_unit: list[Step] = [Bootstrap(), Measure("measure", "max")]
     if algorithm.refines and evaluate:
-        per_unit.append(Perplexity("perplexity_max", eval_batches, {"max_calibrated": "quant"}))
+        per_unit.append(MaxPerplexity(eval_sets))
     per_unit.append(AlgorithmStep(algorithm))
     once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format)]
     if evaluate:
-        once.append(Perplexity("evaluate", eval_batches, {"original": "off", "quantized": "quant"}))
+        once.append(Evaluate(eval_sets))
     return StepPlan(per_unit, once, keep=evaluate)

@@ -10,6 +10,8 @@ import glob
 import os
 from pathlib import Path
 
+import torch
+
 from .numerics.errors import RunStopped, UserError
 
 _LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -77,3 +79,47 @@ def hub_texts(
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line
         raise DataError(f"cannot load {name} from the hub: {str(err).splitlines()[0]}") from err
     return _column(ds, text_field, messages, name)
+
+
+def pack(texts: list[str], tokenizer, seq_len: int, max_rows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Token ids of all texts joined by EOS, cut into [n, seq_len] (the ragged tail is dropped), and
+    what packing did: texts, tokens, samples, tokens dropped, texts longer than one sample.
+    ``max_rows``: stop reading texts once that many rows are full (the first rows are the same)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    used = longer = 0
+    for t in texts:
+        if t and t.strip():
+            piece = tokenizer(t, add_special_tokens=False).input_ids
+            ids.extend(piece)
+            used += 1
+            longer += len(piece) + (eos is not None) > seq_len
+            if eos is not None:
+                ids.append(eos)
+            if max_rows is not None and len(ids) >= max_rows * seq_len:
+                break
+    n = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, max_rows)
+    stats = {"texts": used, "tokens": len(ids), "samples": n, "tokens_dropped": len(ids) - n * seq_len,
+             "texts_split_across_samples": longer}  # fmt: skip
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len), stats
+
+
+# stdlib modules whose source is the embedded "code" evaluation set (ships with every Python)
+CODE_MODULES = ("argparse", "calendar", "difflib", "fractions", "heapq", "pprint", "shlex", "statistics",
+                "string", "textwrap")  # fmt: skip
+
+
+def python_code_texts(modules: list[str] | tuple[str, ...] = CODE_MODULES):
+    """Python source code that no calibration corpus here contains: the files of a few standard-library
+    modules (an evaluation set of another kind of text than the embedded prose corpus; nothing to download)."""
+    import importlib.util
+
+    import datasets
+
+    texts = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            raise DataError(f"python_code_texts: no Python source for module {name!r}")
+        texts.append(Path(spec.origin).read_text(encoding="utf-8"))
+    return datasets.Dataset.from_dict({"text": texts})

@@ -36,6 +36,30 @@ def worst_modules(report: dict, n: int = 10) -> list[tuple[str, float, float | N
     return sorted(rows, key=lambda r: r[1])[:n]
 
 
+def worse_than_max(report: dict) -> list[str]:
+    """The evaluation sets where the quantized model scores worse than max calibration (one line each)."""
+    out = []
+    for name, e in (report.get("evaluation") or {}).items():
+        p = e.get("perplexity", {})
+        if "max_calibrated" in p and p["quantized"] > p["max_calibrated"]:
+            out.append(f"{report['recipe']} is worse than max calibration on {name}: perplexity "
+                       f"{p['quantized']:.3f} > {p['max_calibrated']:.3f}")  # fmt: skip
+    return out
+
+
+def eval_lines(report: dict) -> list[str]:
+    """One console line per evaluation set."""
+    lines = []
+    for name, e in (report.get("evaluation") or {}).items():
+        p = e["perplexity"]
+        chain = " -> ".join(f"{p[k]:.2f}" for k in ("original", "max_calibrated", "quantized") if k in p)
+        share = e.get("share_of_max_increase_removed")
+        removed = f" ({share:.0%} of max's increase removed)" if share is not None else ""
+        lines.append(f"  eval {name:<6}: ppl {chain}{removed}; KL mean {e['kl_mean']:.4g} p99 {e['kl_p99']:.4g}, "
+                     f"top-1 {e['top1_agreement']:.1%} ({e['tokens']} tokens)")  # fmt: skip
+    return lines
+
+
 def markdown(report: dict) -> str:
     ppl = report.get("perplexity", {})
     lines = [f"# nvfp4cal report: {report['model']} with {report['recipe']}", ""]
@@ -52,6 +76,17 @@ def markdown(report: dict) -> str:
     lines.append(f"| dead experts | {sum(len(e) for _, e in dead)} in {len(dead)} layers |")
     for e in report.get("exports", [report.get("export", {})]):
         lines.append(f"| checkpoint ({e.get('format', 'modelopt')}) | `{e.get('dir')}` |")
+    if report.get("evaluation"):
+        lines += ["", "## Evaluation sets (the quantized model against the original)", "",
+                  "| set | tokens | ppl original | ppl max | ppl quantized | max's increase removed | KL mean | "
+                  "KL median | KL p99 | top-1 agreement | RMS Δp |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, e in report["evaluation"].items():
+            p, share = e["perplexity"], e.get("share_of_max_increase_removed")
+            mx = f"{p['max_calibrated']:.3f}" if "max_calibrated" in p else "-"
+            lines.append(f"| {name} | {e['tokens']} | {p['original']:.3f} | {mx} | {p['quantized']:.3f} | "
+                         f"{'-' if share is None else f'{share:.0%}'} | {e['kl_mean']:.4f} | {e['kl_median']:.4f} | "
+                         f"{e['kl_p99']:.3f} | {e['top1_agreement']:.1%} | {e['rms_delta_p']:.4f} |")  # fmt: skip
+        lines += [f"- **{w}**" for w in worse_than_max(report)]
     lines += ["", "## Stages", "", "| stage | seconds | peak CPU RSS GiB | peak GPU GiB |", "|---|---|---|---|"]
     for name, s in report["stages"].items():
         gpu = f"{s['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in s else "-"
@@ -163,6 +198,8 @@ def print_summary(report: dict, run_dir: Path) -> None:
         + "".join(f"\n    {m}: experts {e}" for m, e in dead[:10])
         + (f"\n    ... {len(dead) - 10} more layers" if len(dead) > 10 else ""),
         f"  perplexity : {ppl_line or 'not measured'} (held-out, {report['held_out_samples']} samples)",
+        *eval_lines(report),
+        *(f"  warning    : {w}" for w in worse_than_max(report)),
         *(
             [
                 f"  sharded    : {sh['ranks']} ranks hold "

@@ -13,29 +13,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..texts import DataError
+from ..texts import DataError, pack
 
 log = logging.getLogger("nvfp4cal")
-
-
-def pack(texts: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, dict]:
-    """Token ids of all texts joined by EOS, cut into [n, seq_len] (the ragged tail is dropped), and
-    what packing did: texts, tokens, samples, tokens dropped, texts longer than one sample."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    used = longer = 0
-    for t in texts:
-        if t and t.strip():
-            piece = tokenizer(t, add_special_tokens=False).input_ids
-            ids.extend(piece)
-            used += 1
-            longer += len(piece) + (eos is not None) > seq_len
-            if eos is not None:
-                ids.append(eos)
-    n = len(ids) // seq_len
-    stats = {"texts": used, "tokens": len(ids), "samples": n, "tokens_dropped": len(ids) - n * seq_len,
-             "texts_split_across_samples": longer}  # fmt: skip
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len), stats
 
 
 def _shares(total: int, weights: list[float]) -> list[int]:

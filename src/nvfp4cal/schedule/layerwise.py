@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 from ..algorithms import Algorithm, Unit
 from ..calibration import RunUnit, calibrate_unit, forward
 from ..checkpoint.plan import TensorSource
+from ..evaluation.compare import Comparison
 from ..model.quantizers import InputQuantizer, clear_caches, set_mode
 from ..model.view import decoder_layers
 from ..numerics.comm import RunContext
@@ -356,53 +356,53 @@ class LayerwiseSchedule:
         self.layers.append({"layer": record["layer"], "seconds": record["seconds"], "resumed": resumed})
 
     @torch.no_grad()
-    def perplexities(self, model: nn.Module, batches: Iterable[dict], ctx: RunContext) -> dict[str, float]:
-        """Held-out perplexity of the original and of the quantized model, streamed one decoder layer at a
-        time (the same bound as calibration): the batches' first-layer inputs are captured, each layer is
-        materialized twice - from the source (the original) and with its saved state and changed weights
-        (the quantized model, quant mode) - and carries both streams on; the model's head (final norm,
-        LM head) then scores each stream as the whole model would."""
+    def evaluate(self, model: nn.Module, sets: dict, ctx: RunContext) -> dict[str, Comparison]:
+        """Every evaluation set (name -> a callable giving its batches) scored for the original and the
+        quantized model, streamed one decoder layer at a time (the same bound as calibration): the
+        batches' first-layer inputs are captured, each layer is materialized twice - from the source (the
+        original) and with its saved state and changed weights (the quantized model, quant mode) - and
+        carries both streams on; the model's head (final norm, LM head) then turns each stream's last
+        hidden states into logits, compared batch by batch (:mod:`nvfp4cal.evaluation.compare`)."""
         layers = self.materializer.layers
         n, sink, saved = len(layers), {}, [layer.forward for _, layer in layers]
         for i, (_, layer) in enumerate(layers):
             layer.forward = _Recorder(i, sink).forward
-        streams = []  # per batch: ids, original hidden, quantized hidden, every layer's keyword inputs
+        streams = []  # per batch: set, ids, original hidden, quantized hidden, every layer's keyword inputs
         try:
-            for batch in batches:
-                sink.clear()
-                ids = batch["input_ids"].to(ctx.device)
-                model(input_ids=ids, use_cache=False)
-                streams.append([ids, sink["hidden"], sink["hidden"], [sink["kwargs"][i] for i in range(n)]])
+            for name, batches in sets.items():
+                for batch in batches():
+                    sink.clear()
+                    ids = batch["input_ids"].to(ctx.device)
+                    model(input_ids=ids, use_cache=False)
+                    streams.append([name, ids, sink["hidden"], sink["hidden"], [sink["kwargs"][i] for i in range(n)]])
         finally:
             for (_, layer), fwd in zip(layers, saved, strict=True):
                 layer.forward = fwd
-        for i, (_, layer) in enumerate(layers):
-            for slot, state, mode in ((1, None, "off"), (2, self.state.load(i), "quant")):
+        for i in range(n):
+            for slot, state, mode in ((2, None, "off"), (3, self.state.load(i), "quant")):
                 layer = self.materializer.enter(i, state)
                 set_mode(layer, mode)
                 for s in streams:
-                    s[slot] = layer(s[slot], **s[3][i])
+                    s[slot] = layer(s[slot], **s[4][i])
                 set_mode(layer, "off")
                 self.materializer.leave(i)
-        out = {}
-        for label, slot, mode in (("original", 1, "off"), ("quantized", 2, "quant")):
-            total, count = 0.0, 0
-            set_mode(model, mode)  # quantized modules outside the decoder layers (an LM head a recipe quantizes)
-            try:
-                for s in streams:
+        out = {name: Comparison() for name in sets}
+        try:
+            for s in streams:
+                logits = []
+                for slot, mode in ((2, "off"), (3, "quant")):
+                    set_mode(
+                        model, mode
+                    )  # quantized modules outside the decoder layers (an LM head a recipe quantizes)
                     for i, (_, layer) in enumerate(layers):  # the head scores the stream's last hidden states
-                        layer.forward = (
-                            (lambda h, *a, _last=s[slot], **k: _last) if i == n - 1 else (lambda h, *a, **k: h)
-                        )
-                    logits = model(input_ids=s[0], use_cache=False).logits[:, :-1].float()
-                    total += float(torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), s[0][:, 1:].reshape(-1), reduction="sum"))  # fmt: skip
-                    count += s[0][:, 1:].numel()
-            finally:
-                set_mode(model, "off")
-                for (_, layer), fwd in zip(layers, saved, strict=True):
-                    layer.forward = fwd
-            out[label] = math.exp(total / count) if count else float("nan")
+                        last = s[slot]
+                        layer.forward = (lambda h, *a, _last=last, **k: _last) if i == n - 1 else (lambda h, *a, **k: h)
+                    logits.append(model(input_ids=s[1], use_cache=False).logits)
+                out[s[0]].add(logits[0], logits[1], s[1])
+        finally:
+            set_mode(model, "off")
+            for (_, layer), fwd in zip(layers, saved, strict=True):
+                layer.forward = fwd
         return out
 
     def report(self) -> dict:

@@ -44,7 +44,7 @@ class WholeModelSchedule:
     """One unit, the model; nothing to persist (the model holds every change)."""
 
     holds_model = True  # the Trainer's strategy places the model
-    perplexities = None  # the steps measure perplexity on the whole model
+    evaluate = None  # the steps score the evaluation sets on the whole model
 
     def __init__(self, algorithm: Algorithm):
         self.algorithm = algorithm

@@ -1,0 +1,89 @@
+"""A quantized model against its original, token by token, on one evaluation set (as llama.cpp's
+``llama-perplexity --kl-divergence`` does): for next-token distributions ``p`` (original) and ``q``
+(quantized) at every position but the last,
+
+* perplexity of each: ``exp(mean_t -log p_t(y_t))`` (``y_t`` the actual next token);
+* ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per token: its mean, median and 99th percentile;
+* top-1 agreement: the share of tokens where ``argmax p == argmax q``;
+* RMS change of the correct token's probability: ``sqrt(mean_t (q_t(y_t) - p_t(y_t))^2)``;
+* the share of max calibration's perplexity increase a recipe removed:
+  ``(ppl_max - ppl_quant) / (ppl_max - ppl_orig)`` (where the run measured the max-calibrated model).
+
+Logits are compared in fp32; a batch's two logit tensors are used once and dropped (no copy is kept).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.quantizers import set_mode
+
+
+@dataclass
+class Comparison:
+    """Running sums over the batches of one set."""
+
+    nll_original: float = 0.0
+    nll_quantized: float = 0.0
+    tokens: int = 0
+    agree: int = 0
+    dp_sq: float = 0.0
+    kl: list[torch.Tensor] = field(default_factory=list)  # per token, fp32 on the CPU (small: rows x seq_len)
+
+    @torch.no_grad()
+    def add(self, original: torch.Tensor, quantized: torch.Tensor, ids: torch.Tensor) -> None:
+        """Logits [b, t, vocab] of both models on ``ids`` [b, t]."""
+        lp = torch.log_softmax(original[:, :-1].float(), -1)
+        lq = torch.log_softmax(quantized[:, :-1].float(), -1)
+        y = ids[:, 1:].to(lp.device).unsqueeze(-1)
+        tp, tq = lp.gather(-1, y).squeeze(-1), lq.gather(-1, y).squeeze(-1)
+        self.nll_original -= float(tp.double().sum())
+        self.nll_quantized -= float(tq.double().sum())
+        self.tokens += y.numel()
+        self.agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+        self.dp_sq += float((tq.exp() - tp.exp()).double().pow(2).sum())
+        self.kl.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0).reshape(-1).cpu())
+
+    def result(self, max_calibrated: float | None = None) -> dict:
+        if not self.tokens:
+            return {}
+        kl = torch.cat(self.kl).double()
+        out = {
+            "tokens": self.tokens,
+            "perplexity": {
+                "original": math.exp(self.nll_original / self.tokens),
+                "quantized": math.exp(self.nll_quantized / self.tokens),
+            },  # fmt: skip
+            "kl_mean": float(kl.mean()),
+            "kl_median": float(kl.median()),
+            "kl_p99": float(torch.quantile(kl, 0.99)),
+            "top1_agreement": self.agree / self.tokens,
+            "rms_delta_p": math.sqrt(self.dp_sq / self.tokens),
+        }
+        if max_calibrated is not None:
+            ppl = out["perplexity"]
+            ppl["max_calibrated"] = max_calibrated
+            rise = max_calibrated - ppl["original"]
+            out["share_of_max_increase_removed"] = (max_calibrated - ppl["quantized"]) / rise if rise > 0 else None
+        return out
+
+
+@torch.no_grad()
+def compare(model, batches) -> Comparison:
+    """The whole model with its quantizers off (the original) and in quant mode, batch by batch."""
+    device = next(model.parameters()).device
+    comp = Comparison()
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            set_mode(model, "off")
+            original = model(input_ids=ids, use_cache=False).logits
+            set_mode(model, "quant")
+            quantized = model(input_ids=ids, use_cache=False).logits
+            comp.add(original, quantized, ids)
+    finally:
+        set_mode(model, "off")
+    return comp

@@ -1,0 +1,87 @@
+"""Evaluation sets and the comparison with the original: KL, top-1 agreement, both schedules, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import SMALL, compose, run_calibrate
+from nvfp4cal.calibrate import _user_error, run
+from nvfp4cal.evaluation.compare import Comparison
+from nvfp4cal.evaluation.report import worse_than_max
+
+
+def test_the_original_against_itself():
+    logits = torch.randn(2, 9, 50, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 50, (2, 9))
+    c = Comparison()
+    c.add(logits, logits.clone(), ids)
+    r = c.result()
+    assert r["kl_mean"] == 0.0 and r["kl_p99"] == 0.0 and r["top1_agreement"] == 1.0 and r["rms_delta_p"] == 0.0
+    assert r["perplexity"]["original"] == r["perplexity"]["quantized"] and r["tokens"] == 16
+
+
+def test_kl_is_the_definition():
+    p_logits, q_logits = torch.randn(1, 3, 7), torch.randn(1, 3, 7)
+    c = Comparison()
+    c.add(p_logits, q_logits, torch.zeros(1, 3, dtype=torch.long))
+    lp, lq = torch.log_softmax(p_logits[0, :2].double(), -1), torch.log_softmax(q_logits[0, :2].double(), -1)
+    want = (lp.exp() * (lp - lq)).sum(-1).mean()
+    assert c.result(max_calibrated=None)["kl_mean"] == pytest.approx(float(want), rel=1e-5)
+    r = c.result(max_calibrated=math.exp(-float(lp[:, 0].mean())) * 2)
+    assert r["perplexity"]["max_calibrated"] > r["perplexity"]["original"] and "share_of_max_increase_removed" in r
+
+
+def test_worse_than_max_is_said_only_when_it_is():
+    ev = {"corpus": {"perplexity": {"original": 10.0, "max_calibrated": 12.0, "quantized": 11.0}},
+          "code": {"perplexity": {"original": 5.0, "max_calibrated": 6.0, "quantized": 6.5}}}  # fmt: skip
+    lines = worse_than_max({"recipe": "r", "evaluation": ev})
+    assert lines == ["r is worse than max calibration on code: perplexity 6.500 > 6.000"]
+    ev["code"]["perplexity"]["quantized"] = 5.5
+    assert worse_than_max({"recipe": "r", "evaluation": ev}) == []
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
+def test_both_schedules_report_the_same_figures(tmp_path, model):
+    args = [f"model={model}", "recipe=nvfp4_max", *SMALL, "+model.init=per_param", "eval.sets.code.rows=2",
+            "eval.sets.code.seq_len=32"]  # fmt: skip
+    whole = run_calibrate(tmp_path / "whole", args).report["evaluation"]
+    lw = run_calibrate(tmp_path / "lw", [*args, "calibration=layerwise"]).report["evaluation"]
+    assert set(whole) == set(lw) == {"corpus", "code"}
+    for name in whole:
+        for key in ("kl_mean", "kl_p99", "top1_agreement", "rms_delta_p"):
+            assert lw[name][key] == pytest.approx(whole[name][key], rel=1e-4, abs=1e-7), (name, key)
+        for k, v in whole[name]["perplexity"].items():
+            assert lw[name]["perplexity"][k] == pytest.approx(v, rel=1e-5), (name, k)
+
+
+def test_an_evaluation_set_from_files(tmp_path):
+    for i in range(2):
+        (tmp_path / f"part{i}.jsonl").write_text(
+            "".join(json.dumps({"text": f"row {i} {j} " * 20}) + "\n" for j in range(20))
+        )
+    spec = f"{{source: {{_target_: nvfp4cal.texts.local_texts, path: '{tmp_path}/part*.jsonl'}}, rows: 3, seq_len: 16}}"
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", *SMALL, f"+eval.sets.files={spec}"])
+    ev = res.report["evaluation"]
+    assert set(ev) == {"corpus", "code", "files"} and ev["files"]["tokens"] == 3 * 15
+
+
+def _message(tmp_path, args) -> str:
+    with pytest.raises(Exception) as info:  # noqa: PT011
+        run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
+    msg = _user_error(info.value)
+    assert msg is not None and "\n" not in msg, repr(info.value)
+    return msg
+
+
+def test_bad_evaluation_input_is_one_line(tmp_path):
+    missing = "{source: {_target_: nvfp4cal.texts.local_texts, path: /no/such/eval.txt}, rows: 2, seq_len: 16}"
+    # the model path does not exist either: the evaluation file is checked first
+    assert "matches no file" in _message(tmp_path, ["model=hf", "model.path=/no/such", f"+eval.sets.x={missing}"])
+    (tmp_path / "short.txt").write_text("a few words\n")
+    short = f"{{source: {{_target_: nvfp4cal.texts.local_texts, path: {tmp_path}/short.txt}}, rows: 2, seq_len: 512}}"
+    assert "eval.sets.x holds fewer than seq_len=512 tokens" in _message(
+        tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", *SMALL, f"+eval.sets.x={short}"]
+    )
+    assert "rows must be >= 1" in _message(tmp_path, ["model=tiny_llama", "eval.sets.code.rows=0"])
