@@ -85,3 +85,59 @@ def test_bad_evaluation_input_is_one_line(tmp_path):
         tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", *SMALL, f"+eval.sets.x={short}"]
     )
     assert "rows must be >= 1" in _message(tmp_path, ["model=tiny_llama", "eval.sets.code.rows=0"])
+
+
+def _original_dir(tmp_path):
+    """A tiny model saved as a Hugging Face directory (weights, config, tokenizer): an "original"."""
+    from hydra.utils import instantiate
+
+    loaded = instantiate(compose(["model=tiny_llama"]).model, _convert_="all")
+    out = tmp_path / "original"
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+def test_the_evaluate_command_scores_both_layouts_alike(tmp_path, capsys):
+    from nvfp4cal.cli.evaluate import main
+
+    orig = _original_dir(tmp_path)
+    data = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2",
+            "eval.sets.code.rows=2", "eval.sets.code.seq_len=32"]  # fmt: skip
+    res = run_calibrate(tmp_path, ["model=hf", f"model.path={orig}", "recipe=nvfp4_mse", "export.format=both", *data])
+    figures = {}
+    for layout in ("modelopt", "compressed_tensors"):
+        rc = main([str(tmp_path / "ckpt" / layout), f"original={orig}", f"report={tmp_path / layout}", *data])
+        assert rc == 0
+        figures[layout] = json.loads((tmp_path / layout / "report.json").read_text())["evaluation"]
+        assert (tmp_path / layout / "report.md").read_text().count("| corpus |") == 1
+    assert "eval code" in capsys.readouterr().out
+    a, b = figures["modelopt"], figures["compressed_tensors"]
+    for name in ("corpus", "code"):
+        for k in ("original", "quantized"):
+            assert a[name]["perplexity"][k] == pytest.approx(b[name]["perplexity"][k], rel=1e-4)
+        assert a[name]["kl_mean"] == pytest.approx(b[name]["kl_mean"], rel=1e-2, abs=1e-6)
+    run_ppl = res.report["evaluation"]["corpus"]["perplexity"]  # the run's own figures, same rows
+    assert a["corpus"]["perplexity"]["original"] == pytest.approx(run_ppl["original"], rel=1e-5)
+    assert a["corpus"]["perplexity"]["quantized"] == pytest.approx(run_ppl["quantized"], rel=1e-3)
+
+
+def test_the_evaluate_command_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from nvfp4cal.cli.evaluate import main
+
+    orig = _original_dir(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
+    cases = [
+        ([str(tmp_path / "none"), f"original={orig}"], "is not a directory"),
+        ([str(orig), "original=/no/such"], "original=/no/such is not a directory"),
+        ([str(orig)], "original=MODEL_DIR is required"),
+        ([str(orig), f"original={orig}", "eval=nonexistent"], "eval=nonexistent: no such option"),
+    ]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["X"], "vocab_size": 7}))
+    cases.append(([str(other), f"original={orig}"], "does not match"))
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and message in err[0], err

@@ -336,6 +336,18 @@ if not OmegaConf.has_resolver("nvfp4cal_launch_id"):
     OmegaConf.register_new_resolver("nvfp4cal_launch_id", launch_id, use_cache=True)
 
 
+def evaluation_inputs(overrides: list[str]):
+    """(DataModule, EvalSets, seed) from the packaged config with ``overrides`` (the ``data`` and ``eval``
+    groups only): what ``nvfp4cal-evaluate`` scores a checkpoint on, the same rows a run with the same
+    overrides calibrates and evaluates on. The texts are read here, before any model loads."""
+    msg = check_overrides(overrides)
+    if msg is not None:
+        raise UserError(msg)
+    with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
+        cfg = compose(config_name="calibrate", overrides=overrides)
+    return calibration_data(cfg, None), build(cfg.eval, "eval"), int(cfg.seed)
+
+
 def _nearest(word: str, choices: list[str]) -> str:
     near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     return f"nearest: {', '.join(near)}" if near else f"valid: {', '.join(choices)}"

@@ -87,3 +87,14 @@ def compare(model, batches) -> Comparison:
     finally:
         set_mode(model, "off")
     return comp
+
+
+@torch.no_grad()
+def compare_models(original, quantized, batches) -> Comparison:
+    """Two models (an original and a checkpoint read back) on the same batches."""
+    device = next(original.parameters()).device
+    comp = Comparison()
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        comp.add(original(input_ids=ids, use_cache=False).logits, quantized(input_ids=ids, use_cache=False).logits, ids)
+    return comp

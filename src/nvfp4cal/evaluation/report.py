@@ -60,6 +60,25 @@ def eval_lines(report: dict) -> list[str]:
     return lines
 
 
+def _eval_table(report: dict) -> list[str]:
+    lines = ["| set | tokens | ppl original | ppl max | ppl quantized | max's increase removed | KL mean | "
+             "KL median | KL p99 | top-1 agreement | RMS Δp |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in report["evaluation"].items():
+        p, share = e["perplexity"], e.get("share_of_max_increase_removed")
+        mx = f"{p['max_calibrated']:.3f}" if "max_calibrated" in p else "-"
+        lines.append(f"| {name} | {e['tokens']} | {p['original']:.3f} | {mx} | {p['quantized']:.3f} | "
+                     f"{'-' if share is None else f'{share:.0%}'} | {e['kl_mean']:.4g} | {e['kl_median']:.4g} | "
+                     f"{e['kl_p99']:.4g} | {e['top1_agreement']:.1%} | {e['rms_delta_p']:.4g} |")  # fmt: skip
+    return lines
+
+
+def evaluation_markdown(report: dict) -> str:
+    """report.md of ``nvfp4cal-evaluate``: the checkpoint against its original, one row per set."""
+    lines = [f"# nvfp4cal-evaluate: {report['checkpoint']}", "", f"Original: `{report['original']}`, "
+             f"{report['dtype']} on {report['device']}, {report['seconds']:.1f} s.", "", *_eval_table(report)]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict) -> str:
     ppl = report.get("perplexity", {})
     lines = [f"# nvfp4cal report: {report['model']} with {report['recipe']}", ""]
@@ -77,15 +96,7 @@ def markdown(report: dict) -> str:
     for e in report.get("exports", [report.get("export", {})]):
         lines.append(f"| checkpoint ({e.get('format', 'modelopt')}) | `{e.get('dir')}` |")
     if report.get("evaluation"):
-        lines += ["", "## Evaluation sets (the quantized model against the original)", "",
-                  "| set | tokens | ppl original | ppl max | ppl quantized | max's increase removed | KL mean | "
-                  "KL median | KL p99 | top-1 agreement | RMS Δp |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name, e in report["evaluation"].items():
-            p, share = e["perplexity"], e.get("share_of_max_increase_removed")
-            mx = f"{p['max_calibrated']:.3f}" if "max_calibrated" in p else "-"
-            lines.append(f"| {name} | {e['tokens']} | {p['original']:.3f} | {mx} | {p['quantized']:.3f} | "
-                         f"{'-' if share is None else f'{share:.0%}'} | {e['kl_mean']:.4f} | {e['kl_median']:.4f} | "
-                         f"{e['kl_p99']:.3f} | {e['top1_agreement']:.1%} | {e['rms_delta_p']:.4f} |")  # fmt: skip
+        lines += ["", "## Evaluation sets (the quantized model against the original)", "", *_eval_table(report)]
         lines += [f"- **{w}**" for w in worse_than_max(report)]
     lines += ["", "## Stages", "", "| stage | seconds | peak CPU RSS GiB | peak GPU GiB |", "|---|---|---|---|"]
     for name, s in report["stages"].items():
