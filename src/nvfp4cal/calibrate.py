@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -26,7 +27,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import hydra
-import lightning as L
+import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
@@ -44,15 +45,13 @@ from .evaluation.metrics import current_stage, stage
 from .evaluation.report import OBJECTIVES, objective, print_summary, versions, write_report
 from .evaluation.sets import CORPUS
 from .evaluation.sets import batches as eval_batches
-from .lightning.callback import PostCalibration
-from .lightning.module import CalibrationModule, holding
-from .lightning.progress import CalibrationProgress
 from .model.insert import insert_quantizers
 from .model.loaders import fill_from_memory, upcast_for_cpu
 from .model.sweep import warm_up
 from .numerics.errors import RunStopped, UserError
 from .results import Results
 from .steps import post_calibration
+from .texts import check_counts
 
 log = logging.getLogger("nvfp4cal")
 
@@ -64,6 +63,23 @@ class RunResult:
     tokenizer: object
     data: object
     dtypes: dict | None = None  # the original dtypes of a model computed in fp32 (the export writes these)
+
+
+def glue():
+    """The Lightning glue (callback, module, progress bar), imported when a run starts: importing Lightning
+    takes ~3 s, and a mistake in the command line or the data is reported before that."""
+    from .lightning import callback, module, progress
+
+    return callback, module, progress
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators (what Lightning's ``seed_everything`` seeds), before any
+    model or data is built."""
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator
 
 
 def build(node: DictConfig, key: str, **runtime):
@@ -137,10 +153,14 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
     export.check_targets()  # before any work
     if cfg.report.objective not in OBJECTIVES:
         raise UserError(f"report.objective={cfg.report.objective!r} unknown; use one of {list(OBJECTIVES)}")
-    data = calibration_data(cfg, None, source)  # the texts are read (a missing file fails) before the model loads
+    # the data's counts and texts (a missing file fails) before Lightning, the trainer or the model load
+    check_counts(cfg.data.num_samples, cfg.data.seq_len, cfg.data.batch_size)
+    if source is None and cfg.data.get("source") is not None:
+        source = build(cfg.data.source, "data.source")
     evals = build(cfg.eval, "eval")  # the evaluation sets' texts too
+    data = calibration_data(cfg, None, source)
     trainer = build_trainer(cfg)
-    device, holds = trainer.strategy.root_device, holding(trainer.strategy)
+    device, holds = trainer.strategy.root_device, glue()[1].holding(trainer.strategy)
     given_recipe = recipe
     with stage(stages, "load"):
         recipe = recipe if recipe is not None else build(cfg.recipe, "recipe")
@@ -195,7 +215,9 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
 
 
 def build_trainer(cfg: DictConfig):
-    bar = [CalibrationProgress()] if cfg.trainer.get("enable_progress_bar", True) else []  # labelled "Calibration"
+    bar = (
+        [glue()[2].CalibrationProgress()] if cfg.trainer.get("enable_progress_bar", True) else []
+    )  # labelled "Calibration"
     try:
         return build(cfg.trainer, "trainer", callbacks=bar)
     except Exception as err:  # Lightning's own checks of accelerator, devices, strategy
@@ -219,19 +241,20 @@ def run(cfg: DictConfig, run_dir: str | Path, loaded=None, recipe=None, source=N
     given = {"model": loaded is not None, "recipe": recipe is not None, "data.source": source is not None}
     check_missing(cfg, given)
     run_dir, env, stages = Path(run_dir), environment(), {}
-    L.seed_everything(cfg.seed, verbose=False)
+    seed_everything(cfg.seed)
     b = build_run(cfg, loaded, recipe, source, explicit_keys(explicit), stages, env)
     if b.trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "quantized_modules.json").write_text(json.dumps(vars(b.plan), indent=2))
     results = Results()
-    post = PostCalibration(lambda ctx: post_calibration(ctx, b.recipe.algorithm, b.export, b.loaded.tokenizer,
+    callback, module, _ = glue()
+    post = callback.PostCalibration(lambda ctx: post_calibration(ctx, b.recipe.algorithm, b.export, b.loaded.tokenizer,
                                                         b.eval_sets, b.dtypes, b.loaded.source_format,
                                                         b.schedule.evaluate),
                            results)  # fmt: skip
     b.trainer.callbacks.append(post)
     try:
-        b.trainer.validate(CalibrationModule(b.loaded.model, b.schedule, post, results, b.loaded.fill),
+        b.trainer.validate(module.CalibrationModule(b.loaded.model, b.schedule, post, results, b.loaded.fill),
                            datamodule=b.data, verbose=False)  # fmt: skip
     except BaseException:
         b.schedule.abort()

@@ -21,6 +21,13 @@ class DataError(UserError):
     pass
 
 
+def check_counts(num_samples, seq_len, batch_size) -> None:
+    """``data.num_samples``, ``data.seq_len`` and ``data.batch_size`` are counts of at least one."""
+    for key, v in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if int(v) < 1:
+            raise DataError(f"data.{key} must be >= 1, got {v}")
+
+
 def pydoc_texts():
     """The embedded default corpus: the standard library's ``pydoc_data.topics`` (English prose and code)."""
     from pydoc_data.topics import topics

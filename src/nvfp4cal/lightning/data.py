@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..texts import DataError, pack
+from ..texts import DataError, check_counts, pack
 
 log = logging.getLogger("nvfp4cal")
 
@@ -52,9 +52,7 @@ class CalibrationData(L.LightningDataModule):
         sources: list[dict] | None = None,
     ):
         super().__init__()
-        for key, v in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-            if int(v) < 1:
-                raise DataError(f"data.{key} must be >= 1, got {v}")
+        check_counts(num_samples, seq_len, batch_size)
         if (source is None) == (sources is None):
             raise DataError("give the calibration data as data.source or as data.sources=[{name, weight, source}]")
         if sources is not None:
