@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
-from nvfp4cal import mse  # noqa: E402
+from nvfp4cal.numerics import mse  # noqa: E402
 from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_baseline, mse_amax_triton  # noqa: E402
 from test_fp8_sweep import CASES  # noqa: E402
 
