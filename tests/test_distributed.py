@@ -1,5 +1,7 @@
 """Data-parallel calibration with torchrun on CPU (gloo): same checkpoint bytes as one process."""
 
+import json
+
 import pytest
 
 from helpers import one_process, torchrun
@@ -20,7 +22,7 @@ COMMON = [
 
 
 def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
-    one_process(tmp_path, COMMON, "one")
+    one = one_process(tmp_path, COMMON, "one")
     two = torchrun(tmp_path, [*COMMON, f"export.dir={tmp_path}/two"])
     assert two.returncode == 0, two.stderr[-3000:]
     for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
@@ -29,6 +31,13 @@ def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
     runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1 and (runs[0] / "report.json").is_file(), runs
     assert two.stdout.count("nvfp4cal: tiny_qwen3_moe") == 1  # only rank 0 summarizes
+    # the evaluation sets are scored once (rank 0), to one process's figures
+    ev = json.loads((runs[0] / "report.json").read_text())["evaluation"]
+    assert set(ev) == set(one.report["evaluation"]) == {"corpus", "code"}
+    for name, e in one.report["evaluation"].items():
+        for key in ("kl_mean", "top1_agreement"):
+            assert ev[name][key] == pytest.approx(e[key], rel=1e-4, abs=1e-7), (name, key)
+        assert ev[name]["perplexity"]["quantized"] == pytest.approx(e["perplexity"]["quantized"], rel=1e-5)
 
 
 def test_ddp_layerwise_is_byte_identical_to_one_process(tmp_path):
