@@ -154,6 +154,16 @@ def main(argv=None) -> int:
                 "calibration_s": rep["stages"]["calibration"]["seconds"],
                 "total_s": rep["wall_seconds"],
                 "fallback": len(rep.get("sweep", {}).get("fallback", [])),
+                # the run's own evaluation sets (the model's fake-quant forward, not the judge): e.g. code
+                "sets": {
+                    n: {
+                        "ppl": e["perplexity"],
+                        "kl_mean": e["kl_mean"],
+                        "top1": e["top1_agreement"],
+                        "removed": e.get("share_of_max_increase_removed"),
+                    }
+                    for n, e in rep.get("evaluation", {}).items()
+                },
             }
         )
         print(json.dumps(rows[-1]), flush=True)
