@@ -49,7 +49,8 @@ def write(root: Path, part: str) -> None:
     import torch
 
     from helpers import compose
-    from nvfp4cal.calibrate import _user_error, run
+    from nvfp4cal.calibrate import run
+    from nvfp4cal.console import user_error
 
     torch.set_num_threads(1)
     k, n = (int(x) for x in part.split("/"))
@@ -69,7 +70,7 @@ def write(root: Path, part: str) -> None:
             )
             status = "ok"
         except Exception as err:  # noqa: BLE001
-            msg = _user_error(err)
+            msg = user_error(err)
             if msg is None:
                 raise
             out.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """The command line: a user's mistake is one line on stderr and exit code 2, never a traceback.
 
-The messages are checked in-process (the entry point prints ``_user_error``'s line for them); one
+The messages are checked in-process (the entry point prints ``user_error``'s line for them); one
 subprocess keeps the exit-code contract of the real command.
 """
 
@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from helpers import compose, run_calibrate
-from nvfp4cal.calibrate import _user_error, run
+from nvfp4cal.calibrate import run
+from nvfp4cal.console import user_error
 
 
 def _cli(tmp_path, *args):
@@ -22,9 +23,9 @@ def _cli(tmp_path, *args):
 
 def _message(tmp_path, args) -> str:
     """The one line the command prints for ``args`` (failing the test if it would be a traceback)."""
-    with pytest.raises(Exception) as info:  # noqa: PT011 (any error; _user_error decides)
+    with pytest.raises(Exception) as info:  # noqa: PT011 (any error; user_error decides)
         run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
-    msg = _user_error(info.value)
+    msg = user_error(info.value)
     assert msg is not None, f"a traceback, not a one-line error: {info.value!r}"
     assert "\n" not in msg
     return msg

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import SMALL, compose, run_calibrate
-from nvfp4cal.calibrate import _user_error, run
+from nvfp4cal.calibrate import run
+from nvfp4cal.console import user_error
 from nvfp4cal.evaluation.compare import Comparison
 from nvfp4cal.evaluation.report import worse_than_max
 
@@ -70,7 +71,7 @@ def test_an_evaluation_set_from_files(tmp_path):
 def _message(tmp_path, args) -> str:
     with pytest.raises(Exception) as info:  # noqa: PT011
         run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
-    msg = _user_error(info.value)
+    msg = user_error(info.value)
     assert msg is not None and "\n" not in msg, repr(info.value)
     return msg
 

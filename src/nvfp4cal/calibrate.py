@@ -7,27 +7,20 @@ callback (bootstrap -> sweep -> export), then writes the run's report and prints
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import inspect
 import json
 import logging
-import os
-import random
 import re
-import shutil
-import signal
 import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
@@ -39,9 +32,19 @@ from hydra.errors import (
 )
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
-from .evaluation.metrics import current_stage, stage
+from .console import (
+    environment,
+    launch_id,
+    nearest,
+    quiet_libraries,
+    remove_empty_run_dir,
+    seed_everything,
+    stop_on_signals,
+    user_error,
+)
+from .evaluation.metrics import stage
 from .evaluation.report import OBJECTIVES, objective, print_summary, versions, write_report
 from .evaluation.sets import CORPUS
 from .evaluation.sets import batches as eval_batches
@@ -73,15 +76,6 @@ def glue():
     return callback, module, progress
 
 
-def seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's generators (what Lightning's ``seed_everything`` seeds), before any
-    model or data is built."""
-    os.environ["PL_GLOBAL_SEED"] = str(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # every device's generator
-
-
 def build(node: DictConfig, key: str, **runtime):
     """``instantiate`` one config group; ``runtime`` passes values known only during the run (the
     tokenizer). Failures caused by the user's values become one line naming the group."""
@@ -100,11 +94,6 @@ def calibration_data(cfg: DictConfig, tokenizer, source=None):
     """The run's DataModule from the ``data`` group (also what benchmarks use to see the same tokens);
     ``source``: texts given at run time (the Python API) instead of ``data.source``."""
     return build(cfg.data, "data", tokenizer=tokenizer, **({"source": source} if source is not None else {}))
-
-
-def environment() -> dict[str, str]:
-    """Every ``NVFP4CAL_*`` environment variable of this run (the report records them)."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NVFP4CAL_")}
 
 
 @dataclass
@@ -299,34 +288,6 @@ def explicit_keys(overrides) -> set[str]:
     return out
 
 
-def _user_error(err: BaseException) -> str | None:
-    """A one-line message for a user's mistake, or None for a bug (which keeps its traceback)."""
-    while err is not None:
-        if isinstance(err, MissingMandatoryValue):
-            return f"missing value: {str(err).splitlines()[0]}; pass it on the command line as key=value"
-        if isinstance(err, (UserError, OmegaConfBaseException)):
-            return str(err).splitlines()[0]
-        err = err.__cause__ or err.__context__
-    return None
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While running: SIGTERM (what SLURM and ``timeout`` send) and SIGINT raise :class:`RunStopped` in
-    the main thread, so the run unwinds as on any error (writers remove their temporary directories;
-    a layerwise run keeps its progress)."""
-
-    def stop(signum, frame):
-        raise RunStopped(signum, current_stage())
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def stop_message(err: RunStopped, cfg: DictConfig) -> str:
     """One line: where the run stopped, that the target is untouched, how to continue."""
     target = OmegaConf.select(cfg, "export.dir", throw_on_resolution_failure=False)
@@ -337,22 +298,6 @@ def stop_message(err: RunStopped, cfg: DictConfig) -> str:
         else "run the same command again (calibration=layerwise runs can resume)"
     )
     return f"{err}; nothing was written to {target}; {again}"
-
-
-def launch_id() -> str:
-    """The same run-directory name on every rank of one launch (``${now:}`` differs between ranks).
-
-    torchrun with a rendezvous id (multi-node) -> that id; single-node torchrun -> the launcher's pid;
-    SLURM -> the job id; otherwise the local time.
-    """
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id != "none":
-        return f"run-{run_id}"
-    if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-        return f"torchrun-{os.getppid()}"
-    if "SLURM_JOB_ID" in os.environ:
-        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
-    return time.strftime("%H-%M-%S")
 
 
 if not OmegaConf.has_resolver("nvfp4cal_launch_id"):
@@ -371,11 +316,6 @@ def evaluation_inputs(overrides: list[str]):
     return calibration_data(cfg, None), build(cfg.eval, "eval"), int(cfg.seed)
 
 
-def _nearest(word: str, choices: list[str]) -> str:
-    near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    return f"nearest: {', '.join(near)}" if near else f"valid: {', '.join(choices)}"
-
-
 def check_overrides(argv: list[str]) -> str | None:
     """Before Hydra starts (no run directory yet): compose the config with the user's overrides; an
     unknown option or key is one line naming what was typed and the nearest valid names (None: fine, or
@@ -390,7 +330,7 @@ def check_overrides(argv: list[str]) -> str | None:
     except MissingConfigException as err:  # group=option with no such option
         group, _, option = str(err.missing_cfg_file or "").partition("/")
         if err.options:
-            return f"{group}={option}: no such option; {_nearest(option, sorted(err.options))}"
+            return f"{group}={option}: no such option; {nearest(option, sorted(err.options))}"
         return str(err).splitlines()[0]
     except OverrideParseException as err:
         return f"cannot parse the override: {str(err).splitlines()[0]}"
@@ -433,34 +373,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"nvfp4cal: {stop_message(err, cfg)}", file=sys.stderr, flush=True)
         sys.exit(128 + err.signum)
     except Exception as err:  # noqa: BLE001
-        msg = _user_error(err)
+        msg = user_error(err)
         if msg is None:
             raise
         print(f"nvfp4cal: error: {msg}{remove_empty_run_dir(run_dir)}", file=sys.stderr, flush=True)
         sys.exit(2)
-
-
-def quiet_libraries() -> None:
-    """What the libraries print that says nothing about this run: Lightning's accelerator lines and
-    logger advertisement, its pytree deprecation warning, matplotlib's first-run font cache note."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
-def remove_empty_run_dir(run_dir: Path) -> str:
-    """A run that failed before writing anything leaves no ``outputs/DATE/TIME`` folder (Hydra made it and
-    put only ``.hydra`` in it); otherwise the message names it."""
-    try:
-        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
-            shutil.rmtree(run_dir)
-            parent = run_dir.parent
-            if parent.is_dir() and not any(parent.iterdir()):  # outputs/DATE, made for this run only
-                parent.rmdir()
-            return ""
-    except OSError:
-        pass
-    return f" (run directory: {run_dir})" if run_dir.is_dir() else ""
 
 
 def main() -> float | None:

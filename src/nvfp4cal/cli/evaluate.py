@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate import _user_error, evaluation_inputs, quiet_libraries
+from ..calibrate import evaluation_inputs
 from ..checkpoint.reload import rebuild_model
+from ..console import quiet_libraries, user_error
 from ..evaluation.compare import compare_models
 from ..evaluation.report import eval_lines, evaluation_markdown
 from ..evaluation.sets import CORPUS, batches
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(argv[0], own["original"], rest, own.get("report"), own.get("dtype", "float32"),
                  own.get("device", "cpu"))  # fmt: skip
     except Exception as err:  # noqa: BLE001
-        msg = _user_error(err)
+        msg = user_error(err)
         if msg is None:
             raise
         print(f"nvfp4cal-evaluate: error: {msg}", file=sys.stderr, flush=True)

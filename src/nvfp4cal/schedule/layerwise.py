@@ -55,6 +55,8 @@ from ..numerics.errors import UserError
 from ..results import Results
 from .activations import ActivationStore, choose_offload, nbytes
 from .layer_state import LayerState, changed_weights, restore_weights
+from .recorder import Recorder
+from .streamed import evaluate_streamed
 
 log = logging.getLogger("nvfp4cal")
 OFFLOADS = ("auto", "gpu", "cpu", "disk")
@@ -80,35 +82,6 @@ class Layerwise:
 
     def schedule(self, algorithm: Algorithm, fill: Fill, fingerprint: dict, held: bool = False) -> LayerwiseSchedule:
         return LayerwiseSchedule(self, fill, fingerprint, algorithm, held)
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during capture: records the layer's keyword inputs, returns its input."""
-
-    def __init__(self, index: int, sink: dict):
-        super().__init__()
-        self.index, self.sink = index, sink
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise UserError("calibration=layerwise: a decoder layer got positional inputs besides hidden_states")
-        if self.index == 0:
-            self.sink["hidden"] = hidden_states
-        self.sink.setdefault("kwargs", {})[self.index] = kwargs
-        return hidden_states
-
-
-def _scope(prefix: str, module: nn.Module) -> nn.Module:
-    """A container whose ``named_modules`` names ``module`` as ``prefix`` (the steps then name weights
-    as in the whole model)."""
-    root = cur = nn.Module()
-    *parents, last = prefix.split(".")
-    for part in parents:
-        nxt = nn.Module()
-        cur.add_module(part, nxt)
-        cur = nxt
-    cur.add_module(last, module)
-    return root
 
 
 def _scope(prefix: str, module: nn.Module) -> nn.Module:
@@ -275,7 +248,7 @@ class LayerwiseSchedule:
         self._sink: dict = {}
         self._saved_forwards = []
         for i, (_, layer) in enumerate(self.materializer.layers):
-            rec = _Recorder(i, self._sink)
+            rec = Recorder(i, self._sink)
             self._saved_forwards.append(layer.forward)
             layer.forward = rec.forward
         set_mode(model, "off")
@@ -355,55 +328,10 @@ class LayerwiseSchedule:
         results.merge(Results.from_record(record))
         self.layers.append({"layer": record["layer"], "seconds": record["seconds"], "resumed": resumed})
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, sets: dict, ctx: RunContext) -> dict[str, Comparison]:
-        """Every evaluation set (name -> a callable giving its batches) scored for the original and the
-        quantized model, streamed one decoder layer at a time (the same bound as calibration): the
-        batches' first-layer inputs are captured, each layer is materialized twice - from the source (the
-        original) and with its saved state and changed weights (the quantized model, quant mode) - and
-        carries both streams on; the model's head (final norm, LM head) then turns each stream's last
-        hidden states into logits, compared batch by batch (:mod:`nvfp4cal.evaluation.compare`)."""
-        layers = self.materializer.layers
-        n, sink, saved = len(layers), {}, [layer.forward for _, layer in layers]
-        for i, (_, layer) in enumerate(layers):
-            layer.forward = _Recorder(i, sink).forward
-        streams = []  # per batch: set, ids, original hidden, quantized hidden, every layer's keyword inputs
-        try:
-            for name, batches in sets.items():
-                for batch in batches():
-                    sink.clear()
-                    ids = batch["input_ids"].to(ctx.device)
-                    model(input_ids=ids, use_cache=False)
-                    streams.append([name, ids, sink["hidden"], sink["hidden"], [sink["kwargs"][i] for i in range(n)]])
-        finally:
-            for (_, layer), fwd in zip(layers, saved, strict=True):
-                layer.forward = fwd
-        for i in range(n):
-            for slot, state, mode in ((2, None, "off"), (3, self.state.load(i), "quant")):
-                layer = self.materializer.enter(i, state)
-                set_mode(layer, mode)
-                for s in streams:
-                    s[slot] = layer(s[slot], **s[4][i])
-                set_mode(layer, "off")
-                self.materializer.leave(i)
-        out = {name: Comparison() for name in sets}
-        try:
-            for s in streams:
-                logits = []
-                for slot, mode in ((2, "off"), (3, "quant")):
-                    set_mode(
-                        model, mode
-                    )  # quantized modules outside the decoder layers (an LM head a recipe quantizes)
-                    for i, (_, layer) in enumerate(layers):  # the head scores the stream's last hidden states
-                        last = s[slot]
-                        layer.forward = (lambda h, *a, _last=last, **k: _last) if i == n - 1 else (lambda h, *a, **k: h)
-                    logits.append(model(input_ids=s[1], use_cache=False).logits)
-                out[s[0]].add(logits[0], logits[1], s[1])
-        finally:
-            set_mode(model, "off")
-            for (_, layer), fwd in zip(layers, saved, strict=True):
-                layer.forward = fwd
-        return out
+        """Every evaluation set scored for the original and the quantized model, streamed one decoder layer
+        at a time (:func:`nvfp4cal.schedule.streamed.evaluate_streamed`)."""
+        return evaluate_streamed(model, self.materializer, self.state, sets, ctx)
 
     def report(self) -> dict:
         return {"layers": self.layers, "layers_materialized_at_once": self.materializer.peak}
