@@ -44,6 +44,10 @@ def _message(tmp_path, args) -> str:
         (["model=tiny_llama", "+recipe.algorithm.fp8_scale_sweep=false"], "algorithm.fp8_scale_sweep is gone"),
         (["model=tiny_llama", "+export.shard_size=1"], "export: "),
         (["model=tiny_llama", "data=text"], "missing value for data.source.path"),
+        (
+            ["model=tiny_llama", "model._target_=nvfp4cal.models.build_tiny"],
+            "model._target_: cannot import nvfp4cal.models.build_tiny",
+        ),
         (["model=tiny_llama", "trainer.devices=abc"], "`devices` selected with `CPUAccelerator` should be an int"),
         (
             ["model=tiny_gpt_oss", "recipe=nvfp4_max", "export.format=both"],

@@ -76,15 +76,35 @@ def glue():
     return callback, module, progress
 
 
+def _target_error(key: str, err: BaseException) -> UserError:
+    """A ``_target_`` that does not import (e.g. a module path from before the folders): one line."""
+    m = re.search(r"'([\w.]+)'", str(err))
+    what = m.group(1) if m else str(err).splitlines()[0]
+    return UserError(f"{key}._target_: cannot import {what} - the modules moved into folders in this version "
+                     "(docs/architecture.md: nvfp4cal.model.loaders, nvfp4cal.lightning.data, ...)")  # fmt: skip
+
+
+def target_method(target: str, key: str):
+    """The callable a ``_target_`` names (its signature tells what it accepts)."""
+    try:
+        return get_method(target)
+    except (ImportError, InstantiationException) as err:
+        raise _target_error(key, err) from err
+
+
 def build(node: DictConfig, key: str, **runtime):
     """``instantiate`` one config group; ``runtime`` passes values known only during the run (the
     tokenizer). Failures caused by the user's values become one line naming the group."""
     try:
         return instantiate(node, _convert_="all", **runtime)
+    except ImportError as err:  # a _target_ that does not import
+        raise _target_error(key, err) from err
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, (UserError, OmegaConfBaseException, RunStopped)):
             raise cause from err
+        if "Error locating target" in str(err):
+            raise _target_error(key, err) from err
         if isinstance(cause, TypeError) and "argument" in str(cause):  # an unknown or missing key
             raise UserError(f"{key}: {str(cause).splitlines()[0]} - check the {key}.* keys") from err
         raise
@@ -165,7 +185,9 @@ def build_run(cfg: DictConfig, loaded, recipe, source, explicit: set[str], stage
             log.info("calibrating on the %s%s", where, auto)
         if recipe.algorithm.kernel is not None:
             warm_up(recipe.algorithm.kernel, getattr(torch, str(cfg.model.get("dtype")), torch.bfloat16), device)
-        on_meta = loaded is None and "sharded" in inspect.signature(get_method(cfg.model._target_)).parameters
+        on_meta = (
+            loaded is None and "sharded" in inspect.signature(target_method(cfg.model._target_, "model")).parameters
+        )
         extra = {"sharded": True} if on_meta and (holds == "rows" or calibration.layerwise) else {}
         if holds == "rows" and not on_meta:
             log.info("%s loads the whole model on every rank before sharding it", cfg.model._target_)
