@@ -89,6 +89,8 @@ def target_method(target: str, key: str):
     try:
         return get_method(target)
     except (ImportError, InstantiationException) as err:
+        if not str(err).startswith(("Error loading", "Error locating")):
+            raise
         raise _target_error(key, err) from err
 
 
@@ -97,7 +99,9 @@ def build(node: DictConfig, key: str, **runtime):
     tokenizer). Failures caused by the user's values become one line naming the group."""
     try:
         return instantiate(node, _convert_="all", **runtime)
-    except ImportError as err:  # a _target_ that does not import
+    except ImportError as err:  # Hydra could not import the _target_ itself (not an import inside it)
+        if not str(err).startswith(("Error loading", "Error locating")):
+            raise
         raise _target_error(key, err) from err
     except InstantiationException as err:
         cause = err.__cause__ or err
