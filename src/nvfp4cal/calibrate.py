@@ -334,11 +334,7 @@ def evaluation_inputs(overrides: list[str]):
     """(DataModule, EvalSets, seed) from the packaged config with ``overrides`` (the ``data`` and ``eval``
     groups only): what ``nvfp4cal-evaluate`` scores a checkpoint on, the same rows a run with the same
     overrides calibrates and evaluates on. The texts are read here, before any model loads."""
-    msg = check_overrides(overrides)
-    if msg is not None:
-        raise UserError(msg)
-    with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
-        cfg = compose(config_name="calibrate", overrides=overrides)
+    cfg = compose_checked(overrides)
     return calibration_data(cfg, None), build(cfg.eval, "eval"), int(cfg.seed)
 
 
@@ -348,23 +344,31 @@ def check_overrides(argv: list[str]) -> str | None:
     a command Hydra handles itself: ``--help``, ``-m``, ``hydra.searchpath``)."""
     if any(a.startswith("-") or a.lstrip("+~").startswith("hydra.searchpath") for a in argv):
         return None  # Hydra's own flags; options kept outside the package
-    argv = [a for a in argv if not a.lstrip("+~").startswith("hydra")]  # hydra.run.dir=...: Hydra's
+    try:
+        compose_checked([a for a in argv if not a.lstrip("+~").startswith("hydra")])  # hydra.run.dir=...: Hydra's
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def compose_checked(argv: list[str]) -> DictConfig:
+    """The packaged config composed with ``argv``; an unknown option or key raises a one-line
+    :class:`UserError` naming what was typed and the nearest valid names."""
     try:
         with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
-            compose(config_name="calibrate", overrides=argv)
-            return None
+            return compose(config_name="calibrate", overrides=argv)
     except MissingConfigException as err:  # group=option with no such option
         group, _, option = str(err.missing_cfg_file or "").partition("/")
         if err.options:
-            return f"{group}={option}: no such option; {nearest(option, sorted(err.options))}"
-        return str(err).splitlines()[0]
+            raise UserError(f"{group}={option}: no such option; {nearest(option, sorted(err.options))}") from err
+        raise UserError(str(err).splitlines()[0]) from err
     except OverrideParseException as err:
-        return f"cannot parse the override: {str(err).splitlines()[0]}"
+        raise UserError(f"cannot parse the override: {str(err).splitlines()[0]}") from err
     except ConfigCompositionException as err:
         m = re.search(r"Could not override '([^']+)'", str(err))
         if m is None:
             cause = err.__cause__ or err
-            return str(cause).splitlines()[0]
+            raise UserError(str(cause).splitlines()[0]) from err
         key = m.group(1)
         typed = next((a for a in argv if a.split("=", 1)[0].lstrip("+") == key), key)
         parent, _, leaf = key.rpartition(".")
@@ -372,13 +376,13 @@ def check_overrides(argv: list[str]) -> str | None:
         with initialize_config_module(config_module="nvfp4cal.conf", version_base="1.3"):
             node = OmegaConf.select(compose(config_name="calibrate", overrides=choices), parent) if parent else None
         if not isinstance(node, DictConfig):
-            return f"{typed}: no such key (a new key needs a leading +)"
+            raise UserError(f"{typed}: no such key (a new key needs a leading +)") from err
         keys = [k for k in node.keys() if isinstance(k, str) and not k.startswith("_")]
         near = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.5)
         hint = (
             f"nearest: {', '.join(f'{parent}.{k}' for k in near)}" if near else f"keys of {parent}: {', '.join(keys)}"
         )
-        return f"{typed}: no such key; {hint} (a new key needs a leading +)"
+        raise UserError(f"{typed}: no such key; {hint} (a new key needs a leading +)") from err
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nvfp4cal.conf", config_name="calibrate")

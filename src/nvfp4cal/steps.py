@@ -162,17 +162,14 @@ def post_calibration(
     """The steps of this run, in order. The evaluation sets (``eval_sets``: name -> a callable giving its
     batches) are scored on global rank 0 of a run that holds whole weights; ``streamed``: the schedule
     scores them (layer by layer, after the export; the max-calibrated model is not kept there)."""
-    if streamed is not None and eval_sets and ctx.rank0:
-        once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format), Evaluate(eval_sets, streamed)]
-        return StepPlan([Bootstrap(), Measure("measure", "max"), AlgorithmStep(algorithm)], once)
-    evaluate = bool(eval_sets) and ctx.rank0 and not ctx.sharded
+    evaluate = bool(eval_sets) and ctx.rank0 and (streamed is not None or not ctx.sharded)
     if eval_sets and ctx.sharded and ctx.rank0:
         log.info("trainer=fsdp: the evaluation sets are not scored (the weight SQNR is)")
     per_unit: list[Step] = [Bootstrap(), Measure("measure", "max")]
-    if algorithm.refines and evaluate:
+    if algorithm.refines and evaluate and streamed is None:
         per_unit.append(MaxPerplexity(eval_sets))
     per_unit.append(AlgorithmStep(algorithm))
     once: list[Step] = [ExportStep(export, tokenizer, dtypes, source_format)]
     if evaluate:
-        once.append(Evaluate(eval_sets))
-    return StepPlan(per_unit, once, keep=evaluate)
+        once.append(Evaluate(eval_sets, streamed))
+    return StepPlan(per_unit, once, keep=evaluate and streamed is None)

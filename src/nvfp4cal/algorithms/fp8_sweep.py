@@ -22,6 +22,14 @@ class SweepParams:
             raise AlgorithmError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
 
 
+def sweep_scales(unit: Unit, run: UnitRun, kernel: str, hessian: bool = False, diag: bool = False) -> None:
+    """The FP8-scale sweep over the unit's NVFP4 weights (stage ``sweep``; plain, ``hessian``-weighted or
+    ``diag``-weighted), then their errors under the new scales (``measure_mse``). GPTQ fixes its scales so too."""
+    with run.stage("sweep"):
+        run.results.add("sweep", SweepSummary(**mse_sweep(unit.module, run.ctx, kernel, hessian=hessian, diag=diag)))
+    run.measure("measure_mse", "mse", unit)
+
+
 class Fp8Sweep(Algorithm):
     method = "mse"
     Params = SweepParams
@@ -37,7 +45,4 @@ class Fp8Sweep(Algorithm):
         return type(self)(dataclasses.replace(self.params, kernel=kernel))
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
-        with run.stage("sweep"):
-            summary = mse_sweep(unit.module, run.ctx, self.kernel, hessian=self.weighted, diag=self.diag)
-            run.results.add("sweep", SweepSummary(**summary))
-        run.measure("measure_mse", "mse", unit)
+        sweep_scales(unit, run, self.kernel, hessian=self.weighted, diag=self.diag)

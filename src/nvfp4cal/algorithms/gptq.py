@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..model.rounding import gptq_weights
-from ..model.sweep import KERNELS, mse_sweep
-from ..results import GptqSummary, SweepSummary
+from ..model.sweep import KERNELS
+from ..results import GptqSummary
 from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
+from .fp8_sweep import sweep_scales
 
 SCALES = ("max", "mse", "hessian_mse")  # how the fixed block scales are chosen
 
@@ -56,10 +57,7 @@ class Gptq(Algorithm):
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params
         if p.scales != "max":
-            with run.stage("sweep"):
-                summary = mse_sweep(unit.module, run.ctx, p.kernel, hessian=p.scales == "hessian_mse")
-                run.results.add("sweep", SweepSummary(**summary))
-            run.measure("measure_mse", "mse", unit)
+            sweep_scales(unit, run, p.kernel, hessian=p.scales == "hessian_mse")
         with run.stage("gptq"):
             summary, per_weight = gptq_weights(unit.module, run.ctx, p)
             run.results.add("gptq", GptqSummary(**summary))

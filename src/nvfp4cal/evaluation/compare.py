@@ -72,29 +72,33 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare(model, batches) -> Comparison:
-    """The whole model with its quantizers off (the original) and in quant mode, batch by batch."""
-    device = next(model.parameters()).device
-    comp = Comparison()
-    try:
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            set_mode(model, "off")
-            original = model(input_ids=ids, use_cache=False).logits
-            set_mode(model, "quant")
-            quantized = model(input_ids=ids, use_cache=False).logits
-            comp.add(original, quantized, ids)
-    finally:
-        set_mode(model, "off")
-    return comp
-
-
-@torch.no_grad()
-def compare_models(original, quantized, batches) -> Comparison:
-    """Two models (an original and a checkpoint read back) on the same batches."""
-    device = next(original.parameters()).device
+def compare_forwards(batches, device: torch.device, original, quantized) -> Comparison:
+    """``original(ids)`` and ``quantized(ids)`` (logits) compared on every batch."""
     comp = Comparison()
     for batch in batches:
         ids = batch["input_ids"].to(device)
-        comp.add(original(input_ids=ids, use_cache=False).logits, quantized(input_ids=ids, use_cache=False).logits, ids)
+        comp.add(original(ids), quantized(ids), ids)
     return comp
+
+
+def compare(model, batches) -> Comparison:
+    """The whole model with its quantizers off (the original) and in quant mode, batch by batch."""
+
+    def in_mode(mode: str):
+        def logits(ids):
+            set_mode(model, mode)
+            return model(input_ids=ids, use_cache=False).logits
+
+        return logits
+
+    try:
+        return compare_forwards(batches, next(model.parameters()).device, in_mode("off"), in_mode("quant"))
+    finally:
+        set_mode(model, "off")
+
+
+def compare_models(original, quantized, batches) -> Comparison:
+    """Two models (an original and a checkpoint read back) on the same batches."""
+    return compare_forwards(batches, next(original.parameters()).device,
+                            lambda ids: original(input_ids=ids, use_cache=False).logits,
+                            lambda ids: quantized(input_ids=ids, use_cache=False).logits)  # fmt: skip

@@ -87,14 +87,14 @@ class InputQuantizer(nn.Module):
         moved to the GPU after the Hessians were enabled accumulates there)."""
         if self.hessian.device != x.device:
             self.hessian = self.hessian.to(x.device)
-        if self.diag_hessian:
-            rows = x.detach().reshape(-1, x.shape[-1]).float()
-            self.hessian[i] += rows.square().sum(0).to(torch.float64)
-        elif self.full_hessian:
-            rows = x.detach().reshape(-1, x.shape[-1]).float()
-            self.hessian[i] += rows.t() @ rows
-        else:
+        if not (self.diag_hessian or self.full_hessian):
             self.hessian[i] += block_hessian(x).to(torch.float64)
+            return
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.diag_hessian:
+            self.hessian[i] += rows.square().sum(0).to(torch.float64)
+        else:
+            self.hessian[i] += rows.t() @ rows
 
     def observe(self, x: torch.Tensor, i: int = 0) -> None:
         if x.numel():

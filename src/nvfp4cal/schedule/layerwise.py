@@ -55,7 +55,8 @@ from ..numerics.errors import UserError
 from ..results import Results
 from .activations import ActivationStore, choose_offload, nbytes
 from .layer_state import LayerState, changed_weights, restore_weights
-from .recorder import Recorder
+from .recorder import captured, restore
+from .recorder import record as record_layers
 from .streamed import evaluate_streamed
 
 log = logging.getLogger("nvfp4cal")
@@ -246,19 +247,14 @@ class LayerwiseSchedule:
     # -- 1. capture (the Trainer's pass) ---------------------------------------------------------------
     def start(self, model: nn.Module, ctx: RunContext) -> None:
         self._sink: dict = {}
-        self._saved_forwards = []
-        for i, (_, layer) in enumerate(self.materializer.layers):
-            rec = Recorder(i, self._sink)
-            self._saved_forwards.append(layer.forward)
-            layer.forward = rec.forward
+        self._saved_forwards = record_layers(self.materializer.layers, self._sink)
         set_mode(model, "off")
         self._root = Path(self.config.state_dir) / f"activations_rank{ctx.rank}"
 
     @torch.no_grad()
     def observe(self, model: nn.Module, batch: dict, extra: dict, ctx: RunContext, n_batches: int) -> None:
-        self._sink.clear()
-        model(input_ids=batch["input_ids"].to(ctx.device), use_cache=False, **extra)
-        item = (self._sink["hidden"], [self._sink["kwargs"][i] for i in range(len(self.materializer.layers))])
+        ids = batch["input_ids"].to(ctx.device)
+        item = captured(model, ids, self._sink, len(self.materializer.layers), **extra)
         if self.store is None:
             estimate = nbytes(item[0]) * n_batches + nbytes(item[1]) * n_batches  # keyword inputs: an upper bound
             where = choose_offload(self.config.offload, estimate, ctx.device)
@@ -274,8 +270,7 @@ class LayerwiseSchedule:
     def finish(self, model: nn.Module, ctx: RunContext, results: Results, run_unit: RunUnit,
                batches: Callable[[], Iterable[dict]] | None = None, extra: dict | None = None) -> None:  # fmt: skip
         """Calibrate, run the steps on and persist every decoder layer in order."""
-        for (_, layer), fwd in zip(self.materializer.layers, self._saved_forwards, strict=True):
-            layer.forward = fwd
+        restore(self.materializer.layers, self._saved_forwards)
         if self.store is None:
             raise UserError("calibration=layerwise: the data gave no calibration batch")
         n = len(self.materializer.layers)

@@ -12,7 +12,7 @@ from torch import nn
 from ..evaluation.compare import Comparison
 from ..model.quantizers import set_mode
 from ..numerics.comm import RunContext
-from .recorder import Recorder
+from .recorder import captured, record, restore, stand_in
 
 
 @torch.no_grad()
@@ -24,20 +24,17 @@ def evaluate_streamed(model: nn.Module, materializer, state, sets: dict, ctx: Ru
     carries both streams on; the model's head (final norm, LM head) then turns each stream's last
     hidden states into logits, compared batch by batch (:mod:`nvfp4cal.evaluation.compare`)."""
     layers = materializer.layers
-    n, sink, saved = len(layers), {}, [layer.forward for _, layer in layers]
-    for i, (_, layer) in enumerate(layers):
-        layer.forward = Recorder(i, sink).forward
+    n, sink = len(layers), {}
+    saved = record(layers, sink)
     streams = []  # per batch: set, ids, original hidden, quantized hidden, every layer's keyword inputs
     try:
         for name, batches in sets.items():
             for batch in batches():
-                sink.clear()
                 ids = batch["input_ids"].to(ctx.device)
-                model(input_ids=ids, use_cache=False)
-                streams.append([name, ids, sink["hidden"], sink["hidden"], [sink["kwargs"][i] for i in range(n)]])
+                hidden, kwargs = captured(model, ids, sink, n)
+                streams.append([name, ids, hidden, hidden, kwargs])
     finally:
-        for (_, layer), fwd in zip(layers, saved, strict=True):
-            layer.forward = fwd
+        restore(layers, saved)
     for i in range(n):
         for slot, saved_state, mode in ((2, None, "off"), (3, state.load(i), "quant")):
             layer = materializer.enter(i, saved_state)
@@ -52,13 +49,13 @@ def evaluate_streamed(model: nn.Module, materializer, state, sets: dict, ctx: Ru
             logits = []
             for slot, mode in ((2, "off"), (3, "quant")):
                 set_mode(model, mode)  # quantized modules outside the decoder layers (an LM head a recipe quantizes)
-                for i, (_, layer) in enumerate(layers):  # the head scores the stream's last hidden states
-                    last = s[slot]
-                    layer.forward = (lambda h, *a, _last=last, **k: _last) if i == n - 1 else (lambda h, *a, **k: h)
+                last = s[slot]  # the head scores the stream's last hidden states
+                stand_in(
+                    layers, lambda i, _last=last: (lambda h, *a, **k: _last) if i == n - 1 else (lambda h, *a, **k: h)
+                )
                 logits.append(model(input_ids=s[1], use_cache=False).logits)
             out[s[0]].add(logits[0], logits[1], s[1])
     finally:
         set_mode(model, "off")
-        for (_, layer), fwd in zip(layers, saved, strict=True):
-            layer.forward = fwd
+        restore(layers, saved)
     return out
