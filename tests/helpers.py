@@ -44,6 +44,31 @@ def run_calibrate(tmp_path: Path, overrides: list[str]):
     return run(cfg, tmp_path / "run", explicit=overrides)
 
 
+def user_message(tmp_path: Path, args: list[str]) -> str:
+    """The one line the command prints for the mistake in ``args`` (failing the test if it would be a traceback)."""
+    import pytest
+
+    from nvfp4cal.calibrate import run
+    from nvfp4cal.console import user_error
+
+    with pytest.raises(Exception) as info:  # noqa: PT011 (any error; user_error decides)
+        run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
+    msg = user_error(info.value)
+    assert msg is not None, f"a traceback, not a one-line error: {info.value!r}"
+    assert "\n" not in msg
+    return msg
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Two checkpoints hold the same tensor names and every tensor byte for byte (FP8 compared as bytes)."""
+    from nvfp4cal.checkpoint.reload import read_tensors
+
+    ta, tb = read_tensors(a), read_tensors(b)
+    return ta.keys() == tb.keys() and all(
+        ta[k].reshape(-1).view(torch.uint8).equal(tb[k].reshape(-1).view(torch.uint8)) for k in ta
+    )
+
+
 def tiny_model(name: str):
     """A tiny model from its yaml under conf/model/ (random weights, seeded), without quantizers."""
     from hydra.utils import instantiate

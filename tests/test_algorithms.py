@@ -5,9 +5,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from helpers import SMALL, run_calibrate
+from helpers import SMALL, run_calibrate, same_tensors
 from nvfp4cal.algorithms import METHODS, Algorithm, build_algorithm
-from nvfp4cal.checkpoint.reload import read_tensors
 from nvfp4cal.model.view import weight_quantizers
 from nvfp4cal.recipe import RecipeError
 
@@ -42,12 +41,6 @@ def toy(monkeypatch):
     monkeypatch.setitem(METHODS, ToyShrink.method, ToyShrink)
 
 
-def _same(a, b) -> bool:
-    ta, tb = read_tensors(a), read_tensors(b)
-    same = lambda x, y: x.view(torch.uint8).equal(y.view(torch.uint8)) if x.dtype.itemsize == 1 else x.equal(y)  # noqa: E731
-    return ta.keys() == tb.keys() and all(same(ta[k], tb[k]) for k in ta)
-
-
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
 def test_a_weight_changing_algorithm_persists_in_both_schedules(tmp_path, toy, model):
     args = [f"model={model}", "recipe=nvfp4_max", *SMALL, "report.perplexity=false", "+model.init=per_param"]
@@ -55,8 +48,8 @@ def test_a_weight_changing_algorithm_persists_in_both_schedules(tmp_path, toy, m
     run_calibrate(tmp_path / "max", args)
     run_calibrate(tmp_path / "whole", toy_args)
     lw = run_calibrate(tmp_path / "lw", [*toy_args, "calibration=layerwise"])
-    assert not _same(tmp_path / "max" / "ckpt", tmp_path / "whole" / "ckpt")  # the toy changed the checkpoint
-    assert _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")  # and the layer state kept every change
+    assert not same_tensors(tmp_path / "max" / "ckpt", tmp_path / "whole" / "ckpt")  # the toy changed the checkpoint
+    assert same_tensors(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")  # and the layer state kept every change
     assert lw.report["algorithm"] == {"method": "toy_shrink", "kernel": "auto", "factor": 0.75}
 
 

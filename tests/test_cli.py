@@ -1,6 +1,6 @@
 """The command line: a user's mistake is one line on stderr and exit code 2, never a traceback.
 
-The messages are checked in-process (the entry point prints ``user_error``'s line for them); one
+The messages are checked in-process (``helpers.user_message``: the line the entry point prints); one
 subprocess keeps the exit-code contract of the real command.
 """
 
@@ -10,25 +10,13 @@ import sys
 
 import pytest
 
-from helpers import compose, run_calibrate
-from nvfp4cal.calibrate import run
-from nvfp4cal.console import user_error
+from helpers import run_calibrate, user_message
 
 
 def _cli(tmp_path, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "nvfp4cal.calibrate", f"hydra.run.dir={tmp_path}/run", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _message(tmp_path, args) -> str:
-    """The one line the command prints for ``args`` (failing the test if it would be a traceback)."""
-    with pytest.raises(Exception) as info:  # noqa: PT011 (any error; user_error decides)
-        run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
-    msg = user_error(info.value)
-    assert msg is not None, f"a traceback, not a one-line error: {info.value!r}"
-    assert "\n" not in msg
-    return msg
 
 
 @pytest.mark.parametrize(
@@ -56,7 +44,7 @@ def _message(tmp_path, args) -> str:
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
-    assert message in _message(tmp_path, args)
+    assert message in user_message(tmp_path, args)
 
 
 @pytest.mark.xdist_group("subprocess")  # one CLI process: its own worker, beside the torchrun group
@@ -99,9 +87,9 @@ def test_data_is_checked_before_the_model_loads(tmp_path):
     """A bad data setting fails before any model is read (here the model path does not exist either:
     the data error comes first)."""
     bad_model = ["model=hf", "model.path=/no/such/model"]
-    assert "data.num_samples must be >= 1" in _message(tmp_path, [*bad_model, "data.num_samples=0"])
+    assert "data.num_samples must be >= 1" in user_message(tmp_path, [*bad_model, "data.num_samples=0"])
     missing = ["data=text", "data.source.path=/no/such/file.txt"]
-    assert "matches no file" in _message(tmp_path, [*bad_model, *missing])
+    assert "matches no file" in user_message(tmp_path, [*bad_model, *missing])
 
 
 @pytest.mark.xdist_group("subprocess")

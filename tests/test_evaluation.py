@@ -6,9 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import SMALL, compose, run_calibrate
-from nvfp4cal.calibrate import run
-from nvfp4cal.console import user_error
+from helpers import SMALL, compose, run_calibrate, user_message
 from nvfp4cal.evaluation.compare import Comparison
 from nvfp4cal.evaluation.report import worse_than_max
 
@@ -68,24 +66,16 @@ def test_an_evaluation_set_from_files(tmp_path):
     assert set(ev) == {"corpus", "code", "files"} and ev["files"]["tokens"] == 3 * 15
 
 
-def _message(tmp_path, args) -> str:
-    with pytest.raises(Exception) as info:  # noqa: PT011
-        run(compose([f"export.dir={tmp_path}/ckpt", "trainer.enable_progress_bar=false", *args]), tmp_path / "run")
-    msg = user_error(info.value)
-    assert msg is not None and "\n" not in msg, repr(info.value)
-    return msg
-
-
 def test_bad_evaluation_input_is_one_line(tmp_path):
     missing = "{source: {_target_: nvfp4cal.texts.local_texts, path: /no/such/eval.txt}, rows: 2, seq_len: 16}"
     # the model path does not exist either: the evaluation file is checked first
-    assert "matches no file" in _message(tmp_path, ["model=hf", "model.path=/no/such", f"+eval.sets.x={missing}"])
+    assert "matches no file" in user_message(tmp_path, ["model=hf", "model.path=/no/such", f"+eval.sets.x={missing}"])
     (tmp_path / "short.txt").write_text("a few words\n")
     short = f"{{source: {{_target_: nvfp4cal.texts.local_texts, path: {tmp_path}/short.txt}}, rows: 2, seq_len: 512}}"
-    assert "eval.sets.x holds fewer than seq_len=512 tokens" in _message(
+    assert "eval.sets.x holds fewer than seq_len=512 tokens" in user_message(
         tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", *SMALL, f"+eval.sets.x={short}"]
     )
-    assert "rows must be >= 1" in _message(tmp_path, ["model=tiny_llama", "eval.sets.code.rows=0"])
+    assert "rows must be >= 1" in user_message(tmp_path, ["model=tiny_llama", "eval.sets.code.rows=0"])
 
 
 def _original_dir(tmp_path):

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from helpers import run_calibrate
+from helpers import run_calibrate, same_tensors
 from nvfp4cal.checkpoint.reload import read_tensors, rebuild_model
 from nvfp4cal.cli.verify import verify
 from nvfp4cal.numerics import nvfp4
@@ -109,10 +109,7 @@ def test_gptq_chooses_the_schedule_it_needs(tmp_path, caplog):
     assert chosen.report["gptq"]["weights"] == 14
     explicit = run_calibrate(tmp_path / "explicit", ["model=tiny_llama", "recipe=nvfp4_gptq", *small,
                                                      "calibration=layerwise", "calibration.propagate=quantized"])  # fmt: skip
-    a, b = read_tensors(tmp_path / "chosen" / "ckpt"), read_tensors(tmp_path / "explicit" / "ckpt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8) if a[k].dtype.itemsize == 1 else a[k],
-                                                    b[k].view(torch.uint8) if b[k].dtype.itemsize == 1 else b[k])
-                                        for k in a)  # fmt: skip
+    assert same_tensors(tmp_path / "chosen" / "ckpt", tmp_path / "explicit" / "ckpt")
     assert explicit.report["gptq"] == chosen.report["gptq"]
 
 

@@ -117,10 +117,7 @@ def test_a_model_held_in_memory_runs_layer_by_layer(tmp_path):
     args = ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL]
     whole = run_calibrate(tmp_path / "whole", args)
     lw = run_calibrate(tmp_path / "lw", [*args, "calibration=layerwise"])
-    a, b = read_tensors(tmp_path / "whole" / "ckpt"), read_tensors(tmp_path / "lw" / "ckpt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].view(torch.uint8).equal(b[k].view(torch.uint8)) if a[k].dtype.itemsize == 1 else a[k].equal(b[k]), k
+    _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")
     assert not any(p.is_meta for p in lw.model.parameters())
     wq = dict(whole.model.named_buffers())
     for n, t in lw.model.named_buffers():
