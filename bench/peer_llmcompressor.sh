@@ -14,7 +14,7 @@ if [ ! -f "$VENV/.ready" ]; then
 fi
 mkdir -p "$OUT"
 .venv/bin/python bench/quality.py --dump-tokens "$OUT/tokens.safetensors"
-MODEL=$(.venv/bin/python -c "from nvfp4cal.model.loaders import smollm2_dir; print(smollm2_dir('.cache'))")
+MODEL=$(.venv/bin/python -c "from nvfp4cal.model.packaged import smollm2_dir; print(smollm2_dir('.cache'))")
 "$VENV/bin/python" bench/peer_llmcompressor.py "$MODEL" "$OUT/tokens.safetensors" "$OUT/llmcompressor"
 .venv/bin/python bench/quality.py --keep "$OUT/nvfp4cal" --out "$OUT/ours.md"
 .venv/bin/python bench/quality.py --out "$OUT/judged.md" --judge "$OUT"/nvfp4cal/* "$OUT"/llmcompressor/*/

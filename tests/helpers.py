@@ -22,7 +22,8 @@ WHOLE_MODEL_RECIPES = [r for r in RECIPES if r not in GPTQ_RECIPES]
 
 
 TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
-MOE_FAMILIES = [m for m in TINY_MODELS if m != "tiny_llama"]  # every tiny model but the dense one is an MoE
+DENSE_FAMILIES = ["tiny_gemma3", "tiny_llama"]
+MOE_FAMILIES = [m for m in TINY_MODELS if m not in DENSE_FAMILIES]  # every tiny model but the dense ones is an MoE
 SMALL = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
 
 

@@ -7,7 +7,7 @@ import torch
 
 from nvfp4cal.lightning.data import CalibrationData
 from nvfp4cal.model.loaders import byte_tokenizer
-from nvfp4cal.texts import DataError, local_texts, pydoc_texts
+from nvfp4cal.texts import DataError, local_texts, pack, pydoc_texts
 
 
 def _dm(source, **kw):
@@ -102,3 +102,22 @@ def test_sources_mix_by_weight_deterministically():
     assert torch.equal(dm.calib, again.calib) and torch.equal(dm.held_out, again.held_out)
     with pytest.raises(DataError, match=r"data.sources\[0\].weight"):
         CalibrationData(tokenizer=byte_tokenizer(), sources=[{"name": "a", "weight": 0, "source": a}])
+
+
+def test_rows_start_with_bos_only_where_the_tokenizer_adds_one():
+    """A tokenizer that starts its inputs with BOS (Gemma, Llama 3): every row is BOS + seq_len - 1 tokens
+    of the stream; one that adds none (SmolLM2's, the byte tokenizer): plain cuts, as before."""
+    texts = list(pydoc_texts()["text"][:20])
+    plain, plain_stats = pack(texts, byte_tokenizer(), 32)
+    stream = [i for t in texts if t.strip() for i in (*byte_tokenizer()(t).input_ids, 256)]
+    assert torch.equal(plain.flatten(), torch.tensor(stream[: plain.numel()]))  # today's rows, byte for byte
+    assert not plain_stats["bos"]
+    tok = byte_tokenizer(bos=True)
+    rows, stats = pack(texts, tok, 32)
+    assert stats["bos"] and (rows[:, 0] == tok.bos_token_id).all()
+    assert (rows[:, 1:] != tok.bos_token_id).all()  # no BOS inside a row
+    assert torch.equal(rows[:, 1:].flatten(), torch.tensor(stream[: rows[:, 1:].numel()]))
+    data = CalibrationData(pydoc_texts(), tok, num_samples=4, seq_len=32, eval_samples=2)
+    data.setup()
+    assert (data.calib[:, 0] == tok.bos_token_id).all() and (data.held_out[:, 0] == tok.bos_token_id).all()
+    assert data.stats["sources"]["data"]["bos"]

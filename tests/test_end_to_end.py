@@ -1,12 +1,15 @@
 """Tiny models through the whole pipeline; the export reloads bit-exactly and runs like the fake-quant model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+import nvfp4cal
 from helpers import (
+    RECIPES,
     SMALL,
     WHOLE_MODEL_RECIPES,
     check_round_trip,
@@ -204,7 +207,7 @@ def test_mixed_chat_and_prose_sources_from_the_command_line(tmp_path, monkeypatc
 
     tok = models.byte_tokenizer()
     tok.chat_template = template
-    monkeypatch.setattr(models, "byte_tokenizer", lambda: tok)  # the tiny models' tokenizer, with a template
+    monkeypatch.setattr(models, "byte_tokenizer", lambda bos=False: tok)  # the tiny models' tokenizer, with a template
     res = run_calibrate(
         tmp_path, ["model=tiny_llama", "recipe=nvfp4_max", "data=mix", f"data.sources={sources}",
                    "data.chat_template=true", *SMALL],
@@ -212,3 +215,22 @@ def test_mixed_chat_and_prose_sources_from_the_command_line(tmp_path, monkeypatc
     st = res.report["data"]["sources"]
     assert (st["chat"]["calibration"], st["prose"]["calibration"]) == (3, 3)
     assert st["chat"]["texts"] == 20 and st["prose"]["texts"] > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gemma3_every_recipe_both_layouts(tmp_path, recipe):
+    """Gemma 3 (1 KV head, q/k norms, sliding and global attention, tied embeddings, rows led by BOS)
+    through every shipped recipe, in whichever schedule the recipe needs: both layouts written and verified,
+    the ModelOpt one reloaded bit-exactly. Experts-only recipes have nothing to quantize in a dense model."""
+    args = ["model=tiny_gemma3", f"recipe={recipe}", "export.format=both", *SMALL]
+    if "experts_only" in recipe:
+        with pytest.raises(UserError, match="matches no quantizable module"):
+            run_calibrate(tmp_path, args)
+        return
+    res = run_calibrate(tmp_path, args)
+    assert res.report["data"]["sources"]["data"]["bos"] and (res.data.calib[:, 0] == res.tokenizer.bos_token_id).all()
+    assert [e["format"] for e in res.report["exports"]] == ["modelopt", "compressed_tensors"]
+    for e in res.report["exports"]:
+        v = nvfp4cal.verify(e["dir"])
+        assert v.ok and (v.quantized or v.fp8), v.problems
+    check_round_trip(res, Path(res.report["exports"][0]["dir"]))

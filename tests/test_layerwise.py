@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import MOE_FAMILIES, SMALL, WHOLE_MODEL_RECIPES, run_calibrate
+from helpers import DENSE_FAMILIES, MOE_FAMILIES, SMALL, WHOLE_MODEL_RECIPES, run_calibrate
 from nvfp4cal.checkpoint.reload import read_tensors
 from nvfp4cal.cli.verify import verify
 from nvfp4cal.numerics.errors import UserError
@@ -38,7 +38,7 @@ def _pair(tmp_path, model, recipe, *layerwise):
     return whole, lw
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", *MOE_FAMILIES])
+@pytest.mark.parametrize("model", [*DENSE_FAMILIES, *MOE_FAMILIES])
 def test_every_family_matches_the_whole_model_run(tmp_path, model):
     whole, lw = _pair(tmp_path, model, "nvfp4_hessian_mse")
     _same(tmp_path / "whole" / "ckpt", tmp_path / "lw" / "ckpt")

@@ -3,7 +3,7 @@
 import pytest
 from hydra.utils import instantiate
 
-from helpers import RECIPES, TINY_MODELS, compose
+from helpers import DENSE_FAMILIES, RECIPES, TINY_MODELS, compose
 from nvfp4cal.model.insert import insert_quantizers
 from nvfp4cal.recipe import RecipeError, build_recipe
 
@@ -39,7 +39,7 @@ def test_every_recipe_composes_with_every_tiny_model(model, recipe):
     assert r.name == recipe
     loaded = instantiate(cfg.model, _convert_="all")
     plan = insert_quantizers(loaded.model, r)
-    is_moe = model != "tiny_llama"
+    is_moe = model not in DENSE_FAMILIES
     if "experts_only" in recipe:
         assert all(".experts." in n for n in plan.quantized)
         assert bool(plan.quantized) == is_moe

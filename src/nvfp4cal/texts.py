@@ -88,27 +88,49 @@ def hub_texts(
     return _column(ds, text_field, messages, name)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every input (Gemma, Llama 3, ...), or None where it adds none
+    (GPT-2-style tokenizers such as SmolLM2's, the tiny models' byte tokenizer)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
+
+
 def pack(texts: list[str], tokenizer, seq_len: int, max_rows: int | None = None) -> tuple[torch.Tensor, dict]:
     """Token ids of all texts joined by EOS, cut into [n, seq_len] (the ragged tail is dropped), and
-    what packing did: texts, tokens, samples, tokens dropped, texts longer than one sample.
+    what packing did: texts, tokens, samples, tokens dropped, texts longer than one sample, ``bos``.
+
+    Rows are what the model reads in use: where the tokenizer starts every input with BOS
+    (:func:`leading_bos`), each row is BOS + ``seq_len - 1`` tokens of the stream (a text that starts with
+    BOS, e.g. a rendered chat template, loses that one); otherwise rows are plain cuts of the stream.
     ``max_rows``: stop reading texts once that many rows are full (the first rows are the same)."""
-    eos = tokenizer.eos_token_id
+    eos, bos = tokenizer.eos_token_id, leading_bos(tokenizer)
+    body = seq_len - (bos is not None)
+    if body < 1:
+        raise DataError(f"seq_len={seq_len} leaves no token after the tokenizer's BOS; use seq_len >= 2")
     ids: list[int] = []
     used = longer = 0
     for t in texts:
         if t and t.strip():
             piece = tokenizer(t, add_special_tokens=False).input_ids
+            if bos is not None and piece[:1] == [bos]:
+                piece = piece[1:]
             ids.extend(piece)
             used += 1
-            longer += len(piece) + (eos is not None) > seq_len
+            longer += len(piece) + (eos is not None) > body
             if eos is not None:
                 ids.append(eos)
-            if max_rows is not None and len(ids) >= max_rows * seq_len:
+            if max_rows is not None and len(ids) >= max_rows * body:
                 break
-    n = len(ids) // seq_len if max_rows is None else min(len(ids) // seq_len, max_rows)
-    stats = {"texts": used, "tokens": len(ids), "samples": n, "tokens_dropped": len(ids) - n * seq_len,
-             "texts_split_across_samples": longer}  # fmt: skip
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len), stats
+    n = len(ids) // body if max_rows is None else min(len(ids) // body, max_rows)
+    stats = {"texts": used, "tokens": len(ids), "samples": n, "tokens_dropped": len(ids) - n * body,
+             "texts_split_across_samples": longer, "bos": bos is not None}  # fmt: skip
+    rows = torch.tensor(ids[: n * body], dtype=torch.long).reshape(n, body)
+    if bos is not None:
+        rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], dim=1)
+    return rows, stats
 
 
 # stdlib modules whose source is the embedded "code" evaluation set (ships with every Python)

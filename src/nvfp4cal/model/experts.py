@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..numerics import nvfp4
 from ..numerics.errors import UserError
 from .quantizers import InputQuantizer, WeightQuantizer
 
@@ -121,7 +120,7 @@ class QuantExpertsMixin:
             q.observe(x, e)
             return x
         if q.mode == "quant" and on and q.kind == "nvfp4":  # kind "none": weight-only, inputs as they are
-            return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
+            return q.fake_quant(x)
         return x
 
     def _weight(self, pname: str, wq: WeightQuantizer | None) -> torch.Tensor:
@@ -178,7 +177,7 @@ class QuantExpertsMixin:
                         q.add_hessian(e, seg)
             return x
         if q.mode == "quant" and on and q.kind == "nvfp4":  # kind "none": weight-only, inputs as they are
-            return nvfp4.fake_quantize_dynamic(x, q.input_scale().to(x.device))
+            return q.fake_quant(x)
         return x
 
     def forward_grouped(self, hidden_states, top_k_index, top_k_weights):

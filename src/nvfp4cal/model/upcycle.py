@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..numerics.errors import UserError
-from .loaders import LoadedModel, load_smollm2
+from .loaders import LoadedModel
+from .packaged import load_smollm2
 
 
 @torch.no_grad()

@@ -1,0 +1,171 @@
+"""Layer-output tuning of one decoder layer: rounding offsets and block-scale factors for every NVFP4 weight,
+learnt by signed gradient descent on the layer's output error (:mod:`nvfp4cal.numerics.tune`).
+
+For layer ``l`` with quantized inputs ``x_q`` (its quantized predecessors' outputs) and targets
+``y = layer_l(x)`` (the unquantized layer on unquantized inputs), minimise over ``(v, alpha)``::
+
+    L(v, alpha) = mean_t || layer_l^{W4A4}(x_q; v, alpha) - y ||^2
+
+with every input quantizer in the forward (gradients straight through the roundings). Each iteration takes
+one training batch; ``v <- clip(v - lr_t sign(dL/dv), -offset, offset)``, ``alpha <- clip(alpha - lr_t
+sign(dL/dalpha), 1 - scale, 1 + scale)``, ``lr_t = lr (1 - t / iterations)``. Under data parallelism the
+gradients and losses are summed across ranks first (every rank takes the same step).
+
+The guard: the last ``validation`` share of the layer's batches is never trained on; the kept iterate is the
+one with the lowest validation loss among the start and every ``eval_every``-th iterate, so it is never worse
+than the start on validation (without a validation batch: on the training batches). The kept ``(v, alpha)``
+become on-grid weights and block amaxes that the export packs into exactly the tuned forward's values; a
+kept start changes nothing (byte-identical). Experts whose input saw fewer than ``min_tokens`` rows keep the
+start and are listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..numerics.comm import RunContext
+from ..numerics.tune import frozen, tuned_fake_quantize
+from .quantizers import InputQuantizer, KVCastQuantizer, set_mode
+from .view import weight_inputs, weight_quantizers
+
+
+@dataclass
+class Tunable:
+    """One NVFP4 weight under tuning: its offsets ``v`` and block-scale factors ``alpha``."""
+
+    name: str
+    wq: object
+    w: torch.Tensor
+    v: torch.Tensor
+    alpha: torch.Tensor
+    frozen_experts: list[int]
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        return tuned_fake_quantize(w, self.wq.block_amax, self.wq.scale_2_bcast(w.device), self.v, self.alpha)
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Tuning:
+    """The unit in tuning mode for the duration of a ``with``: weights through their tunable fake quant,
+    gradients through every quantizer, the unit's own parameters frozen."""
+
+    def __init__(self, module: nn.Module, items: list[Tunable]):
+        self.module, self.items = module, items
+
+    def __enter__(self):
+        self.grads = {p: p.requires_grad for p in self.module.parameters()}
+        for p in self.grads:
+            p.requires_grad_(False)
+        for t in self.items:
+            t.wq.tuned = t.fake_quant
+        for m in self.module.modules():
+            if isinstance(m, (InputQuantizer, KVCastQuantizer)):
+                m.grad_through = True
+        set_mode(self.module, "quant")
+        return self
+
+    def __exit__(self, *exc):
+        set_mode(self.module, "off")
+        for m in self.module.modules():
+            if isinstance(m, (InputQuantizer, KVCastQuantizer)):
+                m.grad_through = False
+        for t in self.items:
+            t.wq.tuned = None
+            t.wq.clear_cache()
+        for p, g in self.grads.items():
+            p.requires_grad_(g)
+
+
+def _split(n: int, share: float) -> tuple[list[int], list[int]]:
+    """(training, validation) batch indices: the last ``round(n * share)`` batches validate (at least one
+    when ``share > 0`` and ``n >= 2``; none with a single batch)."""
+    n_val = 0 if n < 2 or share <= 0 else min(n - 1, max(1, round(n * share)))
+    return list(range(n - n_val)), list(range(n - n_val, n))
+
+
+def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunContext) -> dict:
+    """Tune every NVFP4 weight of ``module`` (a decoder layer in its scope, quantizers calibrated) on
+    ``inputs`` (``batch(b) -> (args, kwargs)``, ``target(b)``, ``len``); returns the layer's record."""
+    dev = ctx.device
+    seen = weight_inputs(module)
+    items = []
+    for name, wq, w in weight_quantizers(module):
+        lead = w.shape[:-2]
+        counts = seen[name].seen.reshape(-1) if name in seen else None
+        low = [e for e in range(counts.numel()) if int(counts[e]) < params.min_tokens] if counts is not None else []
+        if lead.numel() == 1 and low:
+            continue  # a Linear that saw too few rows: keeps its start
+        v = torch.zeros(w.shape, dtype=torch.float32, device=w.device, requires_grad=True)
+        alpha = torch.ones(wq.block_amax.shape, dtype=torch.float32, device=w.device, requires_grad=True)
+        items.append(Tunable(name, wq, w, v, alpha, low if lead.numel() > 1 else []))
+    train, val = _split(len(inputs), params.validation)
+    record = {"weights": len(items), "train_batches": len(train), "validation_batches": len(val),
+              "kept_start": [f"{t.name}[{e}]" for t in items for e in t.frozen_experts]}  # fmt: skip
+    if not items or params.iterations == 0 or not train:
+        return {**record, "iterations": 0, "kept_iteration": 0}
+    select = val or train
+    lr = params.lr if params.lr is not None else 1.0 / params.iterations
+
+    def loss(b: int) -> torch.Tensor:
+        args, kwargs = inputs.batch(b)
+        y = _output(forward(*args, **kwargs)).float()
+        return (y - inputs.target(b).to(y.device).float()).pow(2).mean()
+
+    @torch.no_grad()
+    def mean_loss(batches: list[int]) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        for b in batches:
+            total += loss(b).double()
+        n = torch.tensor(float(len(batches)), dtype=torch.float64, device=dev)
+        if ctx.world > 1:
+            ctx.comm.sum_(total), ctx.comm.sum_(n)
+        return float(total / n)
+
+    tensors = [x for t in items for x in (t.v, t.alpha)]
+    with _Tuning(module, items):
+        start_train, start_sel = mean_loss(train), mean_loss(select)
+        best, best_at, best_state = start_sel, 0, None
+        for it in range(params.iterations):
+            with torch.enable_grad():
+                loss(train[it % len(train)]).backward()
+            with torch.no_grad():
+                step = lr * (1.0 - it / params.iterations)
+                for t in items:
+                    for x, bound in ((t.v, params.offset), (t.alpha, params.scale)):
+                        g = x.grad
+                        if ctx.world > 1:
+                            ctx.comm.sum_(g)
+                        x.sub_(step * torch.sign(g))
+                        centre = 0.0 if x is t.v else 1.0
+                        x.clamp_(centre - bound, centre + bound)
+                        x.grad = None
+                    for e in t.frozen_experts:  # too few rows: the start
+                        t.v[e].zero_(), t.alpha[e].fill_(1.0)
+            if (it + 1) % params.eval_every == 0 or it + 1 == params.iterations:
+                cur = mean_loss(select)
+                if cur < best:
+                    best, best_at = cur, it + 1
+                    best_state = [x.detach().clone() for x in tensors]
+        if best_state is not None:
+            with torch.no_grad():
+                for x, kept in zip(tensors, best_state, strict=True):
+                    x.copy_(kept)
+            kept_train = mean_loss(train)
+        else:
+            kept_train = start_train
+    if best_state is not None:  # the kept iterate becomes on-grid weights and block amaxes
+        with torch.no_grad():
+            for t in items:
+                s2 = t.wq.scale_2_bcast(t.w.device)
+                w_new, amax = frozen(t.w, t.wq.block_amax, s2, t.v, t.alpha)
+                t.w.copy_(w_new)
+                t.wq.block_amax.copy_(amax)
+                t.wq.clear_cache()
+    return {**record, "iterations": params.iterations, "kept_iteration": best_at,
+            "train_loss": [start_train, kept_train], "validation_loss": [start_sel, best] if val else None}  # fmt: skip

@@ -1,0 +1,75 @@
+"""NVFP4 fake quantization with learnable rounding offsets and block-scale factors (layer-output tuning).
+
+For a weight ``w`` [..., in] with block amaxes ``a_b``, per-tensor ``s2`` (:mod:`.nvfp4`), rounding offsets
+``v`` (the shape of ``w``) and block-scale factors ``alpha`` (the shape of ``a_b``)::
+
+    code_b = E4M3_rne(clamp(alpha_b * (a_b / 6) / s2, 2^-9, 448))     # the exported FP8 scale byte
+    step_b = float(code_b) * s2
+    q      = sign(w / step_b + v) * e2m1_round(|w / step_b + v|)        # the exported E2M1 value
+    w_q    = q * step_b
+
+With ``v = 0`` and ``alpha = 1`` every value equals :func:`.nvfp4.fake_quantize` bit for bit. Gradients
+pass straight through both roundings (``d code / d ratio = 1``, ``d q / d y = 1``); the forward is exactly
+what the checkpoint holds: :func:`frozen` turns ``(v, alpha)`` into on-grid weights and block amaxes that
+the export packs into the same nibbles and scale bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import nvfp4
+
+
+class _Through(torch.autograd.Function):
+    """``rounded`` in the forward, the identity's gradient to ``x`` in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return rounded
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """``rounded`` (exactly) with the gradient of ``x`` (the straight-through estimator)."""
+    return _Through.apply(x, rounded.detach()) if x.requires_grad else rounded
+
+
+def tuned_steps(blk_amax: torch.Tensor, s2: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``step_b = float(E4M3(clamp(alpha * a_b / 6 / s2, 2^-9, 448))) * s2`` (fp32, differentiable in alpha)."""
+    ratio = (nvfp4.div(blk_amax.float(), nvfp4.FP4_MAX) / s2.float()) * alpha
+    ratio = ratio.clamp(nvfp4.FP8_MIN_SUBNORMAL, nvfp4.FP8_MAX)
+    code = straight_through(ratio, ratio.detach().to(nvfp4.FP8).float())
+    return code * s2.float()
+
+
+def tuned_fake_quantize(
+    w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """``w_q`` of the module docstring, in ``w``'s dtype; differentiable in ``v`` and ``alpha``."""
+    step = tuned_steps(blk_amax, s2, alpha).unsqueeze(-1)
+    y = w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step + v.unflatten(-1, (-1, nvfp4.BLOCK))
+    mag = y.abs()
+    q = straight_through(mag, nvfp4.e2m1_round(mag.detach()))
+    q = torch.where(y < 0, -q, q)
+    return (q * step).flatten(-2).to(w.dtype)
+
+
+@torch.no_grad()
+def frozen(
+    w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, block amaxes) that plain NVFP4 quantization maps to the tuned values: the weight on the
+    tuned grid (``q * step_b``, in ``w``'s dtype) and ``a'_b = float(code_b) * s2 * 6``, whose scale byte is
+    ``code_b`` again, so ``fake_quantize(weight, a', s2)`` equals :func:`tuned_fake_quantize`."""
+    codes = (nvfp4.div(blk_amax.float(), nvfp4.FP4_MAX) / s2.float() * alpha).clamp(
+        nvfp4.FP8_MIN_SUBNORMAL, nvfp4.FP8_MAX
+    )
+    codes = codes.to(nvfp4.FP8).float()
+    amax = codes * s2.float() * nvfp4.FP4_MAX
+    # the byte of a'_b must be code_b: the product's rounding can only land next to an FP8 value
+    assert torch.equal(nvfp4.block_scales(amax, s2).float(), codes), "a tuned block amax does not give its code"
+    return tuned_fake_quantize(w, blk_amax, s2, v, alpha), amax
