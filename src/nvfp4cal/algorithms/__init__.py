@@ -12,8 +12,9 @@ from .gptq import Gptq
 from .hessian_sweep import HessianSweep
 from .imatrix_sweep import ImatrixSweep
 from .max import Max
+from .tune import Tune
 
-METHODS: dict[str, type[Algorithm]] = {a.method: a for a in (Max, Fp8Sweep, ImatrixSweep, HessianSweep, Gptq)}
+METHODS: dict[str, type[Algorithm]] = {a.method: a for a in (Max, Fp8Sweep, ImatrixSweep, HessianSweep, Gptq, Tune)}
 
 __all__ = ["METHODS", "Algorithm", "Max", "AlgorithmError", "Needs", "Unit", "UnitInputs", "UnitRun", "build_algorithm"]
 

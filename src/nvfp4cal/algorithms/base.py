@@ -44,6 +44,9 @@ class Needs:
     layerwise: bool = False  # one decoder layer at a time
     propagate: str | None = None  # "quantized": each layer calibrated on its quantized predecessors' outputs
     whole_weights: bool = False  # every rank holds whole weights (not FSDP rows)
+    # the unquantized layer's outputs on unquantized inputs, per batch (``UnitInputs.target``): the schedule
+    # keeps a second, unquantized stream of hidden states beside the quantized one
+    reference: bool = False
 
     def describe(self) -> str:
         parts = []
@@ -71,11 +74,17 @@ class Unit:
 
 
 class UnitInputs(Protocol):
-    """The calibration inputs of one unit: ``(args, kwargs)`` to call ``unit.forward`` with, per batch."""
+    """The calibration inputs of one unit: ``(args, kwargs)`` to call ``unit.forward`` with, per batch.
+    ``batch(b)``: batch ``b`` alone; ``target(b)``: the unquantized unit's output on unquantized inputs for
+    batch ``b`` (only where the algorithm's ``needs.reference`` asked the schedule to keep them)."""
 
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]: ...
+
+    def batch(self, b: int) -> tuple[tuple, dict]: ...
+
+    def target(self, b: int): ...
 
 
 @dataclass

@@ -104,6 +104,13 @@ class ActivationStore:
         else:
             self.staged[i] = hidden.detach()
 
+    def staged_hidden(self, i: int) -> torch.Tensor:
+        """Batch ``i``'s staged output (before :meth:`commit`), on the device."""
+        h = self.staged[i]
+        if self.where == "disk":
+            h = torch.load(h, weights_only=True)
+        return h.to(self.device)
+
     def commit(self) -> None:
         """The staged outputs become the inputs (the next layer's)."""
         staged, self.staged = self.staged, {}

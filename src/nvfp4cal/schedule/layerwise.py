@@ -203,18 +203,35 @@ class LayerwiseSource(TensorSource):
 
 
 class LayerInputs:
-    """Layer ``i``'s calibration inputs from the activation store: ``((hidden,), kwargs)`` per batch."""
+    """Layer ``i``'s calibration inputs from the activation store: ``((hidden,), kwargs)`` per batch;
+    ``target(b)``: the unquantized layer's output on the unquantized stream (``reference``, staged)."""
 
-    def __init__(self, store: ActivationStore, i: int):
-        self.store, self.i = store, i
+    def __init__(self, store: ActivationStore, i: int, reference: ActivationStore | None = None):
+        self.store, self.i, self.reference = store, i, reference
 
     def __len__(self) -> int:
         return len(self.store)
 
+    def batch(self, b: int) -> tuple[tuple, dict]:
+        hidden, kwargs = self.store.get(b)
+        return (hidden,), kwargs[self.i]
+
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
         for b in range(len(self.store)):
-            hidden, kwargs = self.store.get(b)
-            yield (hidden,), kwargs[self.i]
+            yield self.batch(b)
+
+    def target(self, b: int) -> torch.Tensor:
+        if self.reference is None:
+            raise RuntimeError("the layer's targets were not kept: the algorithm must declare needs.reference")
+        return self.reference.staged_hidden(b)
+
+
+class ReferenceInputs(LayerInputs):
+    """Layer ``i``'s unquantized inputs: the reference stream's hidden states with the store's keyword inputs."""
+
+    def batch(self, b: int) -> tuple[tuple, dict]:
+        hidden, _ = self.reference.get(b)
+        return (hidden,), self.store.get(b)[1][self.i]
 
 
 @dataclass
@@ -228,6 +245,7 @@ class LayerwiseSchedule:
     held: bool = False  # the fill reads a model held in memory: it is made whole again at the end
     layers: list[dict] = field(default_factory=list)  # per-layer seconds, for the report
     store: ActivationStore | None = None
+    reference: ActivationStore | None = None  # the unquantized stream (an algorithm that needs targets)
     materializer: LayerMaterializer | None = None
     state: LayerState | None = None
     holds_model = False  # on the meta device: kept out of the strategy's reach
@@ -264,7 +282,11 @@ class LayerwiseSchedule:
                 self.config.offload,
             )  # fmt: skip
             self.store = ActivationStore(where, ctx.device, self._root)
+            if self.algorithm.needs.reference:
+                self.reference = ActivationStore(where, ctx.device, self._root / "reference")
         self.store.add(*item)
+        if self.reference is not None:
+            self.reference.add(item[0], [])
 
     # -- 2. layers -----------------------------------------------------------------------------------
     def finish(self, model: nn.Module, ctx: RunContext, results: Results, run_unit: RunUnit,
@@ -280,6 +302,9 @@ class LayerwiseSchedule:
         bar = tqdm(total=n, initial=self.state.done, desc=f"layers ({self.store.where})", unit="layer",
                    disable=not ctx.progress)  # fmt: skip
         for i in range(self.state.done):  # resumed: recompute the inputs of the first unfinished layer
+            if self.reference is not None:  # the unquantized stream: the layer as read
+                self._reference_pass(i)
+                self.reference.commit()
             unit = self._unit(i, self.state.load(i))
             forward(unit, LayerInputs(self.store, i), "quant" if quantized else "off", self.store.set_hidden)
             self.materializer.leave(i)
@@ -287,8 +312,8 @@ class LayerwiseSchedule:
             self._merge(results, record, resumed=True)
         for i in range(self.state.done, n):
             t0 = time.perf_counter()
-            unit = self._unit(i)
-            inputs = LayerInputs(self.store, i)
+            unit = self._reference_pass(i) if self.reference is not None else self._unit(i)
+            inputs = LayerInputs(self.store, i, self.reference)
             # unquantized propagation: the calibration pass's outputs are the next layer's inputs, kept
             # aside until this layer's steps (which may read its inputs) are done
             keep = None if quantized else self.store.stage_hidden
@@ -296,6 +321,8 @@ class LayerwiseSchedule:
             if quantized:
                 forward(unit, inputs, "quant", self.store.stage_hidden)
             self.store.commit()
+            if self.reference is not None:
+                self.reference.commit()
             record = {"layer": unit.name, "seconds": round(time.perf_counter() - t0, 3), **part.record()}
             changes = self._changes(unit, i) if self.algorithm.changes_weights else None
             self.state.save(i, unit.forward, record, changes)
@@ -307,12 +334,22 @@ class LayerwiseSchedule:
                 raise RuntimeError(f"NVFP4CAL_FAIL_AFTER_LAYER={fail_after}: stopping after layer {i} on purpose")
         bar.close()
         self.store.close()
+        if self.reference is not None:
+            self.reference.close()
         self.state.flush()
 
     def _unit(self, i: int, state: dict | None = None) -> Unit:
         name, _ = self.materializer.layers[i]
         layer = self.materializer.enter(i, state)
         return Unit(name, _scope(name, layer), layer, index=i, fresh=state is None)
+
+    def _reference_pass(self, i: int) -> Unit:
+        """Layer ``i`` as read, run on the unquantized stream with its quantizers off; the outputs are staged
+        in the reference store (the layer's targets, then the next layer's unquantized inputs). Returns the
+        fresh unit."""
+        unit = self._unit(i)
+        forward(unit, ReferenceInputs(self.store, i, self.reference), "off", self.reference.stage_hidden)
+        return unit
 
     def _changes(self, unit: Unit, i: int) -> dict:
         return changed_weights(unit.module, unit.forward, unit.name,
@@ -338,8 +375,9 @@ class LayerwiseSchedule:
                 self.state.flush()  # the layers finished so far are on disk before the run ends
             except Exception as err:  # noqa: BLE001 (the error that stopped the run is the one to report)
                 log.warning("layerwise: saving the progress failed: %s", err)
-        if self.store is not None:
-            self.store.close()
+        for store in (self.store, self.reference):
+            if store is not None:
+                store.close()
 
     def done(self) -> None:
         """After a successful export: a model held in memory is made whole again (every layer with its

@@ -1,0 +1,84 @@
+"""``method: tune`` - layer-output tuning: start from the best scales we have (``start``: max, the FP8 sweep,
+the Hessian-weighted sweep, or GPTQ's codes on Hessian-swept scales), then learn per-weight rounding offsets
+and per-block scale factors on each decoder layer's output error, W4A4 in the loop, guarded by held-out
+batches (:mod:`nvfp4cal.model.tuning`, :mod:`nvfp4cal.numerics.tune`). Layer by layer on quantized
+inputs, against the unquantized layer's outputs on unquantized inputs (``needs.reference``). It changes
+the weights (to the tuned grid points) and the block amaxes, which the layer state keeps."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..model.rounding import gptq_weights
+from ..model.sweep import KERNELS
+from ..model.tuning import tune_layer
+from ..results import GptqSummary, TuneSummary
+from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
+from .fp8_sweep import sweep_scales
+
+STARTS = ("max", "mse", "hessian_mse", "gptq")
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    start: str = "hessian_mse"
+    iterations: int = 50
+    lr: float | None = None  # None: 1 / iterations
+    offset: float = 0.5  # |v| bound, in E2M1 units of the block's step
+    scale: float = 0.5  # block-scale factors within [1 - scale, 1 + scale]
+    validation: float = 0.125  # share of each layer's batches held out to choose the kept iterate
+    eval_every: int = 5
+    min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep their start
+    kernel: str = "auto"  # the start's sweep kernel
+    dampening: float = 0.01  # start=gptq
+    block_columns: int = 128
+    act_order: bool = True
+
+    def __post_init__(self):
+        if self.start not in STARTS:
+            raise AlgorithmError(f"recipe.algorithm.start={self.start!r} unknown; valid: {list(STARTS)}")
+        if self.kernel not in KERNELS:
+            raise AlgorithmError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
+        if self.iterations < 0 or self.eval_every < 1 or self.min_tokens < 1:
+            raise AlgorithmError("recipe.algorithm: iterations must be >= 0, eval_every and min_tokens >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise AlgorithmError(f"recipe.algorithm.lr must be > 0 (or null: 1 / iterations), got {self.lr}")
+        if not (0 <= self.offset <= 1) or not (0 <= self.scale < 1) or not (0 <= self.validation < 1):
+            raise AlgorithmError("recipe.algorithm: offset in [0, 1], scale and validation in [0, 1)")
+        if not (0 < self.dampening < 1) or self.block_columns < 1:
+            raise AlgorithmError("recipe.algorithm: dampening must be in (0, 1), block_columns >= 1")
+
+
+class Tune(Algorithm):
+    method = "tune"
+    Params = TuneParams
+    refines = True
+    changes_weights = True
+    needs = Needs(layerwise=True, propagate="quantized", whole_weights=True, reference=True)
+
+    @property
+    def kernel(self) -> str | None:
+        return self.params.kernel if self.params.start != "max" else None
+
+    @property
+    def hessian(self) -> str | None:
+        return {"max": None, "mse": None, "hessian_mse": "block", "gptq": "full"}[self.params.start]
+
+    def with_kernel(self, kernel: str) -> Algorithm:
+        return type(self)(dataclasses.replace(self.params, kernel=kernel))
+
+    def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
+        p = self.params
+        if p.start != "max":
+            sweep_scales(unit, run, p.kernel, hessian=p.start in ("hessian_mse", "gptq"))
+        if p.start == "gptq":
+            with run.stage("gptq"):
+                summary, per_weight = gptq_weights(unit.module, run.ctx, p)
+                run.results.add("gptq", GptqSummary(**summary))
+                for n, e in per_weight.items():
+                    run.results.weights.setdefault(n, {})["gptq"] = e
+        with run.stage("tune"):
+            record = tune_layer(unit.module, unit.forward, inputs, p, run.ctx)
+        run.results.add("tune", TuneSummary.of_layer(unit.name, record))
+        run.measure("measure_tune", "tune", unit)
