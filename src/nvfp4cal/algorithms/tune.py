@@ -28,7 +28,7 @@ class TuneParams:
     offset: float = 0.5  # |v| bound, in E2M1 units of the block's step
     scale: float = 0.5  # block-scale factors within [1 - scale, 1 + scale]
     validation: float = 0.125  # share of each layer's batches held out to choose the kept iterate
-    eval_every: int = 5
+    eval_every: int = 10
     min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep their start
     kernel: str = "auto"  # the start's sweep kernel
     dampening: float = 0.01  # start=gptq

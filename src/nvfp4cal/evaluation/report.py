@@ -100,6 +100,7 @@ def markdown(report: dict) -> str:
     if report.get("evaluation"):
         lines += ["", "## Evaluation sets (the quantized model against the original)", "", *_eval_table(report)]
         lines += [f"- **{w}**" for w in worse_than_max(report)]
+    lines += tune_markdown(report)
     lines += ["", "## Stages", "", "| stage | seconds | peak CPU RSS GiB | peak GPU GiB |", "|---|---|---|---|"]
     for name, s in report["stages"].items():
         gpu = f"{s['gpu_peak_gib']:.2f}" if "gpu_peak_gib" in s else "-"
@@ -191,6 +192,42 @@ def _exported(exp: dict) -> str:
     return f" ({exp['quantized_tensors']} tensors in the export{per})"
 
 
+def tune_line(report: dict) -> list[str]:
+    """The console's line on layer-output tuning: how many layers moved, and the validation losses."""
+    layers = (report.get("tune") or {}).get("layers") or []
+    if not layers:
+        return []
+    moved = sum(1 for r in layers if r.get("kept_iteration"))
+    val = [r["validation_loss"] for r in layers if r.get("validation_loss")]
+    ratio = (
+        f"; validation loss kept/start {sum(k for _, k in val) / sum(s for s, _ in val):.3f} (summed over layers)"
+        if val
+        else ""
+    )
+    kept = sum(len(r.get("kept_start", [])) for r in layers)
+    return [f"  tuning     : {moved} of {len(layers)} layers moved from their start{ratio}"
+            + (f"; {kept} experts kept their start (too few tokens)" if kept else "")]  # fmt: skip
+
+
+def tune_markdown(report: dict) -> list[str]:
+    """report.md's per-layer table of layer-output tuning: the losses at the start and at the kept iterate."""
+    layers = (report.get("tune") or {}).get("layers") or []
+    if not layers:
+        return []
+    lines = ["", "## Layer-output tuning (each layer tuned on each decoder layer's output)", "",
+             "Training loss on the first training batches, validation loss on the held-out batches that chose the "
+             "kept iterate (never worse than the start there). A training loss that falls while the validation "
+             "loss does not is fitting.", "",
+             "| layer | kept iteration | training loss start -> kept | validation loss start -> kept | kept start |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for r in layers:
+        tr, va = r.get("train_loss"), r.get("validation_loss")
+        fmt = lambda p: f"{p[0]:.4g} -> {p[1]:.4g}" if p else "-"  # noqa: E731
+        lines.append(f"| {r['layer']} | {r['kept_iteration']} / {r['iterations']} | {fmt(tr)} | {fmt(va)} | "
+                     f"{len(r.get('kept_start', []))} |")  # fmt: skip
+    return lines
+
+
 def rows_start(report: dict) -> str:
     """How the run's rows begin: with the tokenizer's BOS (as the model reads text in use) or not."""
     srcs = (report.get("data") or {}).get("sources", {}).values()
@@ -219,6 +256,7 @@ def print_summary(report: dict, run_dir: Path) -> None:
         f"  perplexity : {ppl_line or 'not measured'} (held-out, {report['held_out_samples']} samples, "
         f"{rows_start(report)})",
         *eval_lines(report),
+        *tune_line(report),
         *(f"  warning    : {w}" for w in worse_than_max(report)),
         *(
             [

@@ -106,10 +106,12 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
         items.append(Tunable(name, wq, w, v, alpha, low if lead.numel() > 1 else []))
     train, val = _split(len(inputs), params.validation)
     record = {"weights": len(items), "train_batches": len(train), "validation_batches": len(val),
+              "train_loss_batches": min(len(train), max(1, len(val))),
               "kept_start": [f"{t.name}[{e}]" for t in items for e in t.frozen_experts]}  # fmt: skip
     if not items or params.iterations == 0 or not train:
-        return {**record, "iterations": 0, "kept_iteration": 0}
+        return {**record, "iterations": 0, "kept_iteration": 0, "train_loss": None, "validation_loss": None}
     select = val or train
+    probe = train[: max(1, len(val))]  # the training loss is measured on as many training batches as validate
     lr = params.lr if params.lr is not None else 1.0 / params.iterations
 
     def loss(b: int) -> torch.Tensor:
@@ -129,7 +131,7 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
 
     tensors = [x for t in items for x in (t.v, t.alpha)]
     with _Tuning(module, items):
-        start_train, start_sel = mean_loss(train), mean_loss(select)
+        start_train, start_sel = mean_loss(probe), mean_loss(select)
         best, best_at, best_state = start_sel, 0, None
         for it in range(params.iterations):
             with torch.enable_grad():
@@ -156,7 +158,7 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
             with torch.no_grad():
                 for x, kept in zip(tensors, best_state, strict=True):
                     x.copy_(kept)
-            kept_train = mean_loss(train)
+            kept_train = mean_loss(probe)
         else:
             kept_train = start_train
     if best_state is not None:  # the kept iterate becomes on-grid weights and block amaxes

@@ -1,0 +1,107 @@
+"""Layer-output tuning (method: tune): the tunable fake quant is the plain one at its start and freezes into
+weights the export packs exactly; zero iterations is the start, byte for byte; the kept iterate is never
+worse than the start on the held-out batches; the export reloads to the tuned forward; a stopped run resumes
+to the same bytes; every MoE family tunes its experts."""
+
+import pytest
+import torch
+
+from helpers import MOE_FAMILIES, check_round_trip, run_calibrate, same_tensors
+from nvfp4cal.algorithms import AlgorithmError, build_algorithm
+from nvfp4cal.numerics import nvfp4
+from nvfp4cal.numerics.tune import frozen, tuned_fake_quantize
+
+SMALL = ["data.num_samples=8", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
+FEW_ITERATIONS = ["recipe.algorithm.iterations=20", "recipe.algorithm.eval_every=2", "recipe.algorithm.min_tokens=1"]
+
+
+def _weights(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 32, 64, generator=g) * torch.rand(3, 32, 64, generator=g).pow(4) * 5  # heavy tails
+    w[0, 0, :16] = 0.0  # an all-zero block
+    w = w.to(dtype)
+    blk = nvfp4.block_amax(w)
+    s2 = nvfp4.scale_2(blk.flatten(-2).amax(-1))[:, None, None]
+    return w, blk, s2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_start_is_plain_fake_quant_and_the_frozen_weights_are_the_tuned_values(dtype):
+    w, blk, s2 = _weights(dtype)
+    zero, one = torch.zeros(w.shape), torch.ones(blk.shape)
+    assert torch.equal(tuned_fake_quantize(w, blk, s2, zero, one), nvfp4.fake_quantize(w, blk, s2))
+    g = torch.Generator().manual_seed(1)
+    v = torch.rand(w.shape, generator=g) - 0.5
+    alpha = 0.5 + torch.rand(blk.shape, generator=g)
+    tuned = tuned_fake_quantize(w, blk, s2, v, alpha)
+    assert not torch.equal(tuned, nvfp4.fake_quantize(w, blk, s2))
+    w2, blk2 = frozen(w, blk, s2, v, alpha)
+    assert torch.equal(nvfp4.fake_quantize(w2, blk2, s2), tuned)  # what the export packs is what was tuned
+    assert torch.equal(nvfp4.fake_quantize(w2, blk2, s2), w2)  # on the grid
+
+
+def test_gradients_pass_both_roundings():
+    w, blk, s2 = _weights(torch.float32)
+    v = torch.zeros(w.shape, requires_grad=True)
+    alpha = torch.ones(blk.shape, requires_grad=True)
+    tuned_fake_quantize(w, blk, s2, v, alpha).square().sum().backward()
+    assert v.grad.abs().sum() > 0 and alpha.grad.abs().sum() > 0
+
+
+def test_bad_parameters_are_one_line():
+    for spec, match in (
+        ({"method": "tune", "start": "awq"}, "recipe.algorithm.start='awq' unknown"),
+        ({"method": "tune", "iterations": -1}, "iterations must be >= 0"),
+        ({"method": "tune", "scale": 1.5}, "scale and validation in"),
+        ({"method": "tune", "lr": 0}, "lr must be > 0"),
+    ):
+        with pytest.raises(AlgorithmError, match=match):
+            build_algorithm("r", spec)
+
+
+def test_zero_iterations_is_the_start_byte_for_byte(tmp_path):
+    layerwise = ["calibration=layerwise", "calibration.propagate=quantized"]
+    run_calibrate(tmp_path / "start", ["model=tiny_llama", "recipe=nvfp4_hessian_mse", *SMALL, *layerwise])
+    res = run_calibrate(tmp_path / "zero", ["model=tiny_llama", "recipe=nvfp4_tune", *SMALL,
+                                            "recipe.algorithm.iterations=0"])  # fmt: skip
+    assert all(r["kept_iteration"] == 0 for r in res.report["tune"]["layers"])
+    assert same_tensors(tmp_path / "start" / "ckpt", tmp_path / "zero" / "ckpt")
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma3"])
+def test_tuning_is_never_worse_than_the_start_on_validation_and_reloads_exactly(tmp_path, model):
+    more = ["data.num_samples=16", "data.seq_len=64"]  # 7 training batches: enough that tuning generalises
+    res = run_calibrate(tmp_path, [f"model={model}", "recipe=nvfp4_tune", *SMALL, *more, *FEW_ITERATIONS])
+    layers = res.report["tune"]["layers"]
+    assert len(layers) == res.model.config.num_hidden_layers
+    for r in layers:
+        assert r["validation_batches"] == 1 and r["train_batches"] == 7
+        start, kept = r["validation_loss"]
+        assert kept <= start
+    assert any(r["kept_iteration"] > 0 for r in layers), "nothing was tuned"
+    check_round_trip(res, tmp_path / "ckpt")  # the tuned model (made whole again) == the export's reader
+    assert "tuned on each decoder layer's output" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_tuned_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    args = ["model=tiny_llama", "recipe=nvfp4_tune", "+model.init=per_param", *SMALL, *FEW_ITERATIONS,
+            "calibration=layerwise", "calibration.propagate=quantized", "calibration.offload=disk"]
+    run_calibrate(tmp_path / "straight", args)
+    monkeypatch.setenv("NVFP4CAL_FAIL_AFTER_LAYER", "0")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_calibrate(tmp_path / "resumed", args)
+    monkeypatch.delenv("NVFP4CAL_FAIL_AFTER_LAYER")
+    run_calibrate(tmp_path / "resumed", [*args, "calibration.resume=true"])  # both streams replayed
+    assert same_tensors(tmp_path / "straight" / "ckpt", tmp_path / "resumed" / "ckpt")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_moe_family_tunes_its_experts(tmp_path, family):
+    res = run_calibrate(tmp_path, [f"model={family}", "recipe=nvfp4_experts_only_tune_fp8_cast_kv", *SMALL,
+                                   *FEW_ITERATIONS, "recipe.algorithm.min_tokens=4"])  # fmt: skip
+    layers = res.report["tune"]["layers"]
+    assert layers and any(r["weights"] > 0 for r in layers)  # (DeepSeek-V3: a dense first layer)
+    assert all(r["validation_loss"][1] <= r["validation_loss"][0] for r in layers if r["weights"])
+    kept = [k for r in layers for k in r["kept_start"]]
+    assert all(k.endswith("]") and ".experts." in k for k in kept)  # named per expert
+    check_round_trip(res, tmp_path / "ckpt")
