@@ -60,7 +60,7 @@ def test_algorithm_keys_belong_to_their_method():
     ):
         build_algorithm("r", {"method": "mse", "scales": "max"})
     with pytest.raises(
-        RecipeError, match=r"method='awq' unknown; valid: \['max', 'mse', 'imatrix_mse', 'hessian_mse', 'gptq'\]"
+        RecipeError, match=r"method='awq' unknown; valid: \['max', 'mse', 'imatrix_mse', 'hessian_mse', 'gptq', 'tune'\]"
     ):
         build_algorithm("r", {"method": "awq"})
 
@@ -72,3 +72,6 @@ def test_each_algorithm_says_what_it_needs():
     plain = build_algorithm("r", {"method": "mse"})
     assert not plain.needs.layerwise and not plain.changes_weights and plain.hessian is None and plain.refines
     assert not build_algorithm("r", None).refines  # max
+    tune = build_algorithm("r", {"method": "tune"})
+    assert tune.needs.layerwise and tune.needs.reference and tune.changes_weights and tune.hessian == "block"
+    assert build_algorithm("r", {"method": "tune", "start": "gptq"}).hessian == "full"

@@ -234,3 +234,24 @@ def test_gemma3_every_recipe_both_layouts(tmp_path, recipe):
         v = nvfp4cal.verify(e["dir"])
         assert v.ok and (v.quantized or v.fp8), v.problems
     check_round_trip(res, Path(res.report["exports"][0]["dir"]))
+
+
+def test_a_chat_evaluation_set_is_rendered_with_the_chat_template(tmp_path, monkeypatch):
+    """eval.sets.NAME from chat data (a messages column) is judged as the model reads chat: rendered with the
+    tokenizer's template; without a template it is one line naming the set."""
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant",
+                                                                              "content": "answer " * 20}]}
+            for i in range(10)]  # fmt: skip
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"{{source: {{_target_: nvfp4cal.texts.local_texts, path: '{chat}', messages: true}}, rows: 2, seq_len: 32}}"
+    args = ["model=tiny_llama", "recipe=nvfp4_max", *SMALL, f"+eval.sets.chat={spec}"]
+    with pytest.raises(UserError, match="eval.sets.chat holds chat messages but the tokenizer has no chat template"):
+        run_calibrate(tmp_path / "plain", args)
+    from nvfp4cal.model import loaders as models
+
+    tok = models.byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    monkeypatch.setattr(models, "byte_tokenizer", lambda bos=False: tok)
+    res = run_calibrate(tmp_path / "chat", args)
+    assert res.report["evaluation"]["chat"]["tokens"] == 2 * 31

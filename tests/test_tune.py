@@ -84,8 +84,16 @@ def test_tuning_is_never_worse_than_the_start_on_validation_and_reloads_exactly(
 
 
 def test_a_tuned_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
-    args = ["model=tiny_llama", "recipe=nvfp4_tune", "+model.init=per_param", *SMALL, *FEW_ITERATIONS,
-            "calibration=layerwise", "calibration.propagate=quantized", "calibration.offload=disk"]
+    args = [
+        "model=tiny_llama",
+        "recipe=nvfp4_tune",
+        "+model.init=per_param",
+        *SMALL,
+        *FEW_ITERATIONS,
+        "calibration=layerwise",
+        "calibration.propagate=quantized",
+        "calibration.offload=disk",
+    ]
     run_calibrate(tmp_path / "straight", args)
     monkeypatch.setenv("NVFP4CAL_FAIL_AFTER_LAYER", "0")
     with pytest.raises(RuntimeError, match="on purpose"):

@@ -4,7 +4,8 @@ Every run scores the calibration corpus's held-out rows (``data.eval_samples``, 
 calibration rows) under the name ``corpus``; ``eval.sets`` adds named sets of other text, each read by
 the same text sources as calibration (:mod:`nvfp4cal.texts`: the embedded corpora, local text, JSON or
 Parquet files and globs) and cut into ``rows`` rows of its own ``seq_len`` tokens (the first rows of the
-packed text, in order). The sources are read when the group is built, before any model loads.
+packed text, in order); a source of chat data (``local_texts(..., messages=true)``: a ``messages`` column) is
+rendered with the tokenizer's chat template first. The sources are read when the group is built, before any model loads.
 """
 
 from __future__ import annotations
@@ -40,15 +41,30 @@ class EvalSets:
             if not (isinstance(rows, int) and rows >= 1 and isinstance(seq_len, int) and seq_len >= 2):
                 raise DataError(f"eval.sets.{name}: rows must be >= 1 and seq_len >= 2, got {rows} and {seq_len}")
             source = spec["source"]
-            if not hasattr(source, "column_names") or "text" not in source.column_names:
-                raise DataError(f"eval.sets.{name}.source must give texts (a text column)")
+            cols = getattr(source, "column_names", None) or []
+            if "text" not in cols and "messages" not in cols:
+                raise DataError(f"eval.sets.{name}.source must give texts (a text column, or chat messages)")
             self.sets.append(EvalSet(name, source, rows, seq_len))
+
+    def texts(self, s: EvalSet, tokenizer) -> list[str]:
+        """A set's texts: its ``text`` column, or its ``messages`` rendered with the tokenizer's chat template
+        (chat data is judged as the model reads it in use)."""
+        if "text" in s.source.column_names:
+            return [t for t in s.source["text"] if t]
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"eval.sets.{s.name} holds chat messages but the tokenizer has no chat template")
+        out = []
+        for i, m in enumerate(s.source["messages"]):
+            if not (isinstance(m, list) and all(isinstance(x, dict) and {"role", "content"} <= set(x) for x in m)):
+                raise DataError(f"eval.sets.{s.name} row {i} is not a list of {{role, content}} messages")
+            out.append(tokenizer.apply_chat_template(m, tokenize=False))
+        return out
 
     def tokenized(self, tokenizer) -> dict[str, torch.Tensor]:
         """Each set's rows [rows, seq_len] (fewer rows where the text runs out; none: an error naming it)."""
         out = {}
         for s in self.sets:
-            chunks, _ = pack([t for t in s.source["text"] if t], tokenizer, s.seq_len, max_rows=s.rows)
+            chunks, _ = pack(self.texts(s, tokenizer), tokenizer, s.seq_len, max_rows=s.rows)
             if not len(chunks):
                 raise DataError(f"eval.sets.{s.name} holds fewer than seq_len={s.seq_len} tokens; add text or lower it")
             out[s.name] = chunks[: s.rows]
