@@ -60,7 +60,8 @@ def test_algorithm_keys_belong_to_their_method():
     ):
         build_algorithm("r", {"method": "mse", "scales": "max"})
     with pytest.raises(
-        RecipeError, match=r"method='awq' unknown; valid: \['max', 'mse', 'imatrix_mse', 'hessian_mse', 'gptq', 'tune'\]"
+        RecipeError,
+        match=r"method='awq' unknown; valid: \['max', 'mse', 'imatrix_mse', 'hessian_mse', 'gptq', 'tune'\]",
     ):
         build_algorithm("r", {"method": "awq"})
 

@@ -113,3 +113,23 @@ def test_every_moe_family_tunes_its_experts(tmp_path, family):
     kept = [k for r in layers for k in r["kept_start"]]
     assert all(k.endswith("]") and ".experts." in k for k in kept)  # named per expert
     check_round_trip(res, tmp_path / "ckpt")
+
+
+def test_scale_headroom_lets_the_largest_blocks_take_larger_scales(tmp_path):
+    """recipe.algorithm.headroom=h multiplies each weight's global amax by h: weight_scale_2 is h times
+    larger, the sweep may give the tensor's largest blocks scales up to h times their max-calibrated ones
+    (codes above 448 / h), and the export still reloads exactly. headroom outside [1, 4] is one line."""
+    args = ["model=tiny_llama", "recipe=nvfp4_hessian_mse", *SMALL]
+    base = run_calibrate(tmp_path / "base", args)
+    wide = run_calibrate(tmp_path / "wide", [*args, "recipe.algorithm.headroom=1.75"])
+    from nvfp4cal.checkpoint.reload import read_tensors
+
+    a, b = read_tensors(tmp_path / "base" / "ckpt"), read_tensors(tmp_path / "wide" / "ckpt")
+    s2 = [k for k in a if k.endswith("weight_scale_2")]
+    assert s2 and all(torch.allclose(b[k], a[k] * 1.75, rtol=1e-6) for k in s2)
+    codes = torch.cat([b[k].float().flatten() for k in b if k.endswith(".weight_scale")])
+    assert codes.max() <= 448 and (codes > 448 / 1.75).any()
+    check_round_trip(wide, tmp_path / "wide" / "ckpt")
+    assert base.report["weights"] and wide.report["weights"]
+    with pytest.raises(AlgorithmError, match=r"headroom must be in \[1, 4\]"):
+        build_algorithm("r", {"method": "hessian_mse", "headroom": 0.5})

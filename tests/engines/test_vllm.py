@@ -54,6 +54,7 @@ CASES = {  # name -> (model, recipe): FP8 KV off and on, dense and MoE
     "dense_kv": ("tiny_llama", "nvfp4_mlp_only_mse_fp8_cast_kv"),
     "moe": ("tiny_mixtral", "nvfp4_mse"),
     "moe_kv": ("tiny_mixtral", "nvfp4_experts_only_mse_fp8_cast_kv"),
+    "gemma3": ("tiny_gemma3", "nvfp4_mse"),  # 1 KV head, q/k norms, sliding + global attention, tied embeddings
 }
 LAYOUTS = ("modelopt", "compressed_tensors")
 # fp32 layer outputs from the same weights and activation scales differ only in the matmul summation order

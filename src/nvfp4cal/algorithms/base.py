@@ -27,6 +27,7 @@ from torch import nn
 
 from ..evaluation.metrics import weight_errors
 from ..model.rules import RecipeError
+from ..model.view import weight_quantizers
 from ..numerics.comm import RunContext
 from ..results import Results
 
@@ -103,6 +104,26 @@ class UnitRun:
         with self.stage(name):
             for n, e in weight_errors(unit.module, self.ctx, keep=self.keep).items():
                 self.results.weights.setdefault(n, {})[key] = e
+
+
+MAX_HEADROOM = 4.0
+
+
+def check_headroom(headroom: float) -> None:
+    if not (1.0 <= headroom <= MAX_HEADROOM):
+        raise AlgorithmError(f"recipe.algorithm.headroom must be in [1, {MAX_HEADROOM:g}], got {headroom}")
+
+
+def apply_headroom(unit: Unit, headroom: float) -> None:
+    """Scale headroom: every NVFP4 weight's global amax ``g`` becomes ``headroom * g`` (its
+    ``weight_scale_2 = headroom * g / (6 * 448)``), so that the block holding the tensor's maximum can take an
+    FP8 scale up to ``headroom`` times its max-calibrated one (``headroom = 448 / 256``: NVIDIA's "four over
+    six" normalisation of block scales by 256). The sweeps and tuning then search the wider range; 1: as
+    before, byte for byte."""
+    if headroom != 1.0:
+        for _, wq, _ in weight_quantizers(unit.module):
+            wq.global_amax.mul_(headroom)
+            wq.clear_cache()
 
 
 class Algorithm:

@@ -9,15 +9,18 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..model.sweep import KERNELS, mse_sweep
+from ..numerics.comm import RunContext
 from ..results import SweepSummary
-from .base import Algorithm, AlgorithmError, Unit, UnitInputs, UnitRun
+from .base import Algorithm, AlgorithmError, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
 
 
 @dataclass(frozen=True)
 class SweepParams:
     kernel: str = "auto"  # auto | triton | reference: the same choices, bit for bit
+    headroom: float = 1.0  # per-tensor scale headroom (base.apply_headroom)
 
     def __post_init__(self):
+        check_headroom(self.headroom)
         if self.kernel not in KERNELS:
             raise AlgorithmError(f"recipe.algorithm.kernel={self.kernel!r} unknown; valid: {list(KERNELS)}")
 
@@ -43,6 +46,9 @@ class Fp8Sweep(Algorithm):
 
     def with_kernel(self, kernel: str) -> Algorithm:
         return type(self)(dataclasses.replace(self.params, kernel=kernel))
+
+    def before(self, unit: Unit, ctx: RunContext) -> None:
+        apply_headroom(unit, self.params.headroom)
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         sweep_scales(unit, run, self.kernel, hessian=self.weighted, diag=self.diag)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from ..model.rounding import gptq_weights
 from ..model.sweep import KERNELS
+from ..numerics.comm import RunContext
 from ..results import GptqSummary
-from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
+from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
 from .fp8_sweep import sweep_scales
 
 SCALES = ("max", "mse", "hessian_mse")  # how the fixed block scales are chosen
@@ -26,8 +27,10 @@ class GptqParams:
     act_order: bool = False
     min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep plain rounding
     kernel: str = "auto"  # the scales' sweep kernel
+    headroom: float = 1.0  # per-tensor scale headroom (base.apply_headroom)
 
     def __post_init__(self):
+        check_headroom(self.headroom)
         if self.scales not in SCALES:
             raise AlgorithmError(f"recipe.algorithm.scales={self.scales!r} unknown; valid: {list(SCALES)}")
         if self.kernel not in KERNELS:
@@ -53,6 +56,9 @@ class Gptq(Algorithm):
 
     def with_kernel(self, kernel: str) -> Algorithm:
         return type(self)(dataclasses.replace(self.params, kernel=kernel))
+
+    def before(self, unit: Unit, ctx: RunContext) -> None:
+        apply_headroom(unit, self.params.headroom)
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from ..model.rounding import gptq_weights
 from ..model.sweep import KERNELS
 from ..model.tuning import tune_layer
+from ..numerics.comm import RunContext
 from ..results import GptqSummary, TuneSummary
-from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun
+from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
 from .fp8_sweep import sweep_scales
 
 STARTS = ("max", "mse", "hessian_mse", "gptq")
@@ -31,11 +32,13 @@ class TuneParams:
     eval_every: int = 10
     min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep their start
     kernel: str = "auto"  # the start's sweep kernel
+    headroom: float = 1.0  # per-tensor scale headroom (base.apply_headroom)
     dampening: float = 0.01  # start=gptq
     block_columns: int = 128
     act_order: bool = True
 
     def __post_init__(self):
+        check_headroom(self.headroom)
         if self.start not in STARTS:
             raise AlgorithmError(f"recipe.algorithm.start={self.start!r} unknown; valid: {list(STARTS)}")
         if self.kernel not in KERNELS:
@@ -68,6 +71,9 @@ class Tune(Algorithm):
     def with_kernel(self, kernel: str) -> Algorithm:
         return type(self)(dataclasses.replace(self.params, kernel=kernel))
 
+    def before(self, unit: Unit, ctx: RunContext) -> None:
+        apply_headroom(unit, self.params.headroom)
+
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params
         if p.start != "max":
@@ -79,6 +85,6 @@ class Tune(Algorithm):
                 for n, e in per_weight.items():
                     run.results.weights.setdefault(n, {})["gptq"] = e
         with run.stage("tune"):
-            record = tune_layer(unit.module, unit.forward, inputs, p, run.ctx)
+            record = tune_layer(unit.module, unit.forward, inputs, p, run.ctx, unit.name)
         run.results.add("tune", TuneSummary.of_layer(unit.name, record))
         run.measure("measure_tune", "tune", unit)

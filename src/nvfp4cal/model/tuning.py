@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..numerics.comm import RunContext
+from ..numerics.errors import UserError
 from ..numerics.tune import frozen, tuned_fake_quantize
 from .quantizers import InputQuantizer, KVCastQuantizer, set_mode
 from .view import weight_inputs, weight_quantizers
@@ -89,21 +90,39 @@ def _split(n: int, share: float) -> tuple[list[int], list[int]]:
     return list(range(n - n_val)), list(range(n - n_val, n))
 
 
-def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunContext) -> dict:
+STATE_BYTES_PER_WEIGHT = 12  # fp32 offsets, their gradient and the kept copy (block factors: 1/16 of that)
+
+
+def _check_memory(module: nn.Module, dev: torch.device, name: str) -> None:
+    """One line, before anything is allocated, when the tuning state of this layer cannot fit the device."""
+    n = sum(w.numel() for _, _, w in weight_quantizers(module))
+    need = n * STATE_BYTES_PER_WEIGHT * (1 + 1 / 16)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        if need > free:
+            raise UserError(
+                f"layer-output tuning of {name} needs {need / 2**30:.1f} GiB for its offsets, gradients and kept "
+                f"copy ({n / 1e9:.2f} G weights) but the GPU has {free / 2**30:.1f} GiB free; tune fewer weights "
+                "(recipe.rules) or use recipe=nvfp4_gptq for this model"
+            )
+
+
+def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunContext, name: str = "the layer") -> dict:
     """Tune every NVFP4 weight of ``module`` (a decoder layer in its scope, quantizers calibrated) on
     ``inputs`` (``batch(b) -> (args, kwargs)``, ``target(b)``, ``len``); returns the layer's record."""
     dev = ctx.device
     seen = weight_inputs(module)
+    _check_memory(module, dev, name)
     items = []
-    for name, wq, w in weight_quantizers(module):
+    for wname, wq, w in weight_quantizers(module):
         lead = w.shape[:-2]
-        counts = seen[name].seen.reshape(-1) if name in seen else None
-        low = [e for e in range(counts.numel()) if int(counts[e]) < params.min_tokens] if counts is not None else []
+        counts = seen[wname].seen.reshape(-1).tolist() if wname in seen else []  # one host sync per weight
+        low = [e for e, c in enumerate(counts) if c < params.min_tokens]
         if lead.numel() == 1 and low:
             continue  # a Linear that saw too few rows: keeps its start
         v = torch.zeros(w.shape, dtype=torch.float32, device=w.device, requires_grad=True)
         alpha = torch.ones(wq.block_amax.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-        items.append(Tunable(name, wq, w, v, alpha, low if lead.numel() > 1 else []))
+        items.append(Tunable(wname, wq, w, v, alpha, low if lead.numel() > 1 else []))
     train, val = _split(len(inputs), params.validation)
     record = {"weights": len(items), "train_batches": len(train), "validation_batches": len(val),
               "train_loss_batches": min(len(train), max(1, len(val))),
