@@ -8,9 +8,11 @@
 
 Every recipe runs the real pipeline (``nvfp4cal.calibrate.run`` on the composed config) with the same
 model, calibration samples and held-out samples (``data.seed``); the quantized perplexity is what the
-export computes (fake quant with the exported scales). Prints a markdown table (also written to
-``--out``): perplexity, the share of max calibration's perplexity increase the recipe removes, and
-the sweep and total times.
+export computes (fake quant with the exported scales). With ``--judge-all`` (and ``--judge``) every
+checkpoint, ours or a peer's, is scored by ``nvfp4cal-evaluate`` (:func:`nvfp4cal.cli.evaluate.evaluate`:
+our W4A4 reader, fp32) against the original model on every evaluation set (the corpus's held-out rows and
+the other-kind sets of ``eval=default``, e.g. ``code``): perplexity, KL to the original, and the share of max
+calibration's increase removed per set. Prints a markdown table (also written to ``--out``).
 """
 
 from __future__ import annotations
@@ -58,10 +60,32 @@ def run_recipe(
             cfg = compose(config_name="calibrate", overrides=overrides)
         rep = run(cfg, Path(tmp) / "run").report
         if judge_all or "quantized" not in rep["perplexity"]:  # a layer-by-layer run measures none
-            dm = tokens(model, data)[2]
-            rep["perplexity"]["quantized"] = judge(str(out), dm)
-            rep["perplexity"]["original"] = perplexity_of(model, dm)
+            rep["judged"] = judge_sets(str(out), model, data, device="cuda" if trainer == "gpu" else "cpu")
+            rep["perplexity"]["quantized"] = rep["judged"]["corpus"]["perplexity"]["quantized"]
+            rep["perplexity"]["original"] = rep["judged"]["corpus"]["perplexity"]["original"]
         return rep
+
+
+def original_dir(model: str) -> str:
+    """The unquantized model's directory for ``--model`` (what nvfp4cal-evaluate compares against)."""
+    name, *own = model.split("@")
+    paths = [o.split("=", 1)[1] for o in own if o.startswith("model.path=")]
+    if paths:
+        return paths[0]
+    from nvfp4cal.model import packaged
+
+    dirs = {"smollm2": packaged.smollm2_dir, "gemma3_270m": packaged.gemma3_270m_dir}
+    if name not in dirs:
+        raise SystemExit("--judge-all needs the original model as a directory: use --model hf@model.path=DIR")
+    return str(dirs[name](".cache"))
+
+
+def judge_sets(ckpt: str, model: str, data: list[str], device: str = "cpu") -> dict:
+    """Every evaluation set's figures for ``ckpt`` against the original (nvfp4cal-evaluate, fp32)."""
+    from nvfp4cal.cli.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return evaluate(ckpt, original_dir(model), data, report=tmp, dtype="float32", device=device)["evaluation"]
 
 
 def tokens(model: str, data: list[str]):
@@ -76,30 +100,6 @@ def tokens(model: str, data: list[str]):
     dm = calibration_data(cfg, instantiate(cfg.model, _convert_="all").tokenizer)
     dm.setup("validate")
     return dm.calib, dm.held_out, dm
-
-
-def perplexity_of(model: str, dm) -> float:
-    """Held-out perplexity of the original model (fp32)."""
-    import torch
-    from hydra import compose, initialize_config_module
-    from hydra.utils import instantiate
-
-    from nvfp4cal.evaluation.metrics import perplexity
-
-    with initialize_config_module(config_module="nvfp4cal.conf", version_base=None):
-        cfg = compose(config_name="calibrate", overrides=model_args(model))
-    return perplexity(instantiate(cfg.model, _convert_="all").model.to(torch.float32), dm.eval_dataloader(), "off")
-
-
-def judge(ckpt: str, dm) -> float:
-    """Held-out perplexity of any NVFP4 checkpoint (ours or a peer's) through our W4A4 reader, in fp32."""
-    import torch
-
-    from nvfp4cal.checkpoint.reload import rebuild_model
-    from nvfp4cal.evaluation.metrics import perplexity
-
-    model = rebuild_model(ckpt, dtype=torch.float32)
-    return perplexity(model, dm.eval_dataloader(), "quant")
 
 
 def main(argv=None) -> int:
@@ -133,8 +133,13 @@ def main(argv=None) -> int:
             save_file({"calib": calib.contiguous(), "held_out": held_out.contiguous()}, args.dump_tokens)
             print(f"{args.dump_tokens}: calib {tuple(calib.shape)}, held-out {tuple(held_out.shape)}")
             return 0
-        rows = [f"| {c} | {judge(c, dm):.3f} |" for c in args.judge]
-        table = "\n".join(["| checkpoint | perplexity (our W4A4 reader, fp32) |", "|---|---|", *rows])
+        judged = {c: judge_sets(c, args.model, data, device="cuda" if args.trainer == "gpu" else "cpu")
+                  for c in args.judge}  # fmt: skip
+        names = list(next(iter(judged.values())))
+        head = "| checkpoint | " + " | ".join(f"{n}: ppl | {n}: KL mean" for n in names) + " |"
+        rows = ["| " + c + " | " + " | ".join(f"{e[n]['perplexity']['quantized']:.3f} | {e[n]['kl_mean']:.4f}"
+                                             for n in names) + " |" for c, e in judged.items()]  # fmt: skip
+        table = "\n".join([head, "|" + "---|" * (1 + 2 * len(names)), *rows])
         print(table)
         if args.out:
             Path(args.out).write_text(table + "\n")
@@ -154,6 +159,7 @@ def main(argv=None) -> int:
                 "calibration_s": rep["stages"]["calibration"]["seconds"],
                 "total_s": rep["wall_seconds"],
                 "fallback": len(rep.get("sweep", {}).get("fallback", [])),
+                "judged": rep.get("judged"),
                 # the run's own evaluation sets (the model's fake-quant forward, not the judge): e.g. code
                 "sets": {
                     n: {
@@ -189,11 +195,38 @@ def main(argv=None) -> int:
             f"{r['sweep_s'] if r['sweep_s'] is not None else '-'} | {r['gptq_s'] if r['gptq_s'] is not None else '-'} "
             f"| {r['calibration_s']} | {r['total_s']:.0f} |"
         )
+    lines += judged_table(rows, args.max_row)
     table = "\n".join(lines)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
     return 0
+
+
+def judged_table(rows: list[dict], max_row: str) -> list[str]:
+    """Per evaluation set (nvfp4cal-evaluate on every row's export): perplexity, the share of the max row's
+    increase removed on that set, and mean KL to the original."""
+    judged = [r for r in rows if r.get("judged")]
+    if not judged:
+        return []
+    names = list(judged[0]["judged"])
+    ref = next((r["judged"] for r in judged if r["recipe"] == max_row), None)
+    out = ["", "Every evaluation set, every row scored by nvfp4cal-evaluate (our W4A4 reader, fp32):", "",
+           "| recipe | " + " | ".join(f"{n}: ppl | {n}: removed | {n}: KL mean" for n in names) + " |",
+           "|---|" + "---|---|---|" * len(names),
+           "| (original) | " + " | ".join(f"{judged[0]['judged'][n]['perplexity']['original']:.3f} |  | "
+                                        for n in names).rstrip() + " |"]  # fmt: skip
+    for r in judged:
+        cells = []
+        for n in names:
+            e, p = r["judged"][n], r["judged"][n]["perplexity"]
+            removed = ""
+            if ref is not None:
+                mx, orig = ref[n]["perplexity"]["quantized"], p["original"]
+                removed = f"{(mx - p['quantized']) / (mx - orig):+.0%}" if mx > orig else ""
+            cells.append(f"{p['quantized']:.3f} | {removed} | {e['kl_mean']:.4f}")
+        out.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+    return out
 
 
 if __name__ == "__main__":

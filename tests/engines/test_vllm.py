@@ -55,6 +55,7 @@ CASES = {  # name -> (model, recipe): FP8 KV off and on, dense and MoE
     "moe": ("tiny_mixtral", "nvfp4_mse"),
     "moe_kv": ("tiny_mixtral", "nvfp4_experts_only_mse_fp8_cast_kv"),
     "gemma3": ("tiny_gemma3", "nvfp4_mse"),  # 1 KV head, q/k norms, sliding + global attention, tied embeddings
+    "tuned": ("tiny_llama", "nvfp4_tune"),  # layer-output tuning: its weights and scales, layer by layer
 }
 LAYOUTS = ("modelopt", "compressed_tensors")
 # fp32 layer outputs from the same weights and activation scales differ only in the matmul summation order
