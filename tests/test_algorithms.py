@@ -56,7 +56,7 @@ def test_a_weight_changing_algorithm_persists_in_both_schedules(tmp_path, toy, m
 def test_algorithm_keys_belong_to_their_method():
     assert build_algorithm("r", {"method": "gptq", "scales": "max"}).params.scales == "max"
     with pytest.raises(
-        RecipeError, match=r"unknown key\(s\) \['scales'\].*method mse.*valid keys: \['method', 'kernel'\]"
+        RecipeError, match=r"unknown key\(s\) \['scales'\].*method mse.*valid keys: \['method', 'kernel', 'headroom'\]"
     ):
         build_algorithm("r", {"method": "mse", "scales": "max"})
     with pytest.raises(
