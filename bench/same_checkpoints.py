@@ -2,7 +2,8 @@
 layer-by-layer runs, on the CPU: the byte-identity check of a refactoring.
 
 Usage:
-  python bench/same_checkpoints.py write OUT [--part K/N]   # one tree of checkpoints (run it twice: before, after)
+  python bench/same_checkpoints.py write OUT [--part K/N] [--like BASE]   # one tree of checkpoints (before, after;
+                                                            # --like: only the cases BASE holds)
   python bench/same_checkpoints.py compare OUT_A OUT_B      # every file of every checkpoint, byte for byte
 
 Each case writes OUT/<case>/modelopt and OUT/<case>/compressed_tensors (export.format=both), or
@@ -35,8 +36,8 @@ def cases() -> list[tuple[str, list[str]]]:
         # GPT-OSS saves its experts fused: the modelopt layout only
         fmt = ["export.format=modelopt"] if fam == "tiny_gpt_oss" else []
         for rec in recipes:
-            gptq = "gptq" in rec
-            extra = [*LAYERWISE, "calibration.propagate=quantized", "recipe.algorithm.min_tokens=1"] if gptq else []
+            own = "gptq" in rec or "tune" in rec  # layer by layer on quantized inputs only
+            extra = [*LAYERWISE, "calibration.propagate=quantized", "recipe.algorithm.min_tokens=1"] if own else []
             out.append((f"{fam}__{rec}", [f"model={fam}", f"recipe={rec}", *extra, *fmt]))
         # layer by layer, unquantized propagation (= the whole-model run) and quantized propagation
         out.append((f"{fam}__layerwise_mse", [f"model={fam}", "recipe=nvfp4_mse", *LAYERWISE, *fmt]))
@@ -45,7 +46,7 @@ def cases() -> list[tuple[str, list[str]]]:
     return out
 
 
-def write(root: Path, part: str) -> None:
+def write(root: Path, part: str, like: Path | None = None) -> None:
     import torch
 
     from helpers import compose
@@ -54,7 +55,7 @@ def write(root: Path, part: str) -> None:
 
     torch.set_num_threads(1)
     k, n = (int(x) for x in part.split("/"))
-    todo = cases()[k::n]
+    todo = [c for c in cases() if like is None or (like / c[0]).exists()][k::n]
     for i, (name, overrides) in enumerate(todo):
         out = root / name
         if out.exists():
@@ -109,8 +110,9 @@ if __name__ == "__main__":
     p.add_argument("what", choices=["write", "compare"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--part", default="0/1")
+    p.add_argument("--like", type=Path, default=None, help="write only the cases this earlier tree holds")
     args = p.parse_args()
     if args.what == "write":
-        write(Path(args.dirs[0]), args.part)
+        write(Path(args.dirs[0]), args.part, args.like)
     else:
         sys.exit(compare(Path(args.dirs[0]), Path(args.dirs[1])))

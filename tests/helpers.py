@@ -16,9 +16,10 @@ from nvfp4cal.model.quantizers import QuantLinear, set_mode
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "nvfp4cal" / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
-# GPTQ recipes run only layer by layer on quantized inputs; the others run in every mode
-GPTQ_RECIPES = [r for r in RECIPES if "method: gptq" in (CONF / "recipe" / f"{r}.yaml").read_text()]
-WHOLE_MODEL_RECIPES = [r for r in RECIPES if r not in GPTQ_RECIPES]
+# GPTQ and tuning recipes run only layer by layer on quantized inputs; the others run in every mode
+LAYERWISE_RECIPES = [r for r in RECIPES if any(f"method: {m}" in (CONF / "recipe" / f"{r}.yaml").read_text()
+                                               for m in ("gptq", "tune"))]  # fmt: skip
+WHOLE_MODEL_RECIPES = [r for r in RECIPES if r not in LAYERWISE_RECIPES]
 
 
 TINY_MODELS = sorted(p.stem for p in (CONF / "model").glob("tiny_*.yaml"))
