@@ -39,6 +39,16 @@ class GptqParams:
             raise AlgorithmError("recipe.algorithm: dampening must be in (0, 1), block_columns and min_tokens >= 1")
 
 
+def gptq_stage(unit: Unit, run: UnitRun, params) -> None:
+    """GPTQ rounding of the unit's NVFP4 weights under their fixed block scales (stage ``gptq``): the summary
+    and each weight's errors into ``run.results``. Layer-output tuning starts from it too."""
+    with run.stage("gptq"):
+        summary, per_weight = gptq_weights(unit.module, run.ctx, params)
+        run.results.add("gptq", GptqSummary(**summary))
+        for n, e in per_weight.items():
+            run.results.weights.setdefault(n, {})["gptq"] = e
+
+
 class Gptq(Algorithm):
     method = "gptq"
     Params = GptqParams
@@ -64,8 +74,4 @@ class Gptq(Algorithm):
         p = self.params
         if p.scales != "max":
             sweep_scales(unit, run, p.kernel, hessian=p.scales == "hessian_mse")
-        with run.stage("gptq"):
-            summary, per_weight = gptq_weights(unit.module, run.ctx, p)
-            run.results.add("gptq", GptqSummary(**summary))
-            for n, e in per_weight.items():
-                run.results.weights.setdefault(n, {})["gptq"] = e
+        gptq_stage(unit, run, p)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..model.rounding import gptq_weights
 from ..model.sweep import KERNELS
 from ..model.tuning import tune_layer
 from ..numerics.comm import RunContext
-from ..results import GptqSummary, TuneSummary
+from ..results import TuneSummary
 from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
 from .fp8_sweep import sweep_scales
+from .gptq import gptq_stage
 
 STARTS = ("max", "mse", "hessian_mse", "gptq")
 
@@ -79,11 +79,7 @@ class Tune(Algorithm):
         if p.start != "max":
             sweep_scales(unit, run, p.kernel, hessian=p.start in ("hessian_mse", "gptq"))
         if p.start == "gptq":
-            with run.stage("gptq"):
-                summary, per_weight = gptq_weights(unit.module, run.ctx, p)
-                run.results.add("gptq", GptqSummary(**summary))
-                for n, e in per_weight.items():
-                    run.results.weights.setdefault(n, {})["gptq"] = e
+            gptq_stage(unit, run, p)
         with run.stage("tune"):
             record = tune_layer(unit.module, unit.forward, inputs, p, run.ctx, unit.name)
         run.results.add("tune", TuneSummary.of_layer(unit.name, record))
