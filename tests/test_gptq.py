@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from helpers import run_calibrate, same_tensors
+from helpers import run_calibrate, same_tensors, tiny_model
 from nvfp4cal.checkpoint.reload import read_tensors, rebuild_model
 from nvfp4cal.cli.verify import verify
 from nvfp4cal.numerics import nvfp4
@@ -162,3 +162,33 @@ def test_experts_rounded_together_get_what_each_gets_alone(act_order):
         assert abs(hessian_error(we, together[e], he) - hessian_error(we, alone, he)) < 1e-4 * hessian_error(
             we, alone, he
         )
+
+
+def test_rows_stacked_under_one_hessian_round_as_each_alone():
+    """q/k/v (and gate/up) read one input: one Hessian, one pass over their stacked rows, each weight's codes
+    as it gets them alone (GPTQ treats rows independently; equal here, at worst the matmuls' order)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 3.0, 64)
+    h = x.t() @ x
+    parts = [torch.randn(rows, 64, generator=g) for rows in (32, 16, 16)]
+    steps = [nvfp4.block_steps(nvfp4.block_amax(w), nvfp4.scale_2(w.abs().amax())) for w in parts]
+    alone = [gptq_round(w, h, s, act_order=True) for w, s in zip(parts, steps, strict=True)]
+    stacked = gptq_round(torch.cat(parts), h, torch.cat(steps), act_order=True)
+    assert torch.equal(stacked, torch.cat(alone))
+
+
+def test_siblings_keep_one_full_hessian():
+    from nvfp4cal.model.insert import enable_hessians, insert_quantizers
+    from nvfp4cal.recipe import build_recipe
+
+    m = tiny_model("tiny_llama")
+    insert_quantizers(m, build_recipe("t", rules=["*"]))
+    enable_hessians(m, kind="full")
+    attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    q = attn.q_proj.input_quantizer
+    assert q.hessian is not None and attn.k_proj.input_quantizer.hessian is None
+    assert attn.k_proj.input_quantizer.hessian_holder() is q and attn.v_proj.input_quantizer.hessian_holder() is q
+    assert mlp.up_proj.input_quantizer.hessian_holder() is mlp.gate_proj.input_quantizer
+    assert attn.o_proj.input_quantizer.hessian_holder() is attn.o_proj.input_quantizer
+    assert "hessian_of" not in dict(q.named_children())  # the holder is not a submodule of its siblings
+    assert not any("hessian_of" in k for k in m.state_dict())

@@ -13,7 +13,14 @@ from torch import nn
 from ..numerics.errors import UserError
 from ..numerics.nvfp4 import BLOCK
 from . import experts as experts_mod
-from .quantizers import FUSED_SCALE_GROUPS, INPUT_KIND, FP8WeightQuantizer, QuantLinear, WeightQuantizer
+from .quantizers import (
+    FUSED_SCALE_GROUPS,
+    INPUT_KIND,
+    FP8WeightQuantizer,
+    InputQuantizer,
+    QuantLinear,
+    WeightQuantizer,
+)
 from .rules import Selection
 from .view import check_finite
 
@@ -116,19 +123,45 @@ HESSIANS = ("block", "full", "diag")
 def enable_hessians(model: nn.Module, full: bool = False, kind: str | None = None) -> None:
     """Every NVFP4 weight's input quantizer accumulates input Hessians during calibration (``kind``):
     ``block`` per block of 16 channels, ``full`` over all input channels (GPTQ; also ``full=True``) or
-    ``diag`` its diagonal (the imatrix sweep); per expert for fused experts, from its routed tokens only."""
+    ``diag`` its diagonal (the imatrix sweep); per expert for fused experts, from its routed tokens only.
+
+    A full Hessian is ``in x in`` per weight: siblings that engines fuse because they read the same input
+    (q/k/v, gate/up: ``FUSED_SCALE_GROUPS``) keep one, in the first sibling's quantizer; the others point to
+    it (``InputQuantizer.hessian_of``) and add nothing, so it is summed once and reduced across ranks once."""
     kind = kind or ("full" if full else "block")
     if kind not in HESSIANS:
         raise ValueError(f"Hessian kind {kind!r}; valid: {HESSIANS}")
     opts = {"full": kind == "full", "diag": kind == "diag"}
+    holders = _shared_inputs(model) if kind == "full" else {}
     for m in model.modules():
         if isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, WeightQuantizer):
-            m.input_quantizer.enable_hessian(m.in_features, **opts)
+            holder = holders.get(id(m.input_quantizer))
+            m.input_quantizer.hessian_of = (holder,) if holder is not None else ()
+            if holder is None:
+                m.input_quantizer.enable_hessian(m.in_features, **opts)
+            else:
+                m.input_quantizer.hessian = None
         elif isinstance(m, experts_mod.QuantExpertsMixin):
             if m.gate_up_weight is not None:
                 m.gate_up_input.enable_hessian(m.logical_weight(m.first_proj).shape[-1], **opts)
             if m.down_weight is not None:
                 m.down_input.enable_hessian(m.logical_weight("down_proj").shape[-1], **opts)
+
+
+def _shared_inputs(model: nn.Module) -> dict[int, InputQuantizer]:
+    """id(input quantizer) -> the sibling quantizer that holds the group's Hessian, for every NVFP4 sibling
+    of a fused group but the first (all of the group's weights NVFP4, of one input width)."""
+    out = {}
+    for parent in model.modules():
+        for group in FUSED_SCALE_GROUPS:
+            mods = [getattr(parent, n, None) for n in group]
+            if not all(isinstance(m, QuantLinear) and isinstance(m.weight_quantizer, WeightQuantizer) for m in mods):
+                continue
+            if len({m.in_features for m in mods}) != 1:
+                continue
+            for m in mods[1:]:
+                out[id(m.input_quantizer)] = mods[0].input_quantizer
+    return out
 
 
 def check_quantized(model: nn.Module, names: list[str]) -> None:

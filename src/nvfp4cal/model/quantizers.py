@@ -62,6 +62,9 @@ class InputQuantizer(nn.Module):
         self.full_hessian = False
         self.diag_hessian = False  # [n, in]: sum_t x_i^2 per input channel
         self.grad_through = False  # layer-output tuning: gradients pass the rounding (straight through)
+        # siblings fed the same input (q/k/v, gate/up) keep one full Hessian: the others name its holder here
+        # (a tuple, so that the holder is not registered as a submodule)
+        self.hessian_of: tuple[InputQuantizer, ...] = ()
 
     def enable_hessian(self, in_features: int, full: bool = False, diag: bool = False) -> None:
         """Accumulate ``sum_t x_b x_b^T`` per block of 16 input channels (``full``: ``sum_t x x^T`` over all
@@ -75,6 +78,10 @@ class InputQuantizer(nn.Module):
                 return
             shape = (n, in_features, in_features) if full else (n, in_features // nvfp4.BLOCK, nvfp4.BLOCK, nvfp4.BLOCK)
             self.hessian = torch.zeros(shape, dtype=torch.float32 if full else torch.float64, device=dev)
+
+    def hessian_holder(self) -> InputQuantizer:
+        """The quantizer whose ``hessian`` holds this input's Hessian (itself, or the sibling it shares with)."""
+        return self.hessian_of[0] if self.hessian_of else self
 
     def block_hessians(self, idx: list[int]) -> torch.Tensor:
         """The per-block Hessians ``H_b`` [len(idx), in/16, 16, 16] (fp32) of entries ``idx``; from a full

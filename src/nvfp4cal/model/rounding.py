@@ -1,4 +1,5 @@
-"""The GPTQ step: rounds every NVFP4 weight with :func:`nvfp4cal.numerics.gptq.gptq_round` under its input Hessian.
+"""The GPTQ step: rounds every NVFP4 weight with :func:`nvfp4cal.numerics.gptq.gptq_round` under its input Hessian
+(Linears that read one input - q/k/v, gate/up - share one Hessian and one pass over the columns).
 
 Each weight (each expert of fused experts) gets ``Q = gptq_round(W, H, steps)`` with its fixed block
 steps (the experts of one weight rounded together, one pass over the columns for all), and ``W`` is
@@ -24,22 +25,31 @@ from .view import weight_inputs, weight_quantizers
 EXPERTS_PER_PASS_BYTES = 1 << 30  # experts rounded together: their fp32 Hessians (and factors) up to ~1 GiB
 
 
-def _round_weight(name: str, flat: torch.Tensor, wq, iq, params, fallback: list[str]) -> dict:
-    """GPTQ-round ``flat`` [E, out, in] in place, the experts with enough tokens together (in passes
-    of at most ``EXPERTS_PER_PASS_BYTES`` of Hessians); the others keep plain rounding."""
+def _round_group(members: list[tuple[str, torch.Tensor, object]], iq, params, fallback: list[str]) -> dict:
+    """GPTQ-round in place the weights ``members`` = [(name, flat [E, out, in], weight quantizer)] that share
+    the Hessian of ``iq``: one weight (its experts with enough tokens together, in passes of at most
+    ``EXPERTS_PER_PASS_BYTES`` of Hessians; the others keep plain rounding), or Linears that read one input
+    (q/k/v, gate/up) stacked by rows into one pass - GPTQ treats rows independently under one Hessian, so
+    each gets what it gets alone, up to the matmuls' summation order. Returns each member's figures."""
+    flats = [f for _, f, _ in members]
+    flat = flats[0] if len(members) == 1 else torch.cat(flats, dim=1)  # [E, rows of all members, in]
     n, dev = flat.shape[0], flat.device
-    g = wq.global_amax.reshape(-1)
-    blk = wq.block_amax.reshape(n, flat.shape[1], -1)
+    gs = [wq.global_amax.reshape(-1) for _, _, wq in members]
+    blks = [wq.block_amax.reshape(n, f.shape[1], -1) for _, f, wq in members]
     per_expert = iq.hessian.shape[0] > 1
     live = [e for e in range(n) if int(iq.seen[e if per_expert else 0]) >= params.min_tokens]
-    fallback += [f"{name}[{e}]" if n > 1 else name for e in range(n) if e not in live]
+    fallback += [f"{name}[{e}]" if n > 1 else name for name, _, _ in members for e in range(n) if e not in live]
+    bounds = [0]
+    for f in flats:
+        bounds.append(bounds[-1] + f.shape[1])
     in_f = flat.shape[-1]
     per_pass = max(1, EXPERTS_PER_PASS_BYTES // (in_f * in_f * 4))
-    err = sig = h_gptq = h_rtn = 0.0
+    sums = [dict.fromkeys(("err", "sig", "h_gptq", "h_rtn"), 0.0) for _ in members]
     for start in range(0, n, per_pass):
         chunk = list(range(start, min(start + per_pass, n)))
         idx = chunk if per_expert else [0] * len(chunk)
-        steps = torch.stack([block_steps(blk[e].to(dev), scale_2(g[e]).to(dev)) for e in chunk])
+        steps = torch.stack([torch.cat([block_steps(b[e].to(dev), scale_2(g[e]).to(dev)) for b, g in zip(blks, gs, strict=True)])
+                             for e in chunk])  # fmt: skip
         orig = flat[chunk].float()
         h = iq.hessian[idx].to(dev)
         plain = round_to_grid(orig, steps.repeat_interleave(BLOCK, dim=-1))
@@ -48,16 +58,39 @@ def _round_weight(name: str, flat: torch.Tensor, wq, iq, params, fallback: list[
         if rows:
             q[rows] = gptq_round(orig[rows], h[rows], steps[rows], params.dampening, params.block_columns,
                                  params.act_order)  # fmt: skip
-        h_gptq += hessian_error(orig, q, h)
-        h_rtn += hessian_error(orig, plain, h)
-        err += float((orig.double() - q.double()).pow(2).sum())
-        sig += float(orig.double().pow(2).sum())
-        flat[chunk] = q.to(flat.dtype)
+        for m, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            o, qm, pm = orig[:, a:b], q[:, a:b], plain[:, a:b]
+            sums[m]["h_gptq"] += hessian_error(o, qm, h)
+            sums[m]["h_rtn"] += hessian_error(o, pm, h)
+            sums[m]["err"] += float((o.double() - qm.double()).pow(2).sum())
+            sums[m]["sig"] += float(o.double().pow(2).sum())
+            flats[m][chunk] = qm.to(flats[m].dtype)
     return {
-        "sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"),
-        "rel_mse": err / sig if sig > 0 else 0.0,
-        "hessian_error_vs_rtn": h_gptq / h_rtn if h_rtn > 0 else 1.0,
+        name: {
+            "sqnr_db": 10 * math.log10(x["sig"] / x["err"]) if x["err"] > 0 else float("inf"),
+            "rel_mse": x["err"] / x["sig"] if x["sig"] > 0 else 0.0,
+            "hessian_error_vs_rtn": x["h_gptq"] / x["h_rtn"] if x["h_rtn"] > 0 else 1.0,
+        }
+        for (name, _, _), x in zip(members, sums, strict=True)
     }
+
+
+def _groups(items: list, inputs: dict) -> list[list[int]]:
+    """Indices of ``items`` rounded in one pass: Linears whose inputs share one Hessian holder together
+    (in their order), every other weight alone."""
+    groups, by_holder = [], {}
+    for i, (name, _, w) in enumerate(items):
+        iq = inputs[name]
+        if w.dim() == 2 and (iq.hessian_of or any(inputs[n].hessian_of == (iq,) for n, _, _ in items)):
+            key = id(iq.hessian_holder())
+            if key in by_holder:
+                by_holder[key].append(i)
+                continue
+            by_holder[key] = [i]
+            groups.append(by_holder[key])
+        else:
+            groups.append([i])
+    return groups
 
 
 @torch.no_grad()
@@ -67,19 +100,22 @@ def gptq_weights(model: nn.Module, ctx: RunContext, params) -> tuple[dict, dict]
         raise ValueError("GPTQ needs whole weights on each rank (calibration=layerwise, trainer=gpu or ddp)")
     items = weight_quantizers(model)
     inputs = weight_inputs(model)
-    owner = ctx.split([w.numel() for _, _, w in items])
+    groups = _groups(items, inputs)
+    owner = ctx.split([sum(items[i][2].numel() for i in g) for g in groups])
     fallback, per_weight = [], {}
-    for (name, wq, w), rank in tqdm(list(zip(items, owner, strict=True)), desc="GPTQ", unit="weight",
-                                    disable=not ctx.progress):  # fmt: skip
-        iq = inputs[name]
-        flat = w.reshape(-1, *w.shape[-2:])  # [E, out, in] (a Linear: E = 1); a view of the parameter
+    for group, rank in tqdm(list(zip(groups, owner, strict=True)), desc="GPTQ", unit="pass",
+                            disable=not ctx.progress):  # fmt: skip
+        # [E, out, in] (a Linear: E = 1); views of the parameters
+        members = [(items[i][0], items[i][2].reshape(-1, *items[i][2].shape[-2:]), items[i][1]) for i in group]
         if rank == ctx.rank:
-            per_weight[name] = _round_weight(name, flat, wq, iq, params, fallback)
-        if ctx.world > 1:  # every rank takes the owner's rounded weight
-            buf = w.detach().contiguous()
-            ctx.comm.broadcast_(buf, rank)
-            w.copy_(buf)
-        wq.clear_cache()
+            per_weight.update(_round_group(members, inputs[members[0][0]].hessian_holder(), params, fallback))
+        for i in group:
+            _, wq, w = items[i]
+            if ctx.world > 1:  # every rank takes the owner's rounded weight
+                buf = w.detach().contiguous()
+                ctx.comm.broadcast_(buf, rank)
+                w.copy_(buf)
+            wq.clear_cache()
     for q in inputs.values():
         q.hessian = None  # [in, in] per weight (and expert): free it
     if ctx.world > 1:

@@ -160,7 +160,7 @@ def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: 
     owner = [rank] * len(items) if sharded else ctx.split([wq.block_amax.numel() for _, wq, _ in items])
     mine = [it for it, r in zip(items, owner, strict=True) if r == rank]
     used, blocks, fallback = set(), 0, []
-    inputs = weight_inputs(model) if hessian or diag else {}
+    inputs = {n: q.hessian_holder() for n, q in weight_inputs(model).items()} if hessian or diag else {}
     desc = "Hessian-weighted sweep" if hessian else "imatrix sweep" if diag else "MSE sweep"
     for name, wq, w in tqdm(mine, desc=desc, unit="weight", disable=not ctx.progress):
         w = local(w)
