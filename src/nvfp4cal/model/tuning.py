@@ -160,6 +160,8 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
                 for t in items:
                     for x, bound in ((t.v, params.offset), (t.alpha, params.scale)):
                         g = x.grad
+                        if g is None:  # not reached by this batch's forward (the same on every rank)
+                            continue
                         if ctx.world > 1:
                             ctx.comm.sum_(g)
                         x.sub_(step * torch.sign(g))
