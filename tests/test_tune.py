@@ -133,3 +133,14 @@ def test_scale_headroom_lets_the_largest_blocks_take_larger_scales(tmp_path):
     assert base.report["weights"] and wide.report["weights"]
     with pytest.raises(AlgorithmError, match=r"headroom must be in \[1, 4\]"):
         build_algorithm("r", {"method": "hessian_mse", "headroom": 0.5})
+
+
+def test_a_value_of_the_wrong_type_is_one_line():
+    for spec, match in (
+        ({"method": "tune", "iterations": "abc"}, r"recipe.algorithm.iterations='abc' must be an integer"),
+        ({"method": "tune", "lr": "x"}, r"recipe.algorithm.lr='x' must be a number or null"),
+        ({"method": "gptq", "act_order": 1}, r"recipe.algorithm.act_order=1 must be true or false"),
+    ):
+        with pytest.raises(AlgorithmError, match=match):
+            build_algorithm("r", spec)
+    assert build_algorithm("r", {"method": "tune", "lr": 1}).params.lr == 1  # an integer is a number

@@ -18,6 +18,8 @@ A new algorithm is one module under ``algorithms/`` with a :class:`Algorithm` su
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -126,6 +128,29 @@ def apply_headroom(unit: Unit, headroom: float) -> None:
             wq.clear_cache()
 
 
+def _fits(value, want) -> bool:
+    """``value`` (from YAML or an override) is of the declared type (an int where a float is wanted is fine)."""
+    if isinstance(want, types.UnionType):
+        return any(_fits(value, t) for t in typing.get_args(want))
+    if want is type(None):
+        return value is None
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def _type_name(want) -> str:
+    if isinstance(want, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(want))
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        want, want.__name__
+    )
+
+
 class Algorithm:
     """Base class: max calibration and nothing more (see :mod:`nvfp4cal.algorithms.max`)."""
 
@@ -149,6 +174,10 @@ class Algorithm:
                 f"unknown key(s) {unknown} in recipe {recipe!r} algorithm (method {cls.method}); valid keys: "
                 f"{['method', *valid]}"
             )
+        hints = typing.get_type_hints(cls.Params)
+        for key, value in values.items():
+            if not _fits(value, hints[key]):
+                raise AlgorithmError(f"recipe.algorithm.{key}={value!r} must be {_type_name(hints[key])}")
         return cls(cls.Params(**values))
 
     @property
