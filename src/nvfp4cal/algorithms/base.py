@@ -18,6 +18,7 @@ A new algorithm is one module under ``algorithms/`` with a :class:`Algorithm` su
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -192,11 +193,16 @@ class Algorithm:
         return None
 
     def with_kernel(self, kernel: str) -> Algorithm:
-        """The same algorithm with another sweep kernel (``NVFP4CAL_KERNEL``); unchanged if it runs none."""
-        return self
+        """The same algorithm with another sweep kernel (``NVFP4CAL_KERNEL``); unchanged if its parameters
+        have no ``kernel``."""
+        if "kernel" not in {f.name for f in fields(self.params)}:
+            return self
+        return type(self)(dataclasses.replace(self.params, kernel=kernel))
 
     def before(self, unit: Unit, ctx: RunContext) -> None:
-        """A transform of the unit before it is calibrated (smoothing, rotation, ...). Default: none."""
+        """A transform of the unit before it is calibrated (smoothing, rotation, ...). Default: the scale
+        headroom of a method that has one (:func:`apply_headroom`; 1: nothing)."""
+        apply_headroom(unit, getattr(self.params, "headroom", 1.0))
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         """Work on the calibrated unit (its statistics reduced, dead experts bootstrapped); record what it

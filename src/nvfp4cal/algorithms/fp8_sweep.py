@@ -5,13 +5,11 @@ candidates ``c_k * g`` that minimises the block's squared weight error
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ..model.sweep import KERNELS, mse_sweep
-from ..numerics.comm import RunContext
 from ..results import SweepSummary
-from .base import Algorithm, AlgorithmError, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
+from .base import Algorithm, AlgorithmError, Unit, UnitInputs, UnitRun, check_headroom
 
 
 @dataclass(frozen=True)
@@ -43,12 +41,6 @@ class Fp8Sweep(Algorithm):
     @property
     def kernel(self) -> str:
         return self.params.kernel
-
-    def with_kernel(self, kernel: str) -> Algorithm:
-        return type(self)(dataclasses.replace(self.params, kernel=kernel))
-
-    def before(self, unit: Unit, ctx: RunContext) -> None:
-        apply_headroom(unit, self.params.headroom)
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         sweep_scales(unit, run, self.kernel, hessian=self.weighted, diag=self.diag)

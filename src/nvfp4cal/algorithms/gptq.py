@@ -6,14 +6,12 @@ weights (to GPTQ's grid points), which the layer state keeps."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ..model.rounding import gptq_weights
 from ..model.sweep import KERNELS
-from ..numerics.comm import RunContext
 from ..results import GptqSummary
-from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
+from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, check_headroom
 from .fp8_sweep import sweep_scales
 
 SCALES = ("max", "mse", "hessian_mse")  # how the fixed block scales are chosen
@@ -63,12 +61,6 @@ class Gptq(Algorithm):
     @property
     def hessian(self) -> str:
         return "full"  # the Hessian-weighted scales read its 16 x 16 diagonal blocks
-
-    def with_kernel(self, kernel: str) -> Algorithm:
-        return type(self)(dataclasses.replace(self.params, kernel=kernel))
-
-    def before(self, unit: Unit, ctx: RunContext) -> None:
-        apply_headroom(unit, self.params.headroom)
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params

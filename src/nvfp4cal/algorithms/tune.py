@@ -7,14 +7,12 @@ the weights (to the tuned grid points) and the block amaxes, which the layer sta
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ..model.sweep import KERNELS
 from ..model.tuning import tune_layer
-from ..numerics.comm import RunContext
 from ..results import TuneSummary
-from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, apply_headroom, check_headroom
+from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, check_headroom
 from .fp8_sweep import sweep_scales
 from .gptq import gptq_stage
 
@@ -67,12 +65,6 @@ class Tune(Algorithm):
     @property
     def hessian(self) -> str | None:
         return {"max": None, "mse": None, "hessian_mse": "block", "gptq": "full"}[self.params.start]
-
-    def with_kernel(self, kernel: str) -> Algorithm:
-        return type(self)(dataclasses.replace(self.params, kernel=kernel))
-
-    def before(self, unit: Unit, ctx: RunContext) -> None:
-        apply_headroom(unit, self.params.headroom)
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params

@@ -76,20 +76,17 @@ def _round_group(members: list[tuple[str, torch.Tensor, object]], iq, params, fa
 
 
 def _groups(items: list, inputs: dict) -> list[list[int]]:
-    """Indices of ``items`` rounded in one pass: Linears whose inputs share one Hessian holder together
-    (in their order), every other weight alone."""
+    """Indices of ``items`` rounded in one pass: Linears by the input quantizer that holds their Hessian
+    (siblings that share one together, in their order; any other Linear alone), every fused-experts weight alone."""
     groups, by_holder = [], {}
     for i, (name, _, w) in enumerate(items):
-        iq = inputs[name]
-        if w.dim() == 2 and (iq.hessian_of or any(inputs[n].hessian_of == (iq,) for n, _, _ in items)):
-            key = id(iq.hessian_holder())
-            if key in by_holder:
-                by_holder[key].append(i)
-                continue
-            by_holder[key] = [i]
-            groups.append(by_holder[key])
-        else:
-            groups.append([i])
+        key = id(inputs[name].hessian_holder()) if w.dim() == 2 else None
+        if key is not None and key in by_holder:
+            by_holder[key].append(i)
+            continue
+        groups.append([i])
+        if key is not None:
+            by_holder[key] = groups[-1]
     return groups
 
 
