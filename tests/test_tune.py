@@ -54,6 +54,8 @@ def test_bad_parameters_are_one_line():
         ({"method": "tune", "iterations": -1}, "iterations must be >= 0"),
         ({"method": "tune", "scale": 1.5}, "scale and validation in"),
         ({"method": "tune", "lr": 0}, "lr must be > 0"),
+        ({"method": "tune", "target": "logits"}, "recipe.algorithm.target='logits' unknown"),
+        ({"method": "tune", "loss": "l1"}, "recipe.algorithm.loss='l1' unknown"),
     ):
         with pytest.raises(AlgorithmError, match=match):
             build_algorithm("r", spec)
@@ -81,6 +83,26 @@ def test_tuning_is_never_worse_than_the_start_on_validation_and_reloads_exactly(
     assert any(r["kept_iteration"] > 0 for r in layers), "nothing was tuned"
     check_round_trip(res, tmp_path / "ckpt")  # the tuned model (made whole again) == the export's reader
     assert "tuned on each decoder layer's output" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_own_targets_and_channel_relative_loss_keep_the_guard_and_need_no_reference_stream(tmp_path):
+    """target=own: the unquantized layer on the same quantized inputs (no second activation stream kept);
+    loss=channel_relative: each hidden channel's error over its mean square. The guard and the exact
+    reload hold as for the default."""
+    tune = build_algorithm("r", {"method": "tune", "target": "own"})
+    assert not tune.needs.reference and build_algorithm("r", {"method": "tune"}).needs.reference
+    more = [
+        "data.num_samples=16",
+        "data.seq_len=64",
+        "recipe.algorithm.target=own",
+        "recipe.algorithm.loss=channel_relative",
+    ]
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_tune", *SMALL, *more, *FEW_ITERATIONS])
+    layers = res.report["tune"]["layers"]
+    assert all(r["validation_loss"][1] <= r["validation_loss"][0] for r in layers)
+    assert any(r["kept_iteration"] > 0 for r in layers), "nothing was tuned"
+    assert res.report["algorithm"]["target"] == "own"
+    check_round_trip(res, tmp_path / "ckpt")
 
 
 def test_a_tuned_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 the Hessian-weighted sweep, or GPTQ's codes on Hessian-swept scales), then learn per-weight rounding offsets
 and per-block scale factors on each decoder layer's output error, W4A4 in the loop, guarded by held-out
 batches (:mod:`nvfp4cal.model.tuning`, :mod:`nvfp4cal.numerics.tune`). Layer by layer on quantized
-inputs, against the unquantized layer's outputs on unquantized inputs (``needs.reference``). It changes
+inputs, against the unquantized layer's outputs on unquantized inputs (``target: reference``, which
+``needs.reference``) or on the same quantized inputs (``target: own``: the layer's own error only). It changes
 the weights (to the tuned grid points) and the block amaxes, which the layer state keeps."""
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..model.sweep import KERNELS
-from ..model.tuning import tune_layer
+from ..model.tuning import OwnTargets, tune_layer
 from ..results import TuneSummary
 from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, check_headroom
 from .fp8_sweep import sweep_scales
 from .gptq import gptq_stage
 
 STARTS = ("max", "mse", "hessian_mse", "gptq")
+TARGETS = ("reference", "own")
+LOSSES = ("mse", "channel_relative")
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,15 @@ class TuneParams:
     dampening: float = 0.01  # start=gptq
     block_columns: int = 128
     act_order: bool = True
+    target: str = "reference"  # reference: the unquantized layer on unquantized inputs; own: on the same inputs
+    loss: str = "mse"  # mse | channel_relative (each hidden channel's error over its mean square)
 
     def __post_init__(self):
         check_headroom(self.headroom)
+        if self.target not in TARGETS:
+            raise AlgorithmError(f"recipe.algorithm.target={self.target!r} unknown; valid: {list(TARGETS)}")
+        if self.loss not in LOSSES:
+            raise AlgorithmError(f"recipe.algorithm.loss={self.loss!r} unknown; valid: {list(LOSSES)}")
         if self.start not in STARTS:
             raise AlgorithmError(f"recipe.algorithm.start={self.start!r} unknown; valid: {list(STARTS)}")
         if self.kernel not in KERNELS:
@@ -56,7 +65,12 @@ class Tune(Algorithm):
     Params = TuneParams
     refines = True
     changes_weights = True
-    needs = Needs(layerwise=True, propagate="quantized", whole_weights=True, reference=True)
+
+    @property
+    def needs(self) -> Needs:  # the unquantized stream only where the targets come from it
+        return Needs(
+            layerwise=True, propagate="quantized", whole_weights=True, reference=self.params.target == "reference"
+        )
 
     @property
     def kernel(self) -> str | None:
@@ -68,6 +82,8 @@ class Tune(Algorithm):
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params
+        if p.target == "own":  # before a GPTQ start replaces the weights
+            inputs = OwnTargets(unit.module, unit.forward, inputs)
         if p.start != "max":
             sweep_scales(unit, run, p.kernel, hessian=p.start in ("hessian_mse", "gptq"))
         if p.start == "gptq":
