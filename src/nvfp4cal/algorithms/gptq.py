@@ -24,7 +24,7 @@ class GptqParams:
     block_columns: int = 128
     act_order: bool = False
     min_tokens: int = 16  # experts (or Linears) whose input saw fewer rows keep plain rounding
-    kernel: str = "auto"  # the scales' sweep kernel
+    kernel: str = "auto"  # the scales' sweep and the GPTQ column loop: auto (Triton on CUDA) | reference | triton
     headroom: float = 1.0  # per-tensor scale headroom (base.apply_headroom)
 
     def __post_init__(self):

@@ -6,11 +6,14 @@ steps (the experts of one weight rounded together, one pass over the columns for
 replaced by ``Q`` in place: the export then packs GPTQ's codes, and quant mode
 computes with them. Experts (or Linears) whose input saw fewer than ``min_tokens`` rows keep plain
 rounding (``Q = fake_quant(W)``) and are listed. Across data-parallel ranks the weights are split
-like the sweep's (the Hessians were summed first) and each result is broadcast from its owner.
+like the sweep's (the Hessians were summed first) and each result is broadcast from its owner. On CUDA
+(``recipe.algorithm.kernel``: auto or triton) each group of ``block_columns`` columns is one launch of
+:mod:`nvfp4cal.numerics.kernels.gptq` instead of a Python loop over its columns (the same codes).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -20,12 +23,43 @@ from tqdm.auto import tqdm
 from ..numerics.comm import RunContext
 from ..numerics.gptq import gptq_round, hessian_error, round_to_grid
 from ..numerics.nvfp4 import BLOCK, block_steps, scale_2
+from .sweep import triton_or_reference
 from .view import weight_inputs, weight_quantizers
 
+log = logging.getLogger("nvfp4cal")
 EXPERTS_PER_PASS_BYTES = 1 << 30  # experts rounded together: their fp32 Hessians (and factors) up to ~1 GiB
 
 
-def _round_group(members: list[tuple[str, torch.Tensor, object]], iq, params, fallback: list[str]) -> dict:
+def _columns_kernel():
+    from ..numerics.kernels.gptq import gptq_columns_triton
+
+    return gptq_columns_triton
+
+
+class ColumnLoop:
+    """GPTQ's column loop for one run: the Triton kernel (``recipe.algorithm.kernel``: auto on CUDA, triton)
+    or None for the torch loop. Under ``auto`` a kernel that fails its first (tiny) launch falls back to the
+    torch loop, which gives the same codes, with one warning."""
+
+    def __init__(self, kernel: str):
+        self.kernel, self.chosen = kernel, {}
+
+    def __call__(self, device: torch.device):
+        if device not in self.chosen:
+            fn = triton_or_reference(self.kernel, device, _columns_kernel)
+            if fn is not None and self.kernel == "auto":
+                try:  # compile once on a tiny problem
+                    w = torch.zeros(1, 1, BLOCK, device=device)
+                    fn(w, torch.eye(BLOCK, device=device)[None], torch.ones_like(w), w[:, 0], w.clone(), 0)
+                except Exception as err:  # noqa: BLE001 (the torch loop gives the same codes)
+                    log.warning("GPTQ column kernel unavailable (%s); using the torch loop", str(err).splitlines()[0])
+                    fn = None
+            self.chosen[device] = fn
+        return self.chosen[device]
+
+
+def _round_group(members: list[tuple[str, torch.Tensor, object]], iq, params, fallback: list[str],
+                 columns: ColumnLoop) -> dict:  # fmt: skip
     """GPTQ-round in place the weights ``members`` = [(name, flat [E, out, in], weight quantizer)] that share
     the Hessian of ``iq``: one weight (its experts with enough tokens together, in passes of at most
     ``EXPERTS_PER_PASS_BYTES`` of Hessians; the others keep plain rounding), or Linears that read one input
@@ -57,7 +91,7 @@ def _round_group(members: list[tuple[str, torch.Tensor, object]], iq, params, fa
         rows = [i for i, e in enumerate(chunk) if e in live]
         if rows:
             q[rows] = gptq_round(orig[rows], h[rows], steps[rows], params.dampening, params.block_columns,
-                                 params.act_order)  # fmt: skip
+                                 params.act_order, columns(dev))  # fmt: skip
         for m, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             o, qm, pm = orig[:, a:b], q[:, a:b], plain[:, a:b]
             sums[m]["h_gptq"] += hessian_error(o, qm, h)
@@ -99,13 +133,14 @@ def gptq_weights(model: nn.Module, ctx: RunContext, params) -> tuple[dict, dict]
     inputs = weight_inputs(model)
     groups = _groups(items, inputs)
     owner = ctx.split([sum(items[i][2].numel() for i in g) for g in groups])
-    fallback, per_weight = [], {}
+    fallback, per_weight, columns = [], {}, ColumnLoop(params.kernel)
     for group, rank in tqdm(list(zip(groups, owner, strict=True)), desc="GPTQ", unit="pass",
                             disable=not ctx.progress):  # fmt: skip
         # [E, out, in] (a Linear: E = 1); views of the parameters
         members = [(items[i][0], items[i][2].reshape(-1, *items[i][2].shape[-2:]), items[i][1]) for i in group]
         if rank == ctx.rank:
-            per_weight.update(_round_group(members, inputs[members[0][0]].hessian_holder(), params, fallback))
+            holder = inputs[members[0][0]].hessian_holder()
+            per_weight.update(_round_group(members, holder, params, fallback, columns))
         for i in group:
             _, wq, w = items[i]
             if ctx.world > 1:  # every rank takes the owner's rounded weight

@@ -29,19 +29,31 @@ KERNELS = ("auto", "reference", "triton")  # recipe.algorithm.kernel
 SweepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
-    """(name, fn) of the implementation for weights on ``device``."""
+def triton_or_reference(kernel: str, device: torch.device, load: Callable[[], Callable]) -> Callable | None:
+    """``recipe.algorithm.kernel``'s implementation for tensors on ``device``: the Triton one ``load()``
+    imports, or None for the torch reference (``reference``; ``auto`` off CUDA or without Triton)."""
     if kernel == "reference" or (kernel == "auto" and device.type != "cuda"):
-        return "reference", mse_amax_reference
+        return None
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("recipe.algorithm.kernel=triton needs the weights on a CUDA device (trainer=gpu)")
     try:
-        from ..numerics.kernels.fp8_sweep import mse_amax_triton
+        return load()
     except ImportError as err:  # no usable triton: the reference computes the same choices
         if kernel == "triton":
             raise UserError(f"recipe.algorithm.kernel=triton asked for but Triton is unavailable: {err}") from err
-        return "reference", mse_amax_reference
-    return "triton", mse_amax_triton
+        return None
+
+
+def _sweep_kernel() -> SweepFn:
+    from ..numerics.kernels.fp8_sweep import mse_amax_triton
+
+    return mse_amax_triton
+
+
+def choose_sweep(kernel: str, device: torch.device) -> tuple[str, SweepFn]:
+    """(name, fn) of the implementation for weights on ``device``."""
+    fn = triton_or_reference(kernel, device, _sweep_kernel)
+    return ("reference", mse_amax_reference) if fn is None else ("triton", fn)
 
 
 def warm_up(kernel: str, dtype: torch.dtype, device: torch.device) -> threading.Thread | None:

@@ -45,12 +45,15 @@ def gptq_round(
     dampening: float = 0.01,
     block_columns: int = 128,
     act_order: bool = False,
+    columns=None,
 ) -> torch.Tensor:
     """GPTQ-rounded ``w`` [out, in] (fp32, on the grid of ``steps`` [out, in/16]) under ``h`` [in, in].
 
     A leading batch dimension (``w`` [E, out, in], ``h`` [E, in, in], ``steps`` [E, out, in/16]) rounds
     E independent matrices (the experts of a fused-experts weight) in one pass over the columns: each
-    expert's result is what it would get alone (up to the batched kernels' rounding)."""
+    expert's result is what it would get alone (up to the batched kernels' rounding). ``columns``: a kernel
+    for one group's column loop, ``columns(w, u1, col_step, live, q, i1) -> err1`` writing ``q`` in place
+    (:func:`nvfp4cal.numerics.kernels.gptq.gptq_columns_triton`: the same codes); None: the loop below."""
     single = w.dim() == 2
     if single:
         w, h, steps = w[None], h[None], steps[None]
@@ -69,9 +72,14 @@ def gptq_round(
     diag.add_(dampening * diag.mean(-1, keepdim=True))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     live = (~dead).to(w.dtype)  # 0 where no input ever reached the channel: nothing to compensate
+    w, col_step = w.contiguous(), col_step.contiguous()
     q = torch.zeros_like(w)
     for i1 in range(0, in_f, block_columns):
         i2 = min(i1 + block_columns, in_f)
+        if columns is not None:
+            err1 = columns(w, u[:, i1:i2, i1:i2], col_step, live, q, i1)
+            w[..., i2:] -= err1 @ u[:, i1:i2, i2:]
+            continue
         w1 = w[..., i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[:, i1:i2, i1:i2]
