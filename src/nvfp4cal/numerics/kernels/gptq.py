@@ -72,11 +72,13 @@ def gptq_columns_kernel(
 
 def gptq_columns_triton(
     w: torch.Tensor, u1: torch.Tensor, col_step: torch.Tensor, live: torch.Tensor, q: torch.Tensor, i1: int,
-    block_r: int = 16,
+    block_r: int = 16, num_warps: int = 8,
 ) -> torch.Tensor:  # fmt: skip
     """Round columns ``i1 .. i1 + u1.shape[-1]`` of ``w`` [E, rows, in] (fp32, contiguous) into ``q`` (same
     shape) and return their scaled errors ``err`` [E, rows, nb] for the lazy-batch update. ``u1``
-    [E, nb, nb] is the group's diagonal block of ``U``; ``col_step`` [E, rows, in]; ``live`` [E, in]."""
+    [E, nb, nb] is the group's diagonal block of ``U``; ``col_step`` [E, rows, in]; ``live`` [E, in].
+    Four fp32 tiles of ``block_r x next_pow2(nb)`` live in registers: 8 warps keep 16 x 128 of them at 64
+    registers a thread."""
     n, rows, in_f = w.shape
     nb = u1.shape[-1]
     u1 = u1.contiguous()
@@ -84,6 +86,6 @@ def gptq_columns_triton(
     grid = (triton.cdiv(rows, block_r), n)
     gptq_columns_kernel[grid](
         w, u1, col_step, live, q, err, rows, nb, in_f, i1, nb,
-        BLOCK_R=block_r, BLOCK_C=triton.next_power_of_2(nb), enable_fp_fusion=False,
+        BLOCK_R=block_r, BLOCK_C=triton.next_power_of_2(nb), num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return err
