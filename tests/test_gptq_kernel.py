@@ -51,6 +51,7 @@ def test_a_run_chooses_the_torch_loop_off_cuda_and_refuses_triton_there(monkeypa
         ColumnLoop("triton")(torch.device("cpu"))
 
 
+@pytest.mark.slow  # ~15 s: every GPTQ pass of two tiny layers through the interpreter
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="builds CPU models: interpreter only")
 def test_a_gptq_run_with_the_kernel_writes_the_same_checkpoint(tmp_path):
     args = ["model=tiny_llama", "recipe=nvfp4_gptq", "data.num_samples=4", "data.seq_len=32", "data.batch_size=2",
