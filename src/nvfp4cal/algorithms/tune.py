@@ -38,6 +38,7 @@ class TuneParams:
     block_columns: int = 128
     act_order: bool = True
     target: str = "reference"  # reference: the unquantized layer on unquantized inputs; own: on the same inputs
+    only: str | None = None  # fnmatch pattern of the weights to tune ("*.mlp.*"); the others keep the start
     loss: str = "mse"  # mse | channel_relative (each hidden channel's error over its mean square)
 
     def __post_init__(self):

@@ -23,12 +23,14 @@ The guard: the last ``validation`` share of the layer's batches is never trained
 one with the lowest validation loss among the start and every ``eval_every``-th iterate, so it is never worse
 than the start on validation (without a validation batch: on the training batches). The kept ``(v, alpha)``
 become on-grid weights and block amaxes that the export packs into exactly the tuned forward's values; a
-kept start changes nothing (byte-identical). Experts whose input saw fewer than ``min_tokens`` rows keep the
-start and are listed.
+kept start changes nothing (byte-identical). Weights that ``only`` (an fnmatch pattern of weight names, as in the
+recipe's rules, e.g. ``*.mlp.*``) leaves out keep their start. Experts whose input saw fewer than ``min_tokens`` rows
+keep the start and are listed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +172,8 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
     _check_memory(module, dev, name)
     items = []
     for wname, wq, w in weight_quantizers(module):
+        if params.only is not None and not fnmatch.fnmatchcase(wname, params.only):
+            continue  # not tuned: keeps its start
         lead = w.shape[:-2]
         counts = seen[wname].seen.reshape(-1).tolist() if wname in seen else []  # one host sync per weight
         low = [e for e, c in enumerate(counts) if c < params.min_tokens]
