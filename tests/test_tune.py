@@ -109,8 +109,7 @@ def test_only_tunes_the_weights_it_names(tmp_path):
     """recipe.algorithm.only=*.mlp.*: the attention weights keep their start (the same bytes as zero iterations)."""
     from nvfp4cal.checkpoint.reload import read_tensors
 
-    args = ["model=tiny_llama", "recipe=nvfp4_tune", *SMALL, "data.num_samples=16", "data.seq_len=64", *FEW_ITERATIONS,
-            "recipe.algorithm.start=max"]  # fmt: skip
+    args = ["model=tiny_llama", "recipe=nvfp4_tune", *SMALL, *FEW_ITERATIONS, "recipe.algorithm.start=max"]
     run_calibrate(tmp_path / "start", [*args, "recipe.algorithm.iterations=0"])
     res = run_calibrate(tmp_path / "mlp", [*args, "recipe.algorithm.only=*.mlp.*"])  # fmt: skip
     assert any(r["kept_iteration"] > 0 for r in res.report["tune"]["layers"]), "nothing was tuned"
