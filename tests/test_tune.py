@@ -87,8 +87,8 @@ def test_tuning_is_never_worse_than_the_start_on_validation_and_reloads_exactly(
 
 def test_own_targets_and_channel_relative_loss_keep_the_guard_and_need_no_reference_stream(tmp_path):
     """target=own: the unquantized layer on the same quantized inputs (no second activation stream kept);
-    loss=channel_relative: each hidden channel's error over its mean square. The guard and the exact
-    reload hold as for the default."""
+    loss=channel_relative: each hidden channel's error over its mean square; scale=0.5: block-scale factors
+    tuned too. The guard and the exact reload hold as for the default."""
     tune = build_algorithm("r", {"method": "tune", "target": "own"})
     assert not tune.needs.reference and build_algorithm("r", {"method": "tune"}).needs.reference
     more = [
@@ -96,6 +96,7 @@ def test_own_targets_and_channel_relative_loss_keep_the_guard_and_need_no_refere
         "data.seq_len=64",
         "recipe.algorithm.target=own",
         "recipe.algorithm.loss=channel_relative",
+        "recipe.algorithm.scale=0.5",  # block-scale factors tuned too (off by default)
     ]
     res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_tune", *SMALL, *more, *FEW_ITERATIONS])
     layers = res.report["tune"]["layers"]
