@@ -1,8 +1,8 @@
 """``method: tune`` - layer-output tuning: start from the best scales we have (``start``: max, the FP8 sweep,
 the Hessian-weighted sweep, or GPTQ's codes on Hessian-swept scales), then learn per-weight rounding offsets
 (and per-block scale factors with ``scale > 0``: off by default, they fit the calibration text) on each
-decoder layer's output error, W4A4 in the loop, guarded by held-out batches (:mod:`nvfp4cal.model.tuning`, :mod:`nvfp4cal.numerics.tune`). Layer by layer on quantized
-inputs, against the unquantized layer's outputs on unquantized inputs (``target: reference``, which
+decoder layer's output error, W4A4 in the loop, guarded by held-out batches (:mod:`nvfp4cal.model.tuning`,
+:mod:`nvfp4cal.numerics.tune`). Layer by layer on quantized inputs, against the unquantized layer's outputs on unquantized inputs (``target: reference``, which
 ``needs.reference``) or on the same quantized inputs (``target: own``: the layer's own error only). It changes
 the weights (to the tuned grid points) and the block amaxes, which the layer state keeps."""
 
