@@ -2,9 +2,10 @@
 the Hessian-weighted sweep, or GPTQ's codes on Hessian-swept scales), then learn per-weight rounding offsets
 (and per-block scale factors with ``scale > 0``: off by default, they fit the calibration text) on each
 decoder layer's output error, W4A4 in the loop, guarded by held-out batches (:mod:`nvfp4cal.model.tuning`,
-:mod:`nvfp4cal.numerics.tune`). Layer by layer on quantized inputs, against the unquantized layer's outputs on unquantized inputs (``target: reference``, which
-``needs.reference``) or on the same quantized inputs (``target: own``: the layer's own error only). It changes
-the weights (to the tuned grid points) and the block amaxes, which the layer state keeps."""
+:mod:`nvfp4cal.numerics.tune`). Layer by layer on quantized inputs, against the unquantized layer's
+outputs on unquantized inputs (``target: reference``, which ``needs.reference``) or on the same quantized
+inputs (``target: own``: the layer's own error only). It changes the weights (to the tuned grid points) and
+the block amaxes, which the layer state keeps."""
 
 from __future__ import annotations
 
