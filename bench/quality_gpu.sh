@@ -39,6 +39,7 @@ case "$1" in
     R=${3:-"nvfp4_max,nvfp4_gptq,nvfp4_tune"}
     python3 bench/quality.py --model gemma3_270m --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
   autoround)
+    [ -d /tmp/peers/auto_round ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/peers/*.whl
     tmp=$(mktemp -d)
     python3 bench/quality.py --model "$2" --dump-tokens "$tmp/tokens.safetensors"
     dir=$(python3 -c "import sys; sys.argv = ['', '--model', '$2']; sys.path.insert(0, 'bench'); from quality import original_dir; print(original_dir('$2'))")
