@@ -314,12 +314,15 @@ class QuantLinear(nn.Linear):
         return y
 
 
+QUANTIZER_TYPES = (InputQuantizer, WeightQuantizer, FP8WeightQuantizer, KVCastQuantizer)  # what has a mode
+
+
 def set_mode(model: nn.Module, mode: str) -> None:
     """Put every quantizer of ``model`` into ``mode`` (off | calib | quant)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantizer mode {mode!r}; use one of {MODES}")
     for m in model.modules():
-        if isinstance(m, (InputQuantizer, WeightQuantizer, FP8WeightQuantizer, KVCastQuantizer)):
+        if isinstance(m, QUANTIZER_TYPES):
             m.mode = mode
 
 

@@ -9,23 +9,24 @@ For layer ``l`` with quantized inputs ``x_q`` (its quantized predecessors' outpu
 with every input quantizer in the forward (gradients straight through the roundings); ``loss: mse``:
 ``w_c = 1``; ``loss: channel_relative``: ``w_c = 1 / mean_t(y_{t,c}^2)`` over the layer's
 calibration tokens, so each hidden channel's error counts relative to that channel's size. In a residual
-stream with a few massive channels - Gemma 3 270M's layers 1-11 hold 96-99% of the hidden state's energy in 8
-of 640 channels, and 41-84% of max calibration's squared error - plain MSE spends the tuning on those few
+stream with a few massive channels - Gemma 3 270M's layers 1-11 hold 96-99% of the hidden state's energy in
+8 of 640 channels, and 41-84% of max calibration's squared error - plain MSE spends the tuning on those few
 channels, whose error the next layer's RMSNorm mostly divides away, we expect. With ``target: own``
 (:class:`OwnTargets`), ``y = layer_l(x_q)``: the unquantized layer on the same quantized inputs, so the
 loss holds only this layer's own error, not its predecessors'.
 
 Each iteration takes one training batch; ``v <- clip(v - lr_t sign(dL/dv), -offset, offset)``,
 ``alpha <- clip(alpha - lr_t sign(dL/dalpha), 1 - scale, 1 + scale)``, ``lr_t = lr (1 - t / iterations)``.
-Under data parallelism the gradients and losses are summed across ranks first (every rank takes the same step).
+Under data parallelism the gradients and losses are summed across ranks first (every rank takes the same
+step).
 
 The guard: the last ``validation`` share of the layer's batches is never trained on; the kept iterate is the
 one with the lowest validation loss among the start and every ``eval_every``-th iterate, so it is never worse
 than the start on validation (without a validation batch: on the training batches). The kept ``(v, alpha)``
 become on-grid weights and block amaxes that the export packs into exactly the tuned forward's values; a
-kept start changes nothing (byte-identical). Weights that ``only`` (an fnmatch pattern of weight names, as in the
-recipe's rules, e.g. ``*.mlp.*``) leaves out keep their start. Experts whose input saw fewer than ``min_tokens`` rows
-keep the start and are listed.
+kept start changes nothing (byte-identical). Weights that ``only`` (an fnmatch pattern of weight names, as
+in the recipe's rules, e.g. ``*.mlp.*``) leaves out keep their start. Experts whose input saw fewer than
+``min_tokens`` rows keep the start and are listed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import nn
 from ..numerics.comm import RunContext
 from ..numerics.errors import UserError
 from ..numerics.tune import frozen, tuned_fake_quantize
-from .quantizers import FP8WeightQuantizer, InputQuantizer, KVCastQuantizer, WeightQuantizer, set_mode
+from .quantizers import QUANTIZER_TYPES, InputQuantizer, KVCastQuantizer, set_mode
 from .view import weight_inputs, weight_quantizers
 
 
@@ -56,9 +57,6 @@ class Tunable:
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return tuned_fake_quantize(w, self.wq.block_amax, self.wq.scale_2_bcast(w.device), self.v, self.alpha)
-
-
-_QUANTIZERS = (InputQuantizer, WeightQuantizer, FP8WeightQuantizer, KVCastQuantizer)
 
 
 def _output(out) -> torch.Tensor:
@@ -102,7 +100,7 @@ class OwnTargets:
 
     def __init__(self, module: nn.Module, forward: nn.Module, inputs):
         self.inputs = inputs
-        modes = {m: m.mode for m in module.modules() if isinstance(m, _QUANTIZERS)}
+        modes = {m: m.mode for m in module.modules() if isinstance(m, QUANTIZER_TYPES)}
         set_mode(module, "off")
         try:
             with torch.no_grad():

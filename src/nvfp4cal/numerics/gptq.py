@@ -37,6 +37,26 @@ def _gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, perm[:, None, :].expand_as(x))
 
 
+def gptq_columns_torch(
+    w: torch.Tensor, u1: torch.Tensor, col_step: torch.Tensor, live: torch.Tensor, q: torch.Tensor, i1: int
+) -> torch.Tensor:
+    """One group's column loop (the reference of the Triton kernel): round columns ``i1 .. i1 + nb`` of ``w``
+    [E, out, in] into ``q`` in place, each column's scaled error spread over the group's later columns through
+    ``u1`` [E, nb, nb] (the group's diagonal block of ``U``); returns the errors [E, out, nb] for the lazy-batch
+    update. ``w`` itself is left as it is."""
+    nb = u1.shape[-1]
+    w1 = w[..., i1 : i1 + nb].clone()
+    err1 = torch.zeros_like(w1)
+    for i in range(nb):
+        col = w1[..., i]  # [E, out]
+        qc = round_to_grid(col, col_step[..., i1 + i])
+        q[..., i1 + i] = qc
+        e = (col - qc) * (live[:, i1 + i] / u1[:, i, i])[:, None]
+        w1[..., i:] -= e[..., None] * u1[:, i, None, i:]
+        err1[..., i] = e
+    return err1
+
+
 @torch.no_grad()
 def gptq_round(
     w: torch.Tensor,
@@ -51,9 +71,10 @@ def gptq_round(
 
     A leading batch dimension (``w`` [E, out, in], ``h`` [E, in, in], ``steps`` [E, out, in/16]) rounds
     E independent matrices (the experts of a fused-experts weight) in one pass over the columns: each
-    expert's result is what it would get alone (up to the batched kernels' rounding). ``columns``: a kernel
-    for one group's column loop, ``columns(w, u1, col_step, live, q, i1) -> err1`` writing ``q`` in place
-    (:func:`nvfp4cal.numerics.kernels.gptq.gptq_columns_triton`: the same codes); None: the loop below."""
+    expert's result is what it would get alone (up to the batched kernels' rounding). ``columns``: one
+    group's column loop (:func:`gptq_columns_torch`, the default, or
+    :func:`nvfp4cal.numerics.kernels.gptq.gptq_columns_triton`: the same codes)."""
+    columns = columns or gptq_columns_torch
     single = w.dim() == 2
     if single:
         w, h, steps = w[None], h[None], steps[None]
@@ -76,21 +97,8 @@ def gptq_round(
     q = torch.zeros_like(w)
     for i1 in range(0, in_f, block_columns):
         i2 = min(i1 + block_columns, in_f)
-        if columns is not None:
-            err1 = columns(w, u[:, i1:i2, i1:i2], col_step, live, q, i1)
-            w[..., i2:] -= err1 @ u[:, i1:i2, i2:]
-            continue
-        w1 = w[..., i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[..., i]  # [E, out]
-            qc = round_to_grid(col, col_step[..., i1 + i])
-            q[..., i1 + i] = qc
-            e = (col - qc) * (live[:, i1 + i] / u1[:, i, i])[:, None]
-            w1[..., i:] -= e[..., None] * u1[:, i, None, i:]
-            err1[..., i] = e
-        w[..., i2:] -= err1 @ u[:, i1:i2, i2:]
+        err1 = columns(w, u[:, i1:i2, i1:i2], col_step, live, q, i1)
+        w[..., i2:] -= err1 @ u[:, i1:i2, i2:]  # the lazy-batch update of the later columns
     if act_order:
         q = _gather_columns(q, torch.argsort(perm, dim=-1))
     return q[0] if single else q

@@ -1,7 +1,7 @@
 """GPTQ's inner loop in Triton: one launch rounds a group of ``block_columns`` columns of every row (and every
 expert) with error feedback, instead of a Python loop of several launches per column.
 
-The torch reference is the inner loop of :func:`nvfp4cal.numerics.gptq.gptq_round`; for the columns
+The torch reference is :func:`nvfp4cal.numerics.gptq.gptq_columns_torch`; for the columns
 ``i1 .. i1 + nb`` of the working weight ``W`` [E, out, in] (``U`` the upper Cholesky factor of the damped
 inverse Hessian, ``live`` 0 for channels no input reached), column by column::
 
