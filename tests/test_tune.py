@@ -56,6 +56,7 @@ def test_bad_parameters_are_one_line():
         ({"method": "tune", "lr": 0}, "lr must be > 0"),
         ({"method": "tune", "target": "logits"}, "recipe.algorithm.target='logits' unknown"),
         ({"method": "tune", "loss": "l1"}, "recipe.algorithm.loss='l1' unknown"),
+        ({"method": "tune", "step_batches": 0}, "step_batches must be >= 1"),
     ):
         with pytest.raises(AlgorithmError, match=match):
             build_algorithm("r", spec)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..model.sweep import KERNELS
 from ..model.tuning import OwnTargets, tune_layer
+from ..numerics.comm import RunContext
 from ..results import TuneSummary
 from .base import Algorithm, AlgorithmError, Needs, Unit, UnitInputs, UnitRun, check_headroom
 from .fp8_sweep import sweep_scales
@@ -41,6 +42,9 @@ class TuneParams:
     target: str = "reference"  # reference: the unquantized layer on unquantized inputs; own: on the same inputs
     only: str | None = None  # fnmatch pattern of the weights to tune ("*.mlp.*"); the others keep the start
     loss: str = "mse"  # mse | channel_relative (each hidden channel's error over its mean square)
+    # calibration batches (of data.batch_size rows, counted over all ranks) whose gradients make one step;
+    # null: one per rank. A multiple of the ranks: ddp then takes the steps one process takes (same rows).
+    step_batches: int | None = None
 
     def __post_init__(self):
         check_headroom(self.headroom)
@@ -58,6 +62,8 @@ class TuneParams:
             raise AlgorithmError(f"recipe.algorithm.lr must be > 0 (or null: 1 / iterations), got {self.lr}")
         if not (0 <= self.offset <= 1) or not (0 <= self.scale < 1) or not (0 <= self.validation < 1):
             raise AlgorithmError("recipe.algorithm: offset in [0, 1], scale and validation in [0, 1)")
+        if self.step_batches is not None and self.step_batches < 1:
+            raise AlgorithmError(f"recipe.algorithm.step_batches must be >= 1 (or null), got {self.step_batches}")
         if not (0 < self.dampening < 1) or self.block_columns < 1:
             raise AlgorithmError("recipe.algorithm: dampening must be in (0, 1), block_columns >= 1")
 
@@ -81,6 +87,15 @@ class Tune(Algorithm):
     @property
     def hessian(self) -> str | None:
         return {"max": None, "mse": None, "hessian_mse": "block", "gptq": "full"}[self.params.start]
+
+    def before(self, unit: Unit, ctx: RunContext) -> None:
+        k = self.params.step_batches
+        if k is not None and k % ctx.world:
+            raise AlgorithmError(
+                f"recipe.algorithm.step_batches={k} is not a multiple of the {ctx.world} ranks (each rank takes "
+                "an equal share of a step's batches)"
+            )
+        super().before(unit, ctx)
 
     def after(self, unit: Unit, inputs: UnitInputs, run: UnitRun) -> None:
         p = self.params

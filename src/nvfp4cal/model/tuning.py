@@ -15,10 +15,13 @@ channels, whose error the next layer's RMSNorm mostly divides away, we expect. W
 (:class:`OwnTargets`), ``y = layer_l(x_q)``: the unquantized layer on the same quantized inputs, so the
 loss holds only this layer's own error, not its predecessors'.
 
-Each iteration takes one training batch; ``v <- clip(v - lr_t sign(dL/dv), -offset, offset)``,
+Each iteration takes ``k`` training batches (``step_batches``, counted over all ranks; default one per
+rank) and sums their gradients: ``v <- clip(v - lr_t sign(dL/dv), -offset, offset)``,
 ``alpha <- clip(alpha - lr_t sign(dL/dalpha), 1 - scale, 1 + scale)``, ``lr_t = lr (1 - t / iterations)``.
-Under data parallelism the gradients and losses are summed across ranks first (every rank takes the same
-step).
+Under data parallelism each rank takes ``k / world`` of its own batches and the gradients and losses are
+summed across ranks (every rank takes the same step). A rank's batch ``i`` holds the rows of one process's
+batches ``world * i .. world * i + world - 1`` (the distributed sampler deals rows out in turn), so with the
+same ``k`` a ddp run steps on the rows one process steps on: the same tuning up to the order of fp32 sums.
 
 The guard: the last ``validation`` share of the layer's batches is never trained on; the kept iterate is the
 one with the lowest validation loss among the start and every ``eval_every``-th iterate, so it is never worse
@@ -189,6 +192,7 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
     select = val or train
     probe = train[: max(1, len(val))]  # the training loss is measured on as many training batches as validate
     lr = params.lr if params.lr is not None else 1.0 / params.iterations
+    per_rank = (params.step_batches or ctx.world) // ctx.world  # Tune.before checked the multiple
     weights = channel_weights(inputs, ctx) if params.loss == "channel_relative" else None
 
     def loss(b: int) -> torch.Tensor:
@@ -214,7 +218,8 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
         best, best_at, best_state = start_sel, 0, None
         for it in range(params.iterations):
             with torch.enable_grad():
-                loss(train[it % len(train)]).backward()
+                for j in range(per_rank):
+                    loss(train[(it * per_rank + j) % len(train)]).backward()
             with torch.no_grad():
                 step = lr * (1.0 - it / params.iterations)
                 for t in items:
