@@ -178,3 +178,17 @@ def test_a_value_of_the_wrong_type_is_one_line():
         with pytest.raises(AlgorithmError, match=match):
             build_algorithm("r", spec)
     assert build_algorithm("r", {"method": "tune", "lr": 1}).params.lr == 1  # an integer is a number
+
+
+def test_step_batches_must_share_out_evenly_over_the_ranks():
+    """A step's batches are dealt out equally: 3 over 2 ranks is one line before any layer is tuned."""
+    from nvfp4cal.numerics.comm import Comm, RunContext
+
+    class TwoRanks(Comm):
+        rank, world = 0, 2
+
+    ctx = RunContext(comm=TwoRanks())
+    tune = build_algorithm("r", {"method": "tune", "step_batches": 3})
+    with pytest.raises(AlgorithmError, match="step_batches=3 is not a multiple of the 2 ranks"):
+        tune.before(None, ctx)
+    build_algorithm("r", {"method": "tune", "step_batches": 4}).before(None, ctx)  # headroom 1: no unit read
