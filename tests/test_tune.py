@@ -9,7 +9,7 @@ import torch
 from helpers import MOE_FAMILIES, check_round_trip, run_calibrate, same_tensors
 from nvfp4cal.algorithms import AlgorithmError, build_algorithm
 from nvfp4cal.numerics import nvfp4
-from nvfp4cal.numerics.tune import frozen, tuned_fake_quantize
+from nvfp4cal.numerics.tune import fixed_ratio, frozen, offset_fake_quantize, tuned_fake_quantize
 
 SMALL = ["data.num_samples=8", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
 FEW_ITERATIONS = ["recipe.algorithm.iterations=20", "recipe.algorithm.eval_every=2", "recipe.algorithm.min_tokens=1"]
@@ -38,6 +38,20 @@ def test_the_start_is_plain_fake_quant_and_the_frozen_weights_are_the_tuned_valu
     w2, blk2 = frozen(w, blk, s2, v, alpha)
     assert torch.equal(nvfp4.fake_quantize(w2, blk2, s2), tuned)  # what the export packs is what was tuned
     assert torch.equal(nvfp4.fake_quantize(w2, blk2, s2), w2)  # on the grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offsets_alone_from_the_fixed_ratio_equal_the_full_tuned_forward(dtype):
+    """scale = 0: ``w / step`` is computed once per layer (fixed_ratio); the forward and the offsets'
+    gradient equal tuned_fake_quantize's at alpha = 1 bit for bit."""
+    w, blk, s2 = _weights(dtype)
+    v = (torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) - 0.5).requires_grad_(True)
+    full = tuned_fake_quantize(w, blk, s2, v, torch.ones(blk.shape))
+    (full.float() * torch.linspace(-1, 1, w.shape[-1])).sum().backward()
+    g_full, v.grad = v.grad.clone(), None
+    alone = offset_fake_quantize(*fixed_ratio(w, blk, s2), v, w.dtype)
+    (alone.float() * torch.linspace(-1, 1, w.shape[-1])).sum().backward()
+    assert torch.equal(alone, full) and torch.equal(v.grad, g_full) and g_full.abs().sum() > 0
 
 
 def test_gradients_pass_both_roundings():

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..numerics.comm import RunContext
 from ..numerics.errors import UserError
-from ..numerics.tune import frozen, tuned_fake_quantize
+from ..numerics.tune import fixed_ratio, frozen, offset_fake_quantize, tuned_fake_quantize
 from .quantizers import QUANTIZER_TYPES, InputQuantizer, KVCastQuantizer, set_mode
 from .view import weight_inputs, weight_quantizers
 
@@ -57,8 +57,11 @@ class Tunable:
     v: torch.Tensor
     alpha: torch.Tensor
     frozen_experts: list[int]
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (w / step, step) while the block scales stay
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None:  # scale = 0: the same values without recomputing w / step each call
+            return offset_fake_quantize(*self.fixed, self.v, w.dtype)
         return tuned_fake_quantize(w, self.wq.block_amax, self.wq.scale_2_bcast(w.device), self.v, self.alpha)
 
 
@@ -148,7 +151,8 @@ def _split(n: int, share: float) -> tuple[list[int], list[int]]:
     return list(range(n - n_val)), list(range(n - n_val, n))
 
 
-STATE_BYTES_PER_WEIGHT = 12  # fp32 offsets, their gradient and the kept copy (block factors: 1/16 of that)
+# fp32 offsets, their gradient, the kept copy and w / step (block factors: 1/16 of that)
+STATE_BYTES_PER_WEIGHT = 16
 
 
 def _check_memory(module: nn.Module, dev: torch.device, name: str) -> None:
@@ -181,8 +185,10 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
         if lead.numel() == 1 and low:
             continue  # a Linear that saw too few rows: keeps its start
         v = torch.zeros(w.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-        alpha = torch.ones(wq.block_amax.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-        items.append(Tunable(wname, wq, w, v, alpha, low if lead.numel() > 1 else []))
+        tuned_scales = params.scale > 0
+        alpha = torch.ones(wq.block_amax.shape, dtype=torch.float32, device=w.device, requires_grad=tuned_scales)
+        fixed = None if tuned_scales else fixed_ratio(w, wq.block_amax, wq.scale_2_bcast(w.device))
+        items.append(Tunable(wname, wq, w, v, alpha, low if lead.numel() > 1 else [], fixed))
     train, val = _split(len(inputs), params.validation)
     record = {"weights": len(items), "train_batches": len(train), "validation_batches": len(val),
               "train_loss_batches": min(len(train), max(1, len(val))),

@@ -51,11 +51,26 @@ def tuned_fake_quantize(
 ) -> torch.Tensor:
     """``w_q`` of the module docstring, in ``w``'s dtype; differentiable in ``v`` and ``alpha``."""
     step = tuned_steps(blk_amax, s2, alpha).unsqueeze(-1)
-    y = w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step + v.unflatten(-1, (-1, nvfp4.BLOCK))
+    return offset_fake_quantize(w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step, step, v, w.dtype)
+
+
+def fixed_ratio(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w / step_b, step_b)`` at ``alpha = 1`` (fp32, no gradient), blocks unflattened: what
+    :func:`tuned_fake_quantize` computes first in every call while the block scales are not tuned
+    (``scale = 0``); computed once, the same values bit for bit (the same ops on the same inputs)."""
+    with torch.no_grad():
+        step = tuned_steps(blk_amax, s2, torch.ones((), dtype=torch.float32, device=blk_amax.device)).unsqueeze(-1)
+        return w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step, step
+
+
+def offset_fake_quantize(ratio: torch.Tensor, step: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`tuned_fake_quantize` at ``alpha = 1`` from :func:`fixed_ratio`'s ``(w / step_b, step_b)``:
+    ``q = sign(r + v) e2m1_round(|r + v|)``, ``w_q = q step_b``; differentiable in ``v``."""
+    y = ratio + v.unflatten(-1, (-1, nvfp4.BLOCK))
     mag = y.abs()
     q = straight_through(mag, nvfp4.e2m1_round(mag.detach()))
     q = torch.where(y < 0, -q, q)
-    return (q * step).flatten(-2).to(w.dtype)
+    return (q * step).flatten(-2).to(dtype)
 
 
 @torch.no_grad()
