@@ -51,7 +51,11 @@ def tuned_fake_quantize(
 ) -> torch.Tensor:
     """``w_q`` of the module docstring, in ``w``'s dtype; differentiable in ``v`` and ``alpha``."""
     step = tuned_steps(blk_amax, s2, alpha).unsqueeze(-1)
-    return offset_fake_quantize(w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step, step, v, w.dtype)
+    y = w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step + v.unflatten(-1, (-1, nvfp4.BLOCK))
+    mag = y.abs()
+    q = straight_through(mag, nvfp4.e2m1_round(mag.detach()))
+    q = torch.where(y < 0, -q, q)
+    return (q * step).flatten(-2).to(w.dtype)
 
 
 def fixed_ratio(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +67,32 @@ def fixed_ratio(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tu
         return w.detach().float().unflatten(-1, (-1, nvfp4.BLOCK)) / step, step
 
 
+class _OffsetRound(torch.autograd.Function):
+    """``w_q = sign(y) e2m1_round(|y|) step_b`` with ``y = r + v``, in one autograd node. Its gradient is the
+    composite's (straight through the rounding, ``d|y|/dy = sign(y)``, undone by the sign) written out:
+    ``dL/dv = dL/dw_q * step_b`` where ``y != 0``, else 0; only that mask (one byte a weight) is kept for the
+    backward instead of ``y`` (four)."""
+
+    @staticmethod
+    def forward(ctx, ratio, step, v, dtype):  # noqa: D102
+        y = ratio + v.unflatten(-1, (-1, nvfp4.BLOCK))
+        q = nvfp4.e2m1_round(y.abs())
+        q = torch.where(y < 0, -q, q)
+        ctx.save_for_backward(step, y != 0)
+        return (q * step).flatten(-2).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        step, live = ctx.saved_tensors
+        g = (grad.float().unflatten(-1, (-1, nvfp4.BLOCK)) * step).mul_(live)
+        return None, None, g.flatten(-2), None
+
+
 def offset_fake_quantize(ratio: torch.Tensor, step: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """:func:`tuned_fake_quantize` at ``alpha = 1`` from :func:`fixed_ratio`'s ``(w / step_b, step_b)``:
-    ``q = sign(r + v) e2m1_round(|r + v|)``, ``w_q = q step_b``; differentiable in ``v``."""
-    y = ratio + v.unflatten(-1, (-1, nvfp4.BLOCK))
-    mag = y.abs()
-    q = straight_through(mag, nvfp4.e2m1_round(mag.detach()))
-    q = torch.where(y < 0, -q, q)
-    return (q * step).flatten(-2).to(dtype)
+    ``q = sign(r + v) e2m1_round(|r + v|)``, ``w_q = q step_b``; differentiable in ``v`` (the same values and
+    gradient as the composite, one autograd node)."""
+    return _OffsetRound.apply(ratio, step, v, dtype)
 
 
 @torch.no_grad()
