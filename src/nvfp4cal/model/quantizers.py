@@ -12,6 +12,7 @@ Weight quantizers are static: their amaxes come from the weight itself
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -129,7 +130,8 @@ class InputQuantizer(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Quant mode's values of ``x`` (its own kind); with ``grad_through`` its gradient passes unchanged."""
         s = self.input_scale().to(x.device)
-        q = nvfp4.fake_quantize_dynamic(x, s) if self.kind == "nvfp4" else nvfp4.fp8_fake_quantize(x, s)
+        with torch.no_grad() if self.grad_through else contextlib.nullcontext():  # no graph for the rounding
+            q = nvfp4.fake_quantize_dynamic(x, s) if self.kind == "nvfp4" else nvfp4.fp8_fake_quantize(x, s)
         return straight_through(x, q) if self.grad_through else q
 
     def forward(self, x: torch.Tensor, i: int = 0) -> torch.Tensor:
