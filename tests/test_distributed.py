@@ -40,17 +40,6 @@ def test_ddp_export_is_byte_identical_to_one_process(tmp_path):
         assert ev[name]["perplexity"]["quantized"] == pytest.approx(e["perplexity"]["quantized"], rel=1e-5)
 
 
-def test_ddp_layerwise_is_byte_identical_to_one_process(tmp_path):
-    """calibration=layerwise under ddp: each rank its own samples' activations, statistics reduced per layer."""
-    args = [*COMMON, "+model.init=per_param"]
-    one_process(tmp_path, args, "one")
-    two = torchrun(tmp_path, [*args, "calibration=layerwise", f"export.dir={tmp_path}/two"])
-    assert two.returncode == 0, two.stderr[-3000:]
-    for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
-        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
-    assert not (tmp_path / "two.layerwise").exists()
-
-
 def test_a_failing_rank_fails_the_run(tmp_path):
     """ddp; under fsdp, test_sharded.py::test_fsdp_names_a_nan_weight_in_one_line fails rank 1 alone."""
     trainer = "ddp"
@@ -116,33 +105,28 @@ def test_ddp_gptq_sums_the_hessians_of_both_ranks(tmp_path):
     assert one.report["gptq"]["weights"] > 0
 
 
-def test_ddp_tuning_takes_one_process_steps(tmp_path):
-    """Layer-output tuning under ddp with recipe.algorithm.step_batches=2: each rank takes one of its own
-    batches a step, which hold the rows of one process's two batches, and the gradients are summed across
+def test_ddp_layerwise_tuning_is_byte_identical_to_one_process(tmp_path):
+    """calibration=layerwise under ddp (each rank its own samples' activations, statistics reduced per layer)
+    with layer-output tuning of the experts and recipe.algorithm.step_batches=2: each rank takes one of its
+    own batches a step, which hold the rows of one process's two batches, and the gradients are summed across
     ranks. With one row per batch the ranks' batches are one process's batches, summed in the same order:
     the same checkpoint bytes (batches of several rows: the same up to the order of fp32 sums). One process
-    with one batch a step (the control) moves 11% of the codes."""
+    with one batch a step (the control) moves 31% of the codes."""
     import torch
 
     from nvfp4cal.checkpoint.reload import read_tensors
 
-    args = ["model=tiny_llama", "recipe=nvfp4_tune", "+model.init=per_param", "data.num_samples=8", "data.seq_len=16",
-            "data.batch_size=1", "data.eval_samples=1", "trainer.enable_progress_bar=false",
-            "recipe.algorithm.iterations=20", "recipe.algorithm.eval_every=2", "recipe.algorithm.validation=0.25",
+    args = [*COMMON, "+model.init=per_param", "recipe=nvfp4_experts_only_tune_fp8_cast_kv",
+            "recipe.algorithm.iterations=20", "recipe.algorithm.eval_every=2", "recipe.algorithm.validation=0.5",
             "recipe.algorithm.min_tokens=1", "recipe.algorithm.step_batches=2"]  # fmt: skip
     one_process(tmp_path, args, "one")
     single = one_process(tmp_path, [*args, "recipe.algorithm.step_batches=1"], "single")
     two = torchrun(tmp_path, [*args, f"export.dir={tmp_path}/two"])
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b, c = (read_tensors(tmp_path / d) for d in ("one", "two", "single"))
+    for f in ("model.safetensors", "hf_quant_config.json", "config.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert not (tmp_path / "two.layerwise").exists()
+    a, c = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "single")
     packed = [k for k in a if a[k].dtype == torch.uint8 and k.endswith(".weight")]
-
-    def differ(x, y):
-        return sum(int((x[k] != y[k]).sum()) for k in packed)
-
     total = sum(a[k].numel() for k in packed)
-    assert single.report["tune"]["layers"]
-    assert differ(a, c) > total // 20, "the control moved too little"
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
-        tmp_path / "two" / "model.safetensors"
-    ).read_bytes()
+    assert single.report["tune"]["layers"] and sum(int((a[k] != c[k]).sum()) for k in packed) > total // 10
