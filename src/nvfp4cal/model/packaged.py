@@ -156,11 +156,10 @@ def check_gemma3_tokenizer(tok, cached: Path | None = None) -> None:
         problem = "does not start the input with <bos>"
     else:
         return
-    where = (
-        f"the tokenizer cached in {cached} (delete that folder to convert again)"
-        if cached
-        else (f"transformers {transformers.__version__} reads Gemma 3's tokenizer from the GGUF wrongly: it")
-    )
+    if cached:
+        where = f"the tokenizer cached in {cached} (delete that folder to convert again)"
+    else:
+        where = f"transformers {transformers.__version__} reads Gemma 3's tokenizer from the GGUF wrongly: it"
     raise ModelError(
         f"{where} {problem}; upgrade transformers to 5.23 or later, or set model.tokenizer=DIR "
         "(a folder holding Gemma 3's tokenizer.json)"
