@@ -64,6 +64,10 @@ def test_algorithm_keys_belong_to_their_method():
         match=r"method='awq' unknown; valid: \['max', 'mse', 'imatrix_mse', 'hessian_mse', 'gptq', 'tune'\]",
     ):
         build_algorithm("r", {"method": "awq"})
+    # a sweep recipe's keys switched to max: the max row of the quality benchmark
+    assert build_algorithm("r", {"method": "max", "kernel": "auto", "headroom": 1.0}).params.headroom == 1.0
+    with pytest.raises(RecipeError, match=r"headroom must be in \[1, "):
+        build_algorithm("r", {"method": "max", "headroom": 0.5})
 
 
 def test_each_algorithm_says_what_it_needs():
