@@ -63,7 +63,7 @@ with initialize_config_module(config_module='nvfp4cal.conf', version_base=None):
     cfg = compose(config_name='calibrate', overrides=['model=smollm2_moe'])
 m = instantiate(cfg.model, _convert_='all')
 m.model.save_pretrained('$moe'); m.tokenizer.save_pretrained('$moe')"
-    M="nvfp4_experts_only_mse_fp8_cast_kv@recipe.algorithm.method=max@~recipe.algorithm.headroom"
+    M="nvfp4_experts_only_mse_fp8_cast_kv@recipe.algorithm.method=max"
     R="$M,nvfp4_experts_only_mse_fp8_cast_kv,nvfp4_experts_only_hessian_mse_fp8_cast_kv"
     G="nvfp4_experts_only_gptq_fp8_cast_kv${L}"
     R="$R,$G,$G@recipe.algorithm.scales=hessian_mse,$G@recipe.algorithm.scales=hessian_mse@recipe.algorithm.act_order=true"
