@@ -2,7 +2,7 @@
 layer-by-layer runs, on the CPU: the byte-identity check of a refactoring.
 
 Usage:
-  python bench/same_checkpoints.py write OUT [--part K/N] [--like BASE]   # one tree of checkpoints (before, after;
+  python bench/same_checkpoints.py write OUT [--part K/N] [--like BASE]   # one tree (K = 0..N-1; before, after;
                                                             # --like: only the cases BASE holds)
   python bench/same_checkpoints.py compare OUT_A OUT_B      # every file of every checkpoint, byte for byte
 
