@@ -176,6 +176,7 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
     seen = weight_inputs(module)
     _check_memory(module, dev, name)
     items = []
+    tuned_scales = params.scale > 0  # else the block scales stay: w / step once per weight (fixed_ratio)
     for wname, wq, w in weight_quantizers(module):
         if params.only is not None and not fnmatch.fnmatchcase(wname, params.only):
             continue  # not tuned: keeps its start
@@ -185,7 +186,6 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
         if lead.numel() == 1 and low:
             continue  # a Linear that saw too few rows: keeps its start
         v = torch.zeros(w.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-        tuned_scales = params.scale > 0
         alpha = torch.ones(wq.block_amax.shape, dtype=torch.float32, device=w.device, requires_grad=tuned_scales)
         fixed = None if tuned_scales else fixed_ratio(w, wq.block_amax, wq.scale_2_bcast(w.device))
         items.append(Tunable(wname, wq, w, v, alpha, low if lead.numel() > 1 else [], fixed))
