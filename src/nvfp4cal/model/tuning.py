@@ -15,8 +15,9 @@ channels, whose error the next layer's RMSNorm mostly divides away, we expect. W
 (:class:`OwnTargets`), ``y = layer_l(x_q)``: the unquantized layer on the same quantized inputs, so the
 loss holds only this layer's own error, not its predecessors'.
 
-Each iteration takes ``k`` training batches (``step_batches``, counted over all ranks; default one per
-rank) and sums their gradients: ``v <- clip(v - lr_t sign(dL/dv), -offset, offset)``,
+Each iteration takes ``k`` training batches (``step_batches``, counted over all ranks; by default the fewest
+that hold ``step_tokens`` tokens, ``k = world * ceil(ceil(step_tokens / tokens_per_batch) / world)``, at most
+every training batch of a rank) and sums their gradients: ``v <- clip(v - lr_t sign(dL/dv), -offset, offset)``,
 ``alpha <- clip(alpha - lr_t sign(dL/dalpha), 1 - scale, 1 + scale)``, ``lr_t = lr (1 - t / iterations)``.
 Under data parallelism each rank takes ``k / world`` of its own batches and the gradients and losses are
 summed across ranks (every rank takes the same step). A rank's batch ``i`` holds the rows of one process's
@@ -151,6 +152,29 @@ def _split(n: int, share: float) -> tuple[list[int], list[int]]:
     return list(range(n - n_val)), list(range(n - n_val, n))
 
 
+def _batch_tokens(inputs) -> int:
+    """Tokens in one batch: the leading dimensions of the unit's first tensor input (its hidden states)."""
+    args, kwargs = inputs.batch(0)
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if x is None or x.dim() < 2:
+        raise UserError("layer-output tuning: the layer's first input is not a (batch, tokens, hidden) tensor")
+    return x.shape[:-1].numel()
+
+
+def _per_rank_batches(inputs, params, ctx: RunContext, n_train: int) -> int:
+    """Batches each rank takes a step: ``step_batches / world`` (Tune.before checked the multiple), else the
+    fewest batches holding ``step_tokens`` tokens over all ranks, at most ``n_train`` (the largest batch and
+    the fewest training batches over the ranks decide, so that every rank takes the same count)."""
+    if params.step_batches is not None:
+        return params.step_batches // ctx.world
+    facts = torch.tensor([float(_batch_tokens(inputs)), -float(n_train)], device=ctx.device)
+    if ctx.world > 1:
+        ctx.comm.max_(facts)
+    tokens, n_train = int(facts[0].item()), -int(facts[1].item())
+    k = -(-params.step_tokens // tokens)
+    return max(1, min(-(-k // ctx.world), n_train))
+
+
 # fp32 offsets, their gradient, the kept copy and w / step (block factors: 1/16 of that)
 STATE_BYTES_PER_WEIGHT = 16
 
@@ -198,7 +222,7 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
     select = val or train
     probe = train[: max(1, len(val))]  # the training loss is measured on as many training batches as validate
     lr = params.lr if params.lr is not None else 1.0 / params.iterations
-    per_rank = (params.step_batches or ctx.world) // ctx.world  # Tune.before checked the multiple
+    per_rank = _per_rank_batches(inputs, params, ctx, len(train))
     weights = channel_weights(inputs, ctx) if params.loss == "channel_relative" else None
 
     def loss(b: int) -> torch.Tensor:
@@ -261,5 +285,5 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
                 t.w.copy_(w_new)
                 t.wq.block_amax.copy_(amax)
                 t.wq.clear_cache()
-    return {**record, "iterations": params.iterations, "kept_iteration": best_at,
+    return {**record, "iterations": params.iterations, "kept_iteration": best_at, "step_batches": per_rank * ctx.world,
             "train_loss": [start_train, kept_train], "validation_loss": [start_sel, best] if val else None}  # fmt: skip
