@@ -69,6 +69,14 @@ def e2m1_index(y: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(y, _e2m1_bounds(y.device), right=False).to(torch.uint8)
 
 
+def _binade_magic(y: torch.Tensor) -> torch.Tensor:
+    """``M = 1.5 * 2^23 * h`` per element of ``y >= 0`` (fp32), ``h`` the E2M1 grid spacing of y's binade (0.5
+    below 2, 1 below 4, else 2): ``h = clamp(2^floor(log2 y), 1, 4) / 2``, the power of two read from y's
+    exponent bits (0 and subnormals give 0, clamped to 1; inf gives inf, clamped to 4)."""
+    pow2 = y.view(torch.int32).bitwise_and(0x7F800000).view(torch.float32)
+    return pow2.clamp_(1.0, 4.0).mul_(6291456.0)
+
+
 def e2m1_round(y: torch.Tensor) -> torch.Tensor:
     """E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even: the same values as ``e2m1_index``.
 
@@ -76,9 +84,14 @@ def e2m1_round(y: torch.Tensor) -> torch.Tensor:
     binade (0.5 below 2, 1 below 4, else 2) with fp32's round-half-even, ``M = 1.5 * 2^23 * h``;
     even multiples are even codes, so ties land where the E2M1 rule wants them; then ``min(., 6)``.
     """
-    m = torch.full_like(y, 6291456.0)
-    m.masked_fill_(y >= 2.0, 12582912.0).masked_fill_(y >= 4.0, 25165824.0)
+    m = _binade_magic(y)
     return y.add(m).sub_(m).clamp_max_(FP4_MAX)
+
+
+def _e2m1_round_(y: torch.Tensor) -> torch.Tensor:
+    """:func:`e2m1_round` in place (``y`` is a temporary of the caller's)."""
+    m = _binade_magic(y)
+    return y.add_(m).sub_(m).clamp_max_(FP4_MAX)
 
 
 def scale_2(amax: torch.Tensor) -> torch.Tensor:
@@ -144,17 +157,25 @@ def fake_quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> 
     """Quantize-dequantize ``w`` with the given block amaxes and scale_2, in ``w``'s dtype.
 
     The values of ``dequantize(*quantize(w, ...))`` (a test holds them equal), computed without
-    building nibbles: ``sign(w) * e2m1_round(|w| / step) * step``.
+    building nibbles: ``copysign(e2m1_round(|w| / step) * step, w)`` (a zero keeps w's sign).
     """
     step = block_steps(blk_amax, s2).unsqueeze(-1)
     wb = w.detach().float().unflatten(-1, (-1, BLOCK))
-    q = e2m1_round(wb.abs() / step).mul_(step)
-    return torch.where(wb < 0, -q, q).flatten(-2).to(w.dtype)
+    return _fake_quantize_blocks(wb, wb.abs(), step).flatten(-2).to(w.dtype)
+
+
+def _fake_quantize_blocks(wb: torch.Tensor, mag: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``copysign(e2m1_round(mag / step) * step, wb)``, in ``mag``'s storage (a temporary, ``|wb|``)."""
+    return _e2m1_round_(mag.div_(step)).mul_(step).copysign_(wb)
 
 
 def fake_quantize_dynamic(x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """Activation fake quant: static per-tensor ``s2``, block amaxes taken from ``x`` itself."""
-    return fake_quantize(x, block_amax(x), s2)
+    """Activation fake quant: static per-tensor ``s2``, block amaxes taken from ``x`` itself (one ``|x|``
+    for both)."""
+    xb = x.detach().float().unflatten(-1, (-1, BLOCK))
+    mag = xb.abs()
+    step = block_steps(mag.amax(-1), s2).unsqueeze(-1)
+    return _fake_quantize_blocks(xb, mag, step).flatten(-2).to(x.dtype)
 
 
 def pack(nibbles: torch.Tensor) -> torch.Tensor:
