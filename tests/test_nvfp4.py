@@ -96,7 +96,13 @@ def test_candidate_amax_gives_that_scale_byte():
 
 
 def test_fast_round_equals_index_rounding():
-    """e2m1_round (magic numbers) and e2m1_index (thresholds) agree on a dense grid and every tie +-1 ulp."""
+    """e2m1_round (magic numbers) and e2m1_index (its code) agree with bucketing against the midpoints on a
+    dense grid, every tie +-1 ulp, zero, subnormals, infinity and NaN (index 7)."""
     vals = torch.cat([torch.linspace(0, 10, 1_000_001), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])])
     vals = torch.cat([vals, torch.nextafter(vals, torch.tensor(0.0)), torch.nextafter(vals, torch.tensor(20.0))])
-    assert torch.equal(nvfp4.e2m1_round(vals), nvfp4.e2m1_values()[nvfp4.e2m1_index(vals).long()])
+    vals = torch.cat([vals, torch.tensor([1e-45, 1e-38, 1e30, float("inf")])])
+    ref = nvfp4.e2m1_index_by_thresholds(vals)
+    assert torch.equal(nvfp4.e2m1_round(vals), nvfp4.e2m1_values()[ref.long()])
+    assert torch.equal(nvfp4.e2m1_index(vals), ref)
+    nan = torch.tensor([float("nan")])
+    assert nvfp4.e2m1_index(nan).item() == nvfp4.e2m1_index_by_thresholds(nan).item() == 7

@@ -64,9 +64,22 @@ def e2m1_values(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
 
 
-def e2m1_index(y: torch.Tensor) -> torch.Tensor:
-    """Index (0..7) of the E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even."""
+def e2m1_index_by_thresholds(y: torch.Tensor) -> torch.Tensor:
+    """Index (0..7) of the E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even, by bucketing against
+    the midpoints between grid values: the reference that :func:`e2m1_round` and :func:`e2m1_index` are
+    tested against (a NaN lands past the last midpoint: 7)."""
     return torch.bucketize(y, _e2m1_bounds(y.device), right=False).to(torch.uint8)
+
+
+# code of the E2M1 value ``v`` at ``2 v`` (0, 1, 2, 3, 4, 6, 8, 12 -> 0..7); other slots are never read
+_CODE_OF_TWICE = (0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7)
+
+
+def e2m1_index(y: torch.Tensor) -> torch.Tensor:
+    """Index (0..7) of the E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even: the code of
+    ``e2m1_round(y)`` (a NaN gives 7, as :func:`e2m1_index_by_thresholds`), ~2.5x faster than bucketing on CPU."""
+    twice = _e2m1_round_(y.float().clone()).nan_to_num_(nan=FP4_MAX).mul_(2.0).to(torch.int64)
+    return torch.tensor(_CODE_OF_TWICE, dtype=torch.uint8, device=y.device)[twice]
 
 
 def _binade_magic(y: torch.Tensor) -> torch.Tensor:
