@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -57,6 +58,7 @@ def test_report_fields_and_plots(tmp_path):
     for e in r["experts"]:  # per-expert input amaxes as calibrated: zero exactly for the dead experts
         amax = e["input_amax"]["gate_up_proj"]
         assert len(amax) == 8 and all((a == 0) == (i in e["experts"]) for i, a in enumerate(amax))
+    assert r["versions"]["python"] == platform.python_version()  # the embedded texts come from it
     assert r["versions"]["torch"] and r["config"]["recipe"]["name"] == "nvfp4_mse"
     md = (run / "report.md").read_text()
     assert "perplexity, quantized" in md and "Worst 10 weights" in md and "Experts without calibration tokens" in md

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import math
+import platform
 import re
 from pathlib import Path
 
@@ -174,7 +175,9 @@ def write_report(run_dir: Path, report: dict) -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    out = {}
+    """The packages' versions, and Python's: the embedded corpus (``pydoc_data.topics``) and the ``code`` set
+    (standard-library source) are read from the running Python, so their figures compare within one version."""
+    out = {"python": platform.python_version()}
     for pkg in ("nvfp4cal", "torch", "triton", "transformers", "lightning", "datasets", "hydra-core"):
         try:
             out[pkg] = md.version(pkg)
