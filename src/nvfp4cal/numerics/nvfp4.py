@@ -78,7 +78,12 @@ _CODE_OF_TWICE = (0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7)
 def e2m1_index(y: torch.Tensor) -> torch.Tensor:
     """Index (0..7) of the E2M1 magnitude nearest to ``y >= 0`` (fp32), ties to even: the code of
     ``e2m1_round(y)`` (a NaN gives 7, as :func:`e2m1_index_by_thresholds`), ~2.5x faster than bucketing on CPU."""
-    twice = _e2m1_round_(y.float().clone()).nan_to_num_(nan=FP4_MAX).mul_(2.0).to(torch.int64)
+    return _e2m1_index_(y.float().clone())
+
+
+def _e2m1_index_(y: torch.Tensor) -> torch.Tensor:
+    """:func:`e2m1_index` of an fp32 temporary of the caller's, rounded in place."""
+    twice = _e2m1_round_(y).nan_to_num_(nan=FP4_MAX).mul_(2.0).to(torch.int64)
     return torch.tensor(_CODE_OF_TWICE, dtype=torch.uint8, device=y.device)[twice]
 
 
@@ -149,7 +154,7 @@ def quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> tuple
     scales = block_scales(blk_amax, s2)
     step = (scales.float() * s2.float()).unsqueeze(-1)
     wb = w.detach().float().unflatten(-1, (-1, BLOCK))
-    idx = e2m1_index(wb.abs() / step)
+    idx = _e2m1_index_(wb.abs().div_(step))
     sign = ((wb < 0) & (idx > 0)).to(torch.uint8) << 3  # zero is always +0 (nibble 0)
     return (sign | idx).flatten(-2), scales
 
