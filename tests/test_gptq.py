@@ -10,7 +10,8 @@ from nvfp4cal.checkpoint.reload import read_tensors, rebuild_model
 from nvfp4cal.cli.verify import verify
 from nvfp4cal.numerics import nvfp4
 from nvfp4cal.numerics.errors import UserError
-from nvfp4cal.numerics.gptq import gptq_round, hessian_error, round_to_grid
+from nvfp4cal.numerics.gptq import gptq_round, hessian_error
+from nvfp4cal.numerics.nvfp4 import round_to_step
 
 
 def _case(seed, out_f=24, in_f=64, tokens=256, heavy=False):
@@ -30,13 +31,13 @@ def _case(seed, out_f=24, in_f=64, tokens=256, heavy=False):
 @pytest.mark.parametrize("heavy", [False, True])
 def test_gptq_lowers_the_hessian_error_and_stays_on_the_grid(seed, heavy):
     w, h, steps = _case(seed, heavy=heavy)
-    rtn = round_to_grid(w, steps.repeat_interleave(16, 1))
+    rtn = round_to_step(w, steps.repeat_interleave(16, 1))
     for act_order in (False, True):
         q = gptq_round(w, h, steps, block_columns=16, act_order=act_order)
         assert hessian_error(w, q, h) < hessian_error(w, rtn, h)
         # every value is a code of its block's fixed step: packing gives the codes back exactly
         step = steps.repeat_interleave(16, 1)
-        assert torch.equal(round_to_grid(q, step), q)
+        assert torch.equal(round_to_step(q, step), q)
 
 
 def test_lazy_batches_compute_what_one_batch_computes():
@@ -51,7 +52,7 @@ def test_no_correlation_means_plain_rounding():
     """With H = I every column's error stays where it is: GPTQ is round-to-nearest."""
     w, _, steps = _case(3)
     q = gptq_round(w, torch.eye(w.shape[1]), steps)
-    assert torch.equal(q, round_to_grid(w, steps.repeat_interleave(16, 1)))
+    assert torch.equal(q, round_to_step(w, steps.repeat_interleave(16, 1)))
 
 
 def test_dead_channels_are_rounded_plainly():
@@ -59,7 +60,7 @@ def test_dead_channels_are_rounded_plainly():
     h[:, :16] = 0
     h[:16, :] = 0  # the first block of channels never saw input
     q = gptq_round(w, h, steps)
-    assert torch.equal(q[:, :16], round_to_grid(w[:, :16], steps[:, :1].repeat_interleave(16, 1)))
+    assert torch.equal(q[:, :16], round_to_step(w[:, :16], steps[:, :1].repeat_interleave(16, 1)))
 
 
 ARGS = ["+model.init=per_param", "data.num_samples=8", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2",

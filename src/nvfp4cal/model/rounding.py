@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..numerics.comm import RunContext
-from ..numerics.gptq import gptq_round, hessian_error, round_to_grid
-from ..numerics.nvfp4 import BLOCK, block_steps, scale_2
+from ..numerics.gptq import gptq_round, hessian_error
+from ..numerics.nvfp4 import BLOCK, block_steps, round_to_step, scale_2
 from .sweep import triton_or_reference
 from .view import weight_inputs, weight_quantizers
 
@@ -86,7 +86,7 @@ def _round_group(members: list[tuple[str, torch.Tensor, object]], iq, params, fa
                              for e in chunk])  # fmt: skip
         orig = flat[chunk].float()
         h = iq.hessian[idx].to(dev)
-        plain = round_to_grid(orig, steps.repeat_interleave(BLOCK, dim=-1))
+        plain = round_to_step(orig, steps.repeat_interleave(BLOCK, dim=-1))
         q = plain.clone()
         rows = [i for i, e in enumerate(chunk) if e in live]
         if rows:

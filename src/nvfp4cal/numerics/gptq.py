@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .nvfp4 import BLOCK, e2m1_round
-
-
-def round_to_grid(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``sign(w) * e2m1_round(|w| / step) * step`` element-wise (fp32)."""
-    q = e2m1_round(w.abs() / step) * step
-    return torch.where(w < 0, -q, q)
+from .nvfp4 import BLOCK, round_to_step
 
 
 def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -49,7 +43,7 @@ def gptq_columns_torch(
     err1 = torch.zeros_like(w1)
     for i in range(nb):
         col = w1[..., i]  # [E, out]
-        qc = round_to_grid(col, col_step[..., i1 + i])
+        qc = round_to_step(col, col_step[..., i1 + i])
         q[..., i1 + i] = qc
         e = (col - qc) * (live[:, i1 + i] / u1[:, i, i])[:, None]
         w1[..., i:] -= e[..., None] * u1[:, i, None, i:]

@@ -179,12 +179,14 @@ def fake_quantize(w: torch.Tensor, blk_amax: torch.Tensor, s2: torch.Tensor) -> 
     """
     step = block_steps(blk_amax, s2).unsqueeze(-1)
     wb = w.detach().float().unflatten(-1, (-1, BLOCK))
-    return _fake_quantize_blocks(wb, wb.abs(), step).flatten(-2).to(w.dtype)
+    return round_to_step(wb, step).flatten(-2).to(w.dtype)
 
 
-def _fake_quantize_blocks(wb: torch.Tensor, mag: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``copysign(e2m1_round(mag / step) * step, wb)``, in ``mag``'s storage (a temporary, ``|wb|``)."""
-    return _e2m1_round_(mag.div_(step)).mul_(step).copysign_(wb)
+def round_to_step(w: torch.Tensor, step: torch.Tensor, mag: torch.Tensor | None = None) -> torch.Tensor:
+    """``copysign(e2m1_round(|w| / step) * step, w)`` element-wise in fp32 (``step`` broadcasts to ``w``; a
+    zero keeps w's sign). ``mag``: ``|w|`` in fp32 already taken, a temporary the result is written into."""
+    mag = w.abs().float() if mag is None else mag
+    return _e2m1_round_(mag.div_(step)).mul_(step).copysign_(w)
 
 
 def fake_quantize_dynamic(x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -193,7 +195,7 @@ def fake_quantize_dynamic(x: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     xb = x.detach().float().unflatten(-1, (-1, BLOCK))
     mag = xb.abs()
     step = block_steps(mag.amax(-1), s2).unsqueeze(-1)
-    return _fake_quantize_blocks(xb, mag, step).flatten(-2).to(x.dtype)
+    return round_to_step(xb, step, mag).flatten(-2).to(x.dtype)
 
 
 def pack(nibbles: torch.Tensor) -> torch.Tensor:
