@@ -32,6 +32,27 @@ def test_kl_is_the_definition():
     assert r["perplexity"]["max_calibrated"] > r["perplexity"]["original"] and "share_of_max_increase_removed" in r
 
 
+def test_chunked_comparison_equals_one_pass(monkeypatch):
+    import nvfp4cal.evaluation.compare as compare
+
+    g = torch.Generator().manual_seed(1)
+    p_logits, ids = torch.randn(3, 11, 40, generator=g), torch.randint(0, 40, (3, 11), generator=g)
+    q_logits = p_logits + 0.5 * torch.randn(3, 11, 40, generator=g)
+    results = []
+    for chunk in (4, 1000):  # 30 positions: eight chunks, then one
+        monkeypatch.setattr(compare, "CHUNK", chunk)
+        c = Comparison()
+        c.add(p_logits, q_logits, ids)
+        results.append(c.result())
+    a, b = results
+    assert a["tokens"] == b["tokens"] == 30 and a["top1_agreement"] == b["top1_agreement"]
+    for key in ("kl_mean", "kl_median", "kl_p99", "rms_delta_p"):
+        assert a[key] == pytest.approx(b[key], rel=1e-12), key
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-12)
+    lp, lq = torch.log_softmax(p_logits[:, :-1].double(), -1), torch.log_softmax(q_logits[:, :-1].double(), -1)
+    assert a["kl_mean"] == pytest.approx(float((lp.exp() * (lp - lq)).sum(-1).mean()), rel=1e-5)
+
+
 def test_worse_than_max_is_said_only_when_it_is():
     ev = {"corpus": {"perplexity": {"original": 10.0, "max_calibrated": 12.0, "quantized": 11.0}},
           "code": {"perplexity": {"original": 5.0, "max_calibrated": 6.0, "quantized": 6.5}}}  # fmt: skip
