@@ -50,6 +50,10 @@ class TuneParams:
     # same amount of text whatever data.batch_size and data.seq_len are (measured: 1024-token steps fit 64 x 256
     # calibration tokens and lose Gemma 3's code to GPTQ; 2048-token steps do not)
     step_tokens: int = 2048
+    # a layer whose tuning state (16 B a weight) exceeds this is tuned in rounds, a group of experts at a time
+    # (each round the full schedule; the others on the weights the earlier rounds kept): Kimi-K2's 384 experts
+    # of 7168 x 2048 need ~270 GiB at once, ~0.7 GiB an expert
+    expert_group_gib: float = 16.0
 
     def __post_init__(self):
         check_headroom(self.headroom)
@@ -67,6 +71,8 @@ class TuneParams:
             raise AlgorithmError(f"recipe.algorithm.lr must be > 0 (or null: 1 / iterations), got {self.lr}")
         if not (0 <= self.offset <= 1) or not (0 <= self.scale < 1) or not (0 <= self.validation < 1):
             raise AlgorithmError("recipe.algorithm: offset in [0, 1], scale and validation in [0, 1)")
+        if not self.expert_group_gib > 0:
+            raise AlgorithmError(f"recipe.algorithm.expert_group_gib must be > 0, got {self.expert_group_gib}")
         if self.step_tokens < 1:
             raise AlgorithmError(f"recipe.algorithm.step_tokens must be >= 1, got {self.step_tokens}")
         if self.step_batches is not None and self.step_batches < 1:

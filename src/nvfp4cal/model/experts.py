@@ -49,6 +49,38 @@ def logical(p: torch.Tensor, transposed: bool) -> torch.Tensor:
     return p.transpose(-1, -2) if transposed else p
 
 
+class PartlyTuned:
+    """A fused experts weight [E, ...] while layer-output tuning takes its experts in groups: experts
+    ``a .. a + len(part) - 1`` come from ``part`` (differentiable), the others from ``base`` (the start's fake
+    quant, no gradient), so that no gradient of the whole weight's size is ever formed."""
+
+    def __init__(self, base: torch.Tensor, part: torch.Tensor, a: int):
+        self.base, self.part, self.a, self.b = base, part, a, a + part.shape[0]
+        self._rows: tuple[torch.Tensor, ...] | None = None
+
+    def transpose(self, d0: int, d1: int) -> PartlyTuned:
+        return PartlyTuned(self.base.transpose(d0, d1), self.part.transpose(d0, d1), self.a)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        if self.a <= e < self.b:
+            if self._rows is None:  # one unbind: its backward stacks the experts' gradients once
+                self._rows = self.part.unbind(0)
+            return self._rows[e - self.a]
+        return self.base[e]
+
+
+def _span(*ws) -> tuple[int, int] | None:
+    return next(((w.a, w.b) for w in ws if isinstance(w, PartlyTuned)), None)
+
+
+def _whole(w):
+    return w.base if isinstance(w, PartlyTuned) else w
+
+
+def _part(w, a: int, b: int):
+    return w.part if isinstance(w, PartlyTuned) else (None if w is None else w[a:b])
+
+
 def check_layout(name: str, module: nn.Module) -> None:
     """Accept the layouts transformers' experts decorator describes; name anything else.
 
@@ -193,6 +225,25 @@ class QuantExpertsMixin:
         x = self._grouped_input(self.gate_up_input, hidden_states[tok], expert, keep, self.inputs_on[0])
         w1, w2 = self._weight(self.first_proj, self.gate_up_weight), self._weight("down_proj", self.down_weight)
         b1, b2 = getattr(self, f"{self.first_proj}_bias", None), getattr(self, "down_proj_bias", None)
+        span = _span(w1, w2)
+        if span is None:
+            y = self._grouped_rows(x, expert, keep, offs, w1, w2, b1, b2)
+        else:  # grouped tuning: every row on the start's weights, then the group's rows again, differentiable
+            with torch.no_grad():
+                y = self._grouped_rows(x, expert, keep, offs, _whole(w1), _whole(w2), b1, b2)
+            a, b = span
+            r0, r1 = torch.cat([offs.new_zeros(1), offs])[[a, b]].tolist()  # the group's rows (one host sync)
+            if r1 > r0:
+                part = self._grouped_rows(x[r0:r1], expert[r0:r1] - a, keep[r0:r1], offs[a:b] - r0,
+                                          _part(w1, a, b), _part(w2, a, b), _part(b1, a, b), _part(b2, a, b))  # fmt: skip
+                y = torch.cat([y[:r0], part, y[r1:]])
+        y = y * route[order, None].to(y.dtype)
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(t, k, -1).sum(1).to(hidden_states.dtype)
+
+    def _grouped_rows(self, x, expert, keep, offs, w1, w2, b1, b2):
+        """Rows ``x`` sorted by ``expert`` (ends ``offs``) through both projections of their experts."""
         # grouped_mm wants [E, in, out]: the stored layout when transposed, else a transposed view
         h = torch._grouped_mm(x, w1 if self.transposed else w1.transpose(-1, -2), offs=offs)
         h = h if b1 is None else h + b1[expert]
@@ -202,10 +253,7 @@ class QuantExpertsMixin:
         y = y if b2 is None else y + b2[expert]
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
-        y = y * route[order, None].to(y.dtype)
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
-        return unsorted.view(t, k, -1).sum(1).to(hidden_states.dtype)
+        return y
 
     def forward_eager(self, hidden_states, top_k_index, top_k_weights):
         """The per-expert loop, in the order of transformers' eager implementation."""

@@ -40,10 +40,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..numerics.comm import RunContext
 from ..numerics.errors import UserError
 from ..numerics.tune import fixed_ratio, frozen, offset_fake_quantize, tuned_fake_quantize
+from .experts import PartlyTuned
 from .quantizers import QUANTIZER_TYPES, InputQuantizer, KVCastQuantizer, set_mode
 from .view import weight_inputs, weight_quantizers
 
@@ -59,11 +61,27 @@ class Tunable:
     alpha: torch.Tensor
     frozen_experts: list[int]
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (w / step, step) while the block scales stay
+    span: tuple[int, int] | None = None  # experts a .. b - 1 of a fused weight (grouped tuning); None: all of it
 
-    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.span is None else x[self.span[0] : self.span[1]]
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor | PartlyTuned:
         if self.fixed is not None:  # scale = 0: the same values without recomputing w / step each call
-            return offset_fake_quantize(*self.fixed, self.v, w.dtype)
-        return tuned_fake_quantize(w, self.wq.block_amax, self.wq.scale_2_bcast(w.device), self.v, self.alpha)
+            part = offset_fake_quantize(*self.fixed, self.v, w.dtype)
+        else:
+            s2 = self.wq.scale_2_bcast(w.device)
+            part = tuned_fake_quantize(self.rows(w), self.rows(self.wq.block_amax), self.rows(s2), self.v, self.alpha)
+        return part if self.span is None else PartlyTuned(self.wq.quantized(w), part, self.span[0])
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """The kept ``(v, alpha)`` into on-grid weights and block amaxes (its experts only when grouped)."""
+        s2 = self.rows(self.wq.scale_2_bcast(self.w.device))
+        w_new, amax = frozen(self.rows(self.w), self.rows(self.wq.block_amax), s2, self.v, self.alpha)
+        self.rows(self.w).copy_(w_new)
+        self.rows(self.wq.block_amax).copy_(amax)
+        self.wq.clear_cache()
 
 
 def _output(out) -> torch.Tensor:
@@ -177,60 +195,111 @@ def _per_rank_batches(inputs, params, ctx: RunContext, n_train: int) -> int:
 
 # fp32 offsets, their gradient, the kept copy and w / step (block factors: 1/16 of that)
 STATE_BYTES_PER_WEIGHT = 16
+STATE_BYTES = STATE_BYTES_PER_WEIGHT * (1 + 1 / 16)
 
 
-def _check_memory(module: nn.Module, dev: torch.device, name: str) -> None:
-    """One line, before anything is allocated, when the tuning state of this layer cannot fit the device."""
-    n = sum(w.numel() for _, _, w in weight_quantizers(module))
-    need = n * STATE_BYTES_PER_WEIGHT * (1 + 1 / 16)
+def expert_groups(weights: list[tuple[str, object, torch.Tensor]], group_gib: float) -> list[tuple[int, int] | None]:
+    """The rounds a layer is tuned in: ``[None]`` (every weight at once) when the tuning state of its weights
+    fits ``group_gib``, else spans ``(a, b)`` of the fused experts' index, as many experts a round as fit
+    (at least one): the fused weights' experts a group at a time, the other weights in the first round."""
+    fused = [w for _, _, w in weights if w.shape[:-2].numel() > 1]
+    total = sum(w.numel() for _, _, w in weights) * STATE_BYTES
+    if not fused or total <= group_gib * 2**30:
+        return [None]
+    n = fused[0].shape[:-2].numel()
+    if any(w.shape[:-2].numel() != n for w in fused):
+        raise UserError("layer-output tuning in expert groups: the layer's fused weights hold different expert counts")
+    per_expert = sum(w.numel() for w in fused) / n * STATE_BYTES
+    k = max(1, int(group_gib * 2**30 // per_expert))
+    return [(a, min(a + k, n)) for a in range(0, n, k)]
+
+
+def _check_memory(weights: list, span: tuple[int, int] | None, dev: torch.device, name: str) -> None:
+    """One line, before anything is allocated, when the tuning state of a round cannot fit the device (a
+    grouped round also keeps the start's fake quant of each whole fused weight)."""
+    n = sum(w.numel() if span is None or w.dim() < 3 else w[span[0] : span[1]].numel() for _, _, w in weights)
+    need = n * STATE_BYTES
+    if span is not None:
+        need += sum(w.numel() * w.element_size() for _, _, w in weights if w.dim() >= 3)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         if need > free:
             raise UserError(
                 f"layer-output tuning of {name} needs {need / 2**30:.1f} GiB for its offsets, gradients and kept "
-                f"copy ({n / 1e9:.2f} G weights) but the GPU has {free / 2**30:.1f} GiB free; tune fewer weights "
-                "(recipe.rules) or use recipe=nvfp4_gptq for this model"
+                f"copy ({n / 1e9:.2f} G weights) but the GPU has {free / 2**30:.1f} GiB free; lower "
+                "recipe.algorithm.expert_group_gib, tune fewer weights (recipe.rules) or use recipe=nvfp4_gptq"
             )
 
 
 def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunContext, name: str = "the layer") -> dict:
     """Tune every NVFP4 weight of ``module`` (a decoder layer in its scope, quantizers calibrated) on
-    ``inputs`` (``batch(b) -> (args, kwargs)``, ``target(b)``, ``len``); returns the layer's record."""
+    ``inputs`` (``batch(b) -> (args, kwargs)``, ``target(b)``, ``len``); returns the layer's record. A layer
+    whose tuning state exceeds ``expert_group_gib`` is tuned in rounds (:func:`expert_groups`): each round
+    runs the full schedule on its experts, from the weights the earlier rounds kept."""
+    weights = [x for x in weight_quantizers(module) if params.only is None or fnmatch.fnmatchcase(x[0], params.only)]
+    rounds = expert_groups(weights, params.expert_group_gib)
+    shown = tqdm(
+        rounds, desc=f"tune {name} (expert groups)", unit="group", disable=len(rounds) == 1 or not ctx.progress
+    )
+    records = [_tune_round(module, forward, inputs, params, ctx, name, weights, span, first=i == 0)
+               for i, span in enumerate(shown)]  # fmt: skip
+    if len(records) == 1:
+        return records[0]
+    first, last = records[0], records[-1]
+    return {**last, "weights": first["weights"], "kept_start": [k for r in records for k in r["kept_start"]],
+            "kept_iteration": max(r["kept_iteration"] for r in records),
+            "train_loss": None if first["train_loss"] is None else [first["train_loss"][0], last["train_loss"][1]],
+            "validation_loss": None if first["validation_loss"] is None
+            else [first["validation_loss"][0], last["validation_loss"][1]],
+            "expert_groups": [{"experts": list(span), "kept_iteration": r["kept_iteration"],
+                               "validation_loss": r["validation_loss"]} for span, r in zip(rounds, records, strict=True)]}  # fmt: skip
+
+
+def _tune_round(module, forward, inputs, params, ctx: RunContext, name: str, weights: list,
+                span: tuple[int, int] | None, first: bool) -> dict:  # fmt: skip
+    """One round of :func:`tune_layer`: the weights ``weights`` (a fused weight's experts ``span`` only, and
+    the other weights only in the ``first`` round)."""
     dev = ctx.device
     seen = weight_inputs(module)
-    _check_memory(module, dev, name)
+    _check_memory(weights, span, dev, name)
     items = []
     tuned_scales = params.scale > 0  # else the block scales stay: w / step once per weight (fixed_ratio)
-    for wname, wq, w in weight_quantizers(module):
-        if params.only is not None and not fnmatch.fnmatchcase(wname, params.only):
-            continue  # not tuned: keeps its start
+    for wname, wq, w in weights:
         lead = w.shape[:-2]
+        grouped = span is not None and lead.numel() > 1
+        if span is not None and not grouped and not first:
+            continue  # a Linear of a grouped layer: tuned in the first round
+        a, b = span if grouped else (0, lead.numel())
         counts = seen[wname].seen.reshape(-1).tolist() if wname in seen else []  # one host sync per weight
-        low = [e for e, c in enumerate(counts) if c < params.min_tokens]
+        low = [e - a for e, c in enumerate(counts) if c < params.min_tokens and a <= e < b]
         if lead.numel() == 1 and low:
             continue  # a Linear that saw too few rows: keeps its start
-        v = torch.zeros(w.shape, dtype=torch.float32, device=w.device, requires_grad=True)
-        alpha = torch.ones(wq.block_amax.shape, dtype=torch.float32, device=w.device, requires_grad=tuned_scales)
-        fixed = None if tuned_scales else fixed_ratio(w, wq.block_amax, wq.scale_2_bcast(w.device))
-        items.append(Tunable(wname, wq, w, v, alpha, low if lead.numel() > 1 else [], fixed))
+        part, blk = (w[a:b], wq.block_amax[a:b]) if grouped else (w, wq.block_amax)
+        s2 = wq.scale_2_bcast(w.device)
+        v = torch.zeros(part.shape, dtype=torch.float32, device=w.device, requires_grad=True)
+        alpha = torch.ones(blk.shape, dtype=torch.float32, device=w.device, requires_grad=tuned_scales)
+        fixed = None if tuned_scales else fixed_ratio(part, blk, s2[a:b] if grouped else s2)
+        items.append(
+            Tunable(wname, wq, w, v, alpha, low if lead.numel() > 1 else [], fixed, (a, b) if grouped else None)
+        )
     train, val = _split(len(inputs), params.validation)
     record = {"weights": len(items), "train_batches": len(train), "validation_batches": len(val),
               "train_loss_batches": min(len(train), max(1, len(val))),
-              "kept_start": [f"{t.name}[{e}]" for t in items for e in t.frozen_experts]}  # fmt: skip
+              "kept_start": [f"{t.name}[{e + (t.span[0] if t.span else 0)}]" for t in items for e in t.frozen_experts]}  # fmt: skip
     if not items or params.iterations == 0 or not train:
         return {**record, "iterations": 0, "kept_iteration": 0, "train_loss": None, "validation_loss": None}
     select = val or train
     probe = train[: max(1, len(val))]  # the training loss is measured on as many training batches as validate
     lr = params.lr if params.lr is not None else 1.0 / params.iterations
     per_rank = _per_rank_batches(inputs, params, ctx, len(train))
-    weights = channel_weights(inputs, ctx) if params.loss == "channel_relative" else None
+    cw = channel_weights(inputs, ctx) if params.loss == "channel_relative" else None
 
     def loss(b: int) -> torch.Tensor:
         args, kwargs = inputs.batch(b)
         y = _output(forward(*args, **kwargs)).float()
         ref = inputs.target(b).to(y.device).float()
         err = (y - ref).pow(2)
-        return (err * weights).mean() if weights is not None else err.mean()
+        return (err * cw).mean() if cw is not None else err.mean()
 
     @torch.no_grad()
     def mean_loss(batches: list[int]) -> float:
@@ -278,12 +347,7 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
         else:
             kept_train = start_train
     if best_state is not None:  # the kept iterate becomes on-grid weights and block amaxes
-        with torch.no_grad():
-            for t in items:
-                s2 = t.wq.scale_2_bcast(t.w.device)
-                w_new, amax = frozen(t.w, t.wq.block_amax, s2, t.v, t.alpha)
-                t.w.copy_(w_new)
-                t.wq.block_amax.copy_(amax)
-                t.wq.clear_cache()
+        for t in items:
+            t.freeze()
     return {**record, "iterations": params.iterations, "kept_iteration": best_at, "step_batches": per_rank * ctx.world,
             "train_loss": [start_train, kept_train], "validation_loss": [start_sel, best] if val else None}  # fmt: skip
