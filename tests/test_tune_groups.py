@@ -104,3 +104,25 @@ def test_a_layer_tuned_in_expert_groups_keeps_the_guard_and_reloads_exactly(tmp_
     check_round_trip(res, tmp_path / "ckpt")
     with pytest.raises(Exception, match="expert_group_gib must be > 0"):
         run_calibrate(tmp_path / "bad", [*args, "recipe.algorithm.expert_group_gib=0"])
+
+
+def test_grouped_tuning_resumes_to_the_same_bytes_with_weights_checked_an_expert_at_a_time(tmp_path, monkeypatch):
+    """The layer state of a tuned fused weight is found changed, and saved as codes, one expert at a time
+    (row_chunks: one row of dim 0 per chunk here); a stopped grouped run resumes to the same bytes."""
+    from helpers import same_tensors
+    from nvfp4cal.numerics import nvfp4
+
+    monkeypatch.setattr(nvfp4, "row_chunks", lambda w, budget_bytes=0: [slice(i, i + 1) for i in range(w.shape[0])]
+                        if w.dim() >= 2 else [slice(None)])  # fmt: skip
+    args = ["model=tiny_qwen3_moe", "recipe=nvfp4_experts_only_tune_fp8_cast_kv", "+model.init=per_param",
+            "data.num_samples=8", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2",
+            "recipe.algorithm.iterations=6", "recipe.algorithm.eval_every=2", "recipe.algorithm.min_tokens=4",
+            "recipe.algorithm.step_tokens=64", "recipe.algorithm.expert_group_gib=1e-5",
+            "calibration=layerwise", "calibration.propagate=quantized", "calibration.offload=disk"]  # fmt: skip
+    run_calibrate(tmp_path / "straight", args)
+    monkeypatch.setenv("NVFP4CAL_FAIL_AFTER_LAYER", "0")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_calibrate(tmp_path / "resumed", args)
+    monkeypatch.delenv("NVFP4CAL_FAIL_AFTER_LAYER")
+    run_calibrate(tmp_path / "resumed", [*args, "calibration.resume=true"])
+    assert same_tensors(tmp_path / "straight" / "ckpt", tmp_path / "resumed" / "ckpt")

@@ -103,12 +103,13 @@ def _param_of(scope_name: str, prefix: str, owner: nn.Module) -> str:
     return f"{rel}.weight" if isinstance(owner, QuantLinear) else rel
 
 
-def changed_weights(scope: nn.Module, layer: nn.Module, prefix: str, source: Callable) -> dict:
-    """Every parameter of a layer that differs from the source (``source(rel, like)``), in the least
+def changed_weights(scope: nn.Module, layer: nn.Module, prefix: str, same: Callable) -> dict:
+    """Every parameter of a layer that differs from the source (``same(rel, p)``: equal to it), in the least
     space that restores it exactly: an NVFP4 weight that sits on its grid as its packed codes (restored
-    on the saved block scales), anything else as the tensor itself."""
+    on the saved block scales), anything else as the tensor itself. Fused weights are checked a few experts
+    at a time (:func:`nvfp4.row_chunks`): no fp32 copy of a whole 34 GB expert tensor."""
     params = dict(layer.named_parameters())
-    changed = {rel for rel, p in params.items() if not torch.equal(source(rel, p), p.detach())}
+    changed = {rel for rel, p in params.items() if not same(rel, p)}
     codes, tensors = {}, {}
     modules = dict(scope.named_modules())
     for wname, wq, w in weight_quantizers(scope):
@@ -116,11 +117,15 @@ def changed_weights(scope: nn.Module, layer: nn.Module, prefix: str, source: Cal
         rel = _param_of(wname, prefix, owner)
         if rel not in changed:
             continue
-        s2 = wq.scale_2_bcast(w.device)
-        nib, _ = nvfp4.quantize(w.detach(), wq.block_amax.to(w.device), s2)
-        back = nvfp4.dequantize(nib, nvfp4.block_scales(wq.block_amax.to(w.device), s2), s2).to(w.dtype)
-        if torch.equal(back, w.detach()):
-            codes[wname] = nvfp4.pack(nib).cpu()
+        packed = []
+        for c, blk, s2 in wq.chunks(w):
+            part = w.detach()[c]
+            nib, _ = nvfp4.quantize(part, blk, s2)
+            if not torch.equal(nvfp4.dequantize(nib, nvfp4.block_scales(blk, s2), s2).to(w.dtype), part):
+                break  # off its grid: kept as the tensor itself
+            packed.append(nvfp4.pack(nib).cpu())
+        else:
+            codes[wname] = torch.cat(packed) if len(packed) > 1 else packed[0]
             changed.discard(rel)
     for rel in sorted(changed):
         tensors[rel] = params[rel].detach().to("cpu", copy=True)
