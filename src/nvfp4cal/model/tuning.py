@@ -36,6 +36,8 @@ in the recipe's rules, e.g. ``*.mlp.*``) leaves out keep their start. Experts wh
 from __future__ import annotations
 
 import fnmatch
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -241,7 +243,15 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
     shown = tqdm(
         rounds, desc=f"tune {name} (expert groups)", unit="group", disable=len(rounds) == 1 or not ctx.progress
     )
-    records = [_tune_round(module, forward, inputs, params, ctx, name, weights, span, first=i == 0)
+
+    @functools.cache
+    def step_plan(n_train: int) -> tuple[int, torch.Tensor | None]:
+        """(batches a rank takes a step, the channel weights of ``loss: channel_relative``): the same in every
+        round (each takes a collective or a pass over the targets), so computed once, by the first round."""
+        cw = channel_weights(inputs, ctx) if params.loss == "channel_relative" else None
+        return _per_rank_batches(inputs, params, ctx, n_train), cw
+
+    records = [_tune_round(module, forward, inputs, params, ctx, name, weights, span, first=i == 0, plan=step_plan)
                for i, span in enumerate(shown)]  # fmt: skip
     if len(records) == 1:
         return records[0]
@@ -256,9 +266,9 @@ def tune_layer(module: nn.Module, forward: nn.Module, inputs, params, ctx: RunCo
 
 
 def _tune_round(module, forward, inputs, params, ctx: RunContext, name: str, weights: list,
-                span: tuple[int, int] | None, first: bool) -> dict:  # fmt: skip
+                span: tuple[int, int] | None, first: bool, plan: Callable) -> dict:  # fmt: skip
     """One round of :func:`tune_layer`: the weights ``weights`` (a fused weight's experts ``span`` only, and
-    the other weights only in the ``first`` round)."""
+    the other weights only in the ``first`` round); ``plan(n_train)``: the rounds' shared step facts."""
     dev = ctx.device
     seen = weight_inputs(module)
     _check_memory(weights, span, dev, name)
@@ -291,8 +301,7 @@ def _tune_round(module, forward, inputs, params, ctx: RunContext, name: str, wei
     select = val or train
     probe = train[: max(1, len(val))]  # the training loss is measured on as many training batches as validate
     lr = params.lr if params.lr is not None else 1.0 / params.iterations
-    per_rank = _per_rank_batches(inputs, params, ctx, len(train))
-    cw = channel_weights(inputs, ctx) if params.loss == "channel_relative" else None
+    per_rank, cw = plan(len(train))
 
     def loss(b: int) -> torch.Tensor:
         args, kwargs = inputs.batch(b)

@@ -125,7 +125,7 @@ def changed_weights(scope: nn.Module, layer: nn.Module, prefix: str, same: Calla
                 break  # off its grid: kept as the tensor itself
             packed.append(nvfp4.pack(nib).cpu())
         else:
-            codes[wname] = torch.cat(packed) if len(packed) > 1 else packed[0]
+            codes[wname] = torch.cat(packed)
             changed.discard(rel)
     for rel in sorted(changed):
         tensors[rel] = params[rel].detach().to("cpu", copy=True)
