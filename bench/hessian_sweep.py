@@ -3,9 +3,11 @@
     python bench/hessian_sweep.py [--shapes 8192x4096,8x3072x576] [--configs 32x4,64x4,64x8]
 
 On a CUDA device: milliseconds (``triton.testing.do_bench``, median) of the plain fast kernel, the
-torch reference on the GPU and the Hessian kernel per (block_r, num_warps); how many blocks the kernel
-chooses differently from the reference, and whether each such block is a near tie (both candidates'
-fp64 errors within 1e-5). Inputs are rotated over a pool larger than L2. A shape ``ExOxI`` is ``E``
+torch reference on the GPU, the exhaustive Hessian kernel (all 126 candidates, ``hessian_amax_baseline``)
+and the pruned Hessian kernel per (block_r, num_warps); the median bound factor ``f`` of the Hessians;
+whether the pruned kernel's choices equal the exhaustive kernel's; how many blocks it chooses
+differently from the reference, and whether each such block is a near tie (both candidates' fp64
+errors within 1e-5). Inputs are rotated over a pool larger than L2. A shape ``ExOxI`` is ``E``
 experts of ``O x I`` in one launch. Without CUDA: a small parity check through the interpreter.
 """
 
@@ -74,18 +76,21 @@ def near_ties(w, g, h, got, want) -> tuple[int, int]:
 def bench_cuda(args) -> None:
     import triton.testing
 
+    from nvfp4cal.numerics.hessian import pruning_factors
     from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_triton
-    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
+    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_baseline, hessian_amax_triton
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"# {torch.cuda.get_device_name(0)}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}")
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
-    print(
-        "| shape | blocks | plain fast ms | reference ms | "
-        + " | ".join(f"hessian {b},{nw} ms" for b, nw in configs)
-        + " | differ | not near ties |"
-    )
-    print("|---|---|---|---|" + "---|" * len(configs) + "---|---|")
+    configs = []
+    for c in args.configs.split(","):  # BLOCK_RxWARPS[:precision][:nogate]
+        size, *opts = c.split(":")
+        b, nw = (int(v) for v in size.split("x"))
+        prec = next((o for o in opts if o in ("ieee", "tf32x3", "tf32")), "ieee")
+        configs.append((c, dict(block_r=b, num_warps=nw, precision=prec, gate="nogate" not in opts)))
+    print("| shape | blocks | median f | factors ms | plain fast ms | reference ms | exhaustive ieee ms |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
     for spec in args.shapes.split(","):
         shape = tuple(int(v) for v in spec.split("x"))
         w, g, h = make(shape, 0, "cuda")
@@ -93,19 +98,32 @@ def bench_cuda(args) -> None:
         sets = [make(shape, i, "cuda") for i in range(min(pool, 8))]
         blocks = w.numel() // 16
         plain = triton.testing.do_bench(rotating(lambda w, g, h: mse_amax_triton(w, g), sets), warmup=5, rep=50)
+        ref = reference(w, g, h)
         ref_ms = (
             triton.testing.do_bench(rotating(reference, sets), warmup=1, rep=5)
             if not args.no_reference
             else float("nan")
         )
-        times, got = [], None
-        for b, nw in configs:
-            fn = lambda w, g, h, b=b, nw=nw: hessian_amax_triton(w, g, h, block_r=b, num_warps=nw)  # noqa: E731
-            times.append(triton.testing.do_bench(rotating(fn, sets), warmup=5, rep=50))
-            got = hessian_amax_triton(w, g, h, block_r=b, num_warps=nw) if got is None else got
-        differ, bad = near_ties(w, g, h, got.reshape(reference(w, g, h).shape), reference(w, g, h))
-        cells = " | ".join(f"{t:.3f}" for t in times)
-        print(f"| {spec} | {blocks} | {plain:.3f} | {ref_ms:.1f} | {cells} | {differ} | {bad} |", flush=True)
+        exhaustive = triton.testing.do_bench(rotating(hessian_amax_baseline, sets), warmup=2, rep=20)
+        f = float(pruning_factors(h)[1].median())
+        factors = triton.testing.do_bench(rotating(lambda w, g, h: pruning_factors(h), sets), warmup=2, rep=20)
+        print(
+            f"| {spec} | {blocks} | {f:.2f} | {factors:.3f} | {plain:.3f} | {ref_ms:.1f} | {exhaustive:.3f} |",
+            flush=True,
+        )
+        fsets = [(w_, g_, h_, pruning_factors(h_)) for w_, g_, h_ in sets]
+        for name, kw in configs:
+            fn = lambda w, g, h, fac, kw=kw: hessian_amax_triton(w, g, h, factors=fac, **kw)  # noqa: E731
+            ms = triton.testing.do_bench(rotating(fn, fsets), warmup=5, rep=50)
+            got = hessian_amax_triton(w, g, h, **kw)
+            same = bool(torch.equal(got, hessian_amax_baseline(w, g, h, precision=kw["precision"])))
+            differ, bad = near_ties(w, g, h, got.reshape(ref.shape), ref)
+            rows.append(f"| {spec} | {name} | {ms:.3f} | {ms / plain:.1f} | {same} | {differ} | {bad} |")
+    print("\nThe pruned kernel, factors precomputed (ms), its ratio to the plain fast kernel, whether it equals")
+    print("the exhaustive kernel of the same precision, blocks that differ from the reference, not near ties:\n")
+    print("| shape | config | ms | x plain | = exhaustive | differ from ref | not near ties |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows), flush=True)
 
 
 def interpreter_check() -> None:
@@ -123,7 +141,7 @@ def interpreter_check() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=SHAPES)
-    ap.add_argument("--configs", default="32x4,64x4,64x8,128x8")
+    ap.add_argument("--configs", default="16x2,32x4,32x4:tf32x3,32x4:tf32x3:nogate,16x2:tf32x3:nogate")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():

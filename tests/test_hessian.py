@@ -1,6 +1,8 @@
 """The Hessian-weighted FP8-scale sweep: reference vs fp64 brute force, the identity case, why it
 cannot prune like the plain sweep, and the pipeline (never worse than max by its own objective)."""
 
+import os
+
 import pytest
 import torch
 
@@ -179,8 +181,6 @@ def _near_tie_or_equal(w, g, h, got, want):
 def test_triton_kernel_matches_the_reference():
     """The kernel's choices equal the reference's, all experts in one launch (the interpreter on CPU; the
     compiled kernel on CUDA tensors with NVFP4CAL_GPU_TESTS=1)."""
-    import os
-
     from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_triton
 
     dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -193,3 +193,86 @@ def test_triton_kernel_matches_the_reference():
         want = hessian.hessian_amax_reference(w[e], g[e], h[e]).reshape(32, -1)
         assert _near_tie_or_equal(w[e], g[e], h[e], got[e], want) <= 1
     assert (hessian_amax_triton(w.to(dev), torch.zeros(2, device=dev), h.to(dev)) == 0).all()
+
+
+def _hard_hessian(kind: str, inp: int = 32, seed: int = 0) -> torch.Tensor:
+    """Block Hessians that stress the bound: heavy-tailed activations, channels whose scales span
+    e^12 with near-collinear pairs, a rank-deficient one (fewer tokens than 16), a silent channel."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "heavy":
+        x = torch.distributions.StudentT(torch.tensor(1.5)).sample((400, inp))
+    elif kind == "ill":
+        x = torch.randn(400, inp, generator=g)
+        x[:, 1::4] = x[:, 0::4] + 3e-2 * torch.randn(400, inp // 4, generator=g)  # correlation ~1 - 5e-4
+        x = x * torch.rand(inp, generator=g).mul(12).exp()
+    elif kind == "singular":
+        x = torch.randn(8, inp, generator=g)
+    elif kind == "silent":
+        x = torch.randn(400, inp, generator=g) @ (torch.eye(inp) + 0.4 * torch.randn(inp, inp, generator=g))
+        x[:, 3] = 0
+    else:
+        raise ValueError(kind)
+    return hessian.block_hessian(x)
+
+
+def _hard_weight(out: int = 32, inp: int = 32) -> torch.Tensor:
+    """Normal and heavy-tailed rows, an all-zero row, and rows far below the global amax (their K_top
+    is near the subnormal floor, where the walk up has no half-scale rule for its first candidates)."""
+    w = torch.cat([_weight("normal", out // 2, inp), _weight("heavy", out // 2, inp, seed=4)])
+    w[3] = 0
+    w[5] *= 1e-4
+    w[6, :16] *= 1e-6
+    return w
+
+
+@pytest.mark.parametrize("kind", ["heavy", "ill", "singular", "silent"])
+def test_the_bound_holds_on_hard_hessians(kind):
+    """err_k >= f E_k for every block and candidate, in the fp32 arithmetic the kernel compares (and with
+    margin 2^-12 against fp64); the factor is 0 exactly where the correlation matrix is (near) singular."""
+    w, h = _hard_weight(), _hard_hessian(kind)
+    hdiag, f = hessian.pruning_factors(h)
+    _, s_k = mse.candidate_scales(w.abs().max())
+    xb = w.reshape(w.shape[0], -1, 16).transpose(0, 1)  # [nb, rows, 16]
+    err = hessian.weighted_errors(xb, s_k, h)  # fp32 [nb, rows, 126]
+    sc = s_k.view(1, 1, -1, 1)
+    q = nvfp4.e2m1_round(xb.abs().unsqueeze(2) * nvfp4.rdiv(1.0, sc)) * sc
+    d = xb.unsqueeze(2) - torch.where(xb.unsqueeze(2) < 0, -q, q)
+    e32 = mse.tree_sum((d * d) * hdiag[:, None, None, :])
+    assert (err >= f[:, None, None] * e32).all()
+    d64 = d.double()
+    err64 = torch.einsum("bnki,bij,bnkj->bnk", d64, h.double(), d64)
+    assert (err64 >= f.double()[:, None, None] * e32.double() * (1 + 2.0**-12)).all()
+    if kind == "singular":
+        assert (f == 0).all()
+    else:
+        assert (f > 0).all() and (f < 1).all()
+
+
+def test_pruned_kernel_equals_the_exhaustive_kernel():
+    """The pruned kernel skips candidates by the bound and keeps every choice of the kernel that evaluates
+    all 126 (same fp32 arithmetic: equal bytes), which is the reference's up to near ties. One column
+    block per kind of Hessian, 16 rows (one tile) with a zero row and rows near the subnormal floor."""
+    from nvfp4cal.numerics.kernels.hessian_sweep import hessian_amax_baseline, hessian_amax_triton
+
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    kinds = ["heavy", "ill", "singular", "silent"]
+    h = torch.cat([_hard_hessian(k, inp=16, seed=i) for i, k in enumerate(kinds)])  # [4, 16, 16]
+    w = _hard_weight(16, 64)
+    g = w.abs().max()
+    got = hessian_amax_triton(w.to(dev), g.to(dev), h.to(dev), block_r=16)
+    assert torch.equal(got, hessian_amax_baseline(w.to(dev), g.to(dev), h.to(dev), block_r=16))
+    got = got.cpu()
+    assert _near_tie_or_equal(w, g, h, got, hessian.hessian_amax_reference(w, g, h).reshape(got.shape)) <= 1
+
+
+@pytest.mark.parametrize("down", [1, hessian.DOWN])
+@pytest.mark.parametrize("kind", ["heavy", "ill", "singular", "silent"])
+def test_pruned_reference_equals_the_exhaustive_one(kind, down, monkeypatch):
+    """The torch reference evaluates only the candidates the bound leaves open and keeps every choice
+    of the sweep over all 126 (rows of every kind, several column blocks; a chunk that splits them;
+    a first window of one candidate below K_top, so the walk down decides)."""
+    monkeypatch.setattr(hessian, "DOWN", down)
+    w = torch.cat([_hard_weight(32, 64), _weight("heavy", 32, 64, seed=7) * 1e3])
+    h = torch.cat([_hard_hessian(kind, 32, seed=0), _hard_hessian(kind, 32, seed=1)])
+    g = w.abs().max()
+    assert torch.equal(hessian.hessian_amax_reference(w, g, h, chunk=16), hessian.hessian_amax_exhaustive(w, g, h))

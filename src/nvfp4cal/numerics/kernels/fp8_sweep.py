@@ -138,6 +138,27 @@ def _above(a, r_ptr, k):
 
 
 @triton.jit
+def _k_top(a, r_ptr, inv_g, mask, BLOCK_B: tl.constexpr):
+    """K_top = max{k : fl(a * r_k) > 3} per lane (-1 where none): estimated from the bits of
+    t = a * 896 / g (the candidate index of the largest E4M3 value <= t), then settled exactly on
+    k_est - 2 .. k_est + 2; a program where the estimate is off by more than 2 counts exactly."""
+    t = tl.minimum(a * inv_g, 448.0)
+    bits = t.to(tl.int32, bitcast=True)
+    k_est = tl.where(t > 0.0, ((bits >> 23) - 120) * 8 + ((bits >> 20) & 7) - 1, -1)
+    k_est = tl.minimum(tl.maximum(k_est, -1), 125)
+    p0 = _above(a, r_ptr, k_est - 2)
+    p4 = _above(a, r_ptr, k_est + 2)
+    n_true = p0.to(tl.int32) + _above(a, r_ptr, k_est - 1).to(tl.int32) + _above(a, r_ptr, k_est).to(tl.int32)
+    k_top = k_est - 3 + n_true + _above(a, r_ptr, k_est + 1).to(tl.int32) + p4.to(tl.int32)
+    if tl.max((mask & (~p0 | p4)).to(tl.int32), axis=0) > 0:  # estimate off by more than 2: count exactly
+        count = tl.zeros((BLOCK_B,), tl.int32)
+        for k in range(0, 126):
+            count += (a * tl.load(r_ptr + k) > 3.0).to(tl.int32)  # r_ptr: per lane or one table
+        k_top = count - 1
+    return k_top
+
+
+@triton.jit
 def mse_sweep_fast_kernel(
     x_ptr,
     out_ptr,
@@ -191,21 +212,7 @@ def mse_sweep_fast_kernel(
             tl.maximum(tl.maximum(x8, x9), tl.maximum(x10, x11)), tl.maximum(tl.maximum(x12, x13), tl.maximum(x14, x15))
         ),
     )
-    # K_top = max{k : fl(a * r_k) > 3}: estimate from the bits of t = a * 896 / g (candidate index of the
-    # largest E4M3 value <= t), then settle it exactly on k_est - 2 .. k_est + 2.
-    t = tl.minimum(a * tl.load(inv_ptr + expert), 448.0)
-    bits = t.to(tl.int32, bitcast=True)
-    k_est = tl.where(t > 0.0, ((bits >> 23) - 120) * 8 + ((bits >> 20) & 7) - 1, -1)
-    k_est = tl.minimum(tl.maximum(k_est, -1), 125)
-    p0 = _above(a, r_ptr, k_est - 2)
-    p4 = _above(a, r_ptr, k_est + 2)
-    n_true = p0.to(tl.int32) + _above(a, r_ptr, k_est - 1).to(tl.int32) + _above(a, r_ptr, k_est).to(tl.int32)
-    k_top = k_est - 3 + n_true + _above(a, r_ptr, k_est + 1).to(tl.int32) + p4.to(tl.int32)
-    if tl.max((mask & (~p0 | p4)).to(tl.int32), axis=0) > 0:  # estimate off by more than 2: count exactly
-        count = tl.zeros((BLOCK_B,), tl.int32)
-        for k in range(0, 126):
-            count += (a * tl.load(r_ptr + k) > 3.0).to(tl.int32)  # r_ptr is per lane
-        k_top = count - 1
+    k_top = _k_top(a, r_ptr, tl.load(inv_ptr + expert), mask, BLOCK_B)
     low = k_top - WINDOW + 1 < 15  # no half-scale shortcut near the subnormal floor: start at the top
     k = tl.where(low, 125, k_top)
     best = tl.full((BLOCK_B,), float("inf"), tl.float32)
