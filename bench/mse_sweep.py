@@ -4,7 +4,10 @@
 
 On a CUDA device: milliseconds (triton.testing.do_bench, median), speedup over the baseline,
 effective GB/s (weight read + amax written) against a device-to-device copy of the same bytes,
-and how many blocks differ from the torch reference (must be 0). Inputs are rotated over a pool
+and how many blocks differ from the torch reference (must be 0). The imatrix columns: the fast kernel
+with one weight per input channel (``weights=``, channel energies over six decades) against the torch
+reference under the same weights (``imx ref ms`` the reference's time, which the imatrix recipe took on a
+GPU before the kernel had weights). Inputs are rotated over a pool
 larger than L2 so every timed call reads from device memory. Without CUDA, it runs a small
 parity check through the Triton interpreter instead and says so.
 """
@@ -64,9 +67,14 @@ def bench_cuda(args) -> None:
             gs = [x.float().abs().max() for x in xs]
             n_blocks = xs[0].numel() // 16
             want = mse_amax_reference(xs[0], gs[0])
+            hw = torch.logspace(-3, 3, shape[1], device="cuda")[torch.randperm(shape[1], device="cuda")]
+            hw = hw / hw.mean() + 1e-6
             diffs = {
                 "baseline": int((mse_amax_baseline(xs[0], gs[0]) != want).sum()),
                 "fast": int((mse_amax_triton(xs[0], gs[0]) != want).sum()),
+                "imatrix": int(
+                    (mse_amax_triton(xs[0], gs[0], weights=hw) != mse_amax_reference(xs[0], gs[0], weights=hw)).sum()
+                ),
             }
             inputs = list(zip(xs, gs, strict=True))
             t_base = triton.testing.do_bench(
@@ -82,10 +90,22 @@ def bench_cuda(args) -> None:
                 flush=True,
             )
             t_fast = t_cfg[(128, 4)]  # the default of mse_amax_triton
-            t_ref = None
+            t_imx = triton.testing.do_bench(
+                rotating(lambda x, g, hw=hw: mse_amax_triton(x, g, weights=hw), inputs),
+                warmup=50,
+                rep=300,
+                return_mode="median",
+            )
+            t_ref = t_imx_ref = None
             if args.reference:
                 t_ref = triton.testing.do_bench(
                     rotating(mse_amax_reference, inputs), warmup=5, rep=50, return_mode="median"
+                )
+                t_imx_ref = triton.testing.do_bench(
+                    rotating(lambda x, g, hw=hw: mse_amax_reference(x, g, weights=hw), inputs),
+                    warmup=2,
+                    rep=20,
+                    return_mode="median",
                 )
             moved = nbytes + n_blocks * 4
             half = moved // 2 + 1  # int16 elements: read `moved` bytes, write `moved` bytes
@@ -93,18 +113,21 @@ def bench_cuda(args) -> None:
             t_copy = triton.testing.do_bench(
                 rotating(lambda d, s: d.copy_(s), bufs), warmup=50, rep=300, return_mode="median"
             )
-            rows.append((spec, dist, t_ref, t_base, t_fast, t_copy, moved, diffs))
+            rows.append((spec, dist, t_ref, t_base, t_fast, t_copy, moved, diffs, t_imx, t_imx_ref))
             del xs, gs, inputs, bufs
             torch.cuda.empty_cache()
     print(
         f"{'shape':>11} {'dist':>10} {'ref ms':>8} {'base ms':>8} {'fast ms':>8} {'speedup':>7} "
-        f"{'fast GB/s':>9} {'copy GB/s':>9} {'diff base':>9} {'diff fast':>9}"
+        f"{'fast GB/s':>9} {'copy GB/s':>9} {'diff base':>9} {'diff fast':>9} {'imx ms':>8} {'imx ref ms':>10} "
+        f"{'diff imx':>8}"
     )
-    for spec, dist, t_ref, t_base, t_fast, t_copy, moved, d in rows:
+    for spec, dist, t_ref, t_base, t_fast, t_copy, moved, d, t_imx, t_imx_ref in rows:
         ref = f"{t_ref:8.3f}" if t_ref is not None else f"{'-':>8}"
+        imx_ref = f"{t_imx_ref:10.3f}" if t_imx_ref is not None else f"{'-':>10}"
         print(
             f"{spec:>11} {dist:>10} {ref} {t_base:8.3f} {t_fast:8.3f} {t_base / t_fast:7.1f} "
-            f"{moved / t_fast / 1e6:9.0f} {2 * moved / t_copy / 1e6:9.0f} {d['baseline']:>9} {d['fast']:>9}"
+            f"{moved / t_fast / 1e6:9.0f} {2 * moved / t_copy / 1e6:9.0f} {d['baseline']:>9} {d['fast']:>9} "
+            f"{t_imx:8.3f} {imx_ref} {d['imatrix']:>8}"
         )
 
 
@@ -117,6 +140,9 @@ def check_cpu() -> None:
     g = x.abs().max()
     diff = int((mse_amax_triton(x, g, block_b=4096) != mse_amax_reference(x, g)).sum())
     print(f"no CUDA device: interpreter parity check on 256x1024, blocks differing from the reference: {diff}")
+    hw = torch.logspace(-3, 3, 1024)[torch.randperm(1024)]
+    diff = int((mse_amax_triton(x, g, block_b=4096, weights=hw) != mse_amax_reference(x, g, weights=hw)).sum())
+    print(f"  with one weight per input channel (imatrix): {diff}")
 
 
 def main() -> None:

@@ -166,3 +166,26 @@ def one_process(tmp_path, args, name):
         return run(cfg, tmp_path / f"run_{name}")
     finally:
         torch.set_num_threads(threads)
+
+
+def calibrated(model_name: str, recipe_name: str):
+    """A tiny model with the recipe's quantizers after max calibration on random tokens (no Lightning)."""
+    from hydra.utils import instantiate
+
+    from nvfp4cal.algorithms import Unit
+    from nvfp4cal.calibration import begin_unit, end_unit
+    from nvfp4cal.model.bootstrap import bootstrap_dead_experts
+    from nvfp4cal.model.insert import insert_quantizers
+    from nvfp4cal.numerics.comm import RunContext
+
+    cfg = compose([f"model={model_name}", f"recipe={recipe_name}"])
+    model = instantiate(cfg.model).model
+    recipe = instantiate(cfg.recipe, _convert_="all")
+    insert_quantizers(model, recipe)
+    unit = Unit("", model, model)
+    begin_unit(unit, recipe.algorithm, RunContext.single())  # the algorithm's statistics (Hessians) on
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 200, (4, 48), generator=torch.Generator().manual_seed(0)))
+    end_unit(unit, RunContext.single())
+    bootstrap_dead_experts(model)
+    return model

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from helpers import calibrated
 from nvfp4cal.model.experts import QuantExpertsMixin
 from nvfp4cal.model.quantizers import QuantLinear
 from nvfp4cal.model.sweep import mse_sweep
@@ -90,35 +91,11 @@ def _weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     return float(torch.einsum("rbi,bij,rbj->", d, h.double(), d))
 
 
-def _calibrated(model_name: str, recipe_name: str):
-    """A tiny model with the recipe's quantizers after max calibration on random tokens (no Lightning)."""
-    from hydra.utils import instantiate
-
-    from helpers import compose
-    from nvfp4cal.algorithms import Unit
-    from nvfp4cal.calibration import begin_unit, end_unit
-    from nvfp4cal.model.bootstrap import bootstrap_dead_experts
-    from nvfp4cal.model.insert import insert_quantizers
-    from nvfp4cal.numerics.comm import RunContext
-
-    cfg = compose([f"model={model_name}", f"recipe={recipe_name}"])
-    model = instantiate(cfg.model).model
-    recipe = instantiate(cfg.recipe, _convert_="all")
-    insert_quantizers(model, recipe)
-    unit = Unit("", model, model)
-    begin_unit(unit, recipe.algorithm, RunContext.single())  # the algorithm's statistics (Hessians) on
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 200, (4, 48), generator=torch.Generator().manual_seed(0)))
-    end_unit(unit, RunContext.single())
-    bootstrap_dead_experts(model)
-    return model
-
-
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen3_moe"])
 def test_sweep_is_never_worse_than_max_by_its_objective(model_name):
     """Per weight and expert, the swept fake-quant weight's Hessian-weighted error is at most max
     calibration's (max's scale byte is one of the 126 candidates); dead experts are listed."""
-    model = _calibrated(model_name, "nvfp4_hessian_mse")
+    model = calibrated(model_name, "nvfp4_hessian_mse")
     inputs = weight_inputs(model)
     hs = {n: (inputs[n].hessian.clone(), inputs[n].seen.clone()) for n, _, _ in weight_quantizers(model)}
     before = {n: wq.fake_quant(w).clone() for n, wq, w in weight_quantizers(model)}
@@ -145,7 +122,7 @@ def test_sweep_is_never_worse_than_max_by_its_objective(model_name):
 
 
 def test_identity_hessians_in_the_pipeline_equal_the_plain_sweep():
-    model = _calibrated("tiny_qwen3_moe", "nvfp4_mse")
+    model = calibrated("tiny_qwen3_moe", "nvfp4_mse")
     mse_sweep(model, RunContext.single(), "reference")
     plain = {n: wq.block_amax.clone() for n, wq, _ in weight_quantizers(model)}
     for _, wq, w in weight_quantizers(model):  # back to max calibration, then identity Hessians

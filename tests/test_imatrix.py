@@ -49,3 +49,45 @@ def test_imatrix_recipe_runs_and_reports_its_method(tmp_path, model):
     sweep = res.report["sweep"]
     assert sweep["method"] == "imatrix_mse" and sweep["kernel"] == ["imatrix_reference"] and sweep["weights"] > 0
     assert all("mse" in w for w in res.report["weights"].values())
+
+
+def test_triton_kernel_under_weights_equals_the_reference():
+    """The plain fast kernel with one weight per element: every expert's choices equal the reference's
+    under its own weights, bit for bit (silent channels, twelve decades of energy, blocks near the
+    subnormal floor that start from the top candidate, a one-candidate window that walks down)."""
+    import os
+
+    from nvfp4cal.numerics.kernels.fp8_sweep import mse_amax_triton
+
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    gen = torch.Generator().manual_seed(2)
+    w = torch.distributions.StudentT(2.5).sample((3, 8, 64))
+    w[1, :, :16] *= 1e-5
+    g = w.abs().flatten(1).amax(-1)
+    g[2] *= 4
+    h = torch.logspace(-6, 6, 64)[torch.randperm(64, generator=gen)].expand(3, -1).clone()
+    h[0, ::7] = 0.0
+    h[1] = torch.rand(64, generator=gen)
+    h = h / h.mean(-1, keepdim=True) + 1e-6
+    got = mse_amax_triton(w.to(dev), g.to(dev), block_b=32, window=1, weights=h.to(dev)).cpu().reshape(3, -1)
+    for e in range(3):  # window 1: the walk down decides (the pipeline test below runs the default window)
+        assert torch.equal(got[e], mse.mse_amax_reference(w[e], g[e], weights=h[e])), e
+
+
+def test_imatrix_sweep_through_the_kernel_equals_the_reference():
+    """The sweep driver through the (interpreted) kernel gives the reference's block amaxes: all live experts
+    of a fused weight in one launch, experts that got no token through the plain kernel."""
+    import copy
+
+    from helpers import calibrated
+    from nvfp4cal.model.sweep import mse_sweep
+    from nvfp4cal.model.view import weight_quantizers
+    from nvfp4cal.numerics.comm import RunContext
+
+    a = calibrated("tiny_qwen3_moe", "nvfp4_experts_only_imatrix_mse_fp8_cast_kv")
+    b = copy.deepcopy(a)
+    ra = mse_sweep(a, RunContext.single(), "triton", diag=True)
+    rb = mse_sweep(b, RunContext.single(), "reference", diag=True)
+    assert "imatrix_triton" in ra["kernel"] and "imatrix_reference" in rb["kernel"] and ra["fallback"] == rb["fallback"]
+    for (n, qa, _), (_, qb, _) in zip(weight_quantizers(a), weight_quantizers(b), strict=True):
+        assert torch.equal(qa.block_amax, qb.block_amax), n

@@ -129,7 +129,8 @@ def _diag_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, 
     first = wq.rows[0] if wq.rows is not None and wq.block_amax.dim() > 2 else 0  # this rank's experts
     per_expert = iq.hessian.shape[0] > 1
     out = torch.empty_like(wq.block_amax).reshape(n, -1)
-    dead, impls = [], ["imatrix_reference"]
+    plain_impl, plain_fn = plain
+    dead, live, weights = [], [], []
     for e in range(n):
         i = first + e if per_expert else 0
         h = iq.hessian[i].to(device=flat_w.device, dtype=torch.float32)
@@ -137,17 +138,26 @@ def _diag_blocks(wq: WeightQuantizer, iq: InputQuantizer, flat_w: torch.Tensor, 
             fallback.append(f"{name}[{i}]" if per_expert else name)
             dead.append(e)
         else:
-            out[e] = mse_amax_reference(flat_w[e], g[e], weights=h / h.mean() + IMATRIX_FLOOR)
+            live.append(e)
+            weights.append(h / h.mean() + IMATRIX_FLOOR)
+    impls = []
+    if live and plain_impl == "triton":  # one launch for the live experts of the weight
+        from ..numerics.kernels.fp8_sweep import mse_amax_triton
+
+        w_live = flat_w if len(live) == n else flat_w[live]
+        out[live] = mse_amax_triton(w_live, g[live], weights=torch.stack(weights)).reshape(len(live), -1)
+        impls.append("imatrix_triton")
+    elif live:
+        for e, wts in zip(live, weights, strict=True):
+            out[e] = mse_amax_reference(flat_w[e], g[e], weights=wts)
+        impls.append("imatrix_reference")
     if dead:
-        plain_impl, plain_fn = plain
         impls.append(plain_impl)
         if plain_impl == "triton":  # one launch for the dead experts of the weight
             out[dead] = plain_fn(flat_w[dead], g[dead]).reshape(len(dead), -1)
         else:
             for e in dead:
                 out[e] = plain_fn(flat_w[e], g[e])
-    if len(dead) == n:
-        impls.remove("imatrix_reference")
     return impls, out
 
 
@@ -157,7 +167,8 @@ def mse_sweep(model: nn.Module, ctx: RunContext, kernel: str = "auto", hessian: 
     """Run the FP8-scale sweep over every NVFP4 weight; returns {'kernel', 'weights', 'blocks'}.
 
     ``diag=True``: each element's error weighted by its input channel's mean square activation (the
-    diagonal of the Hessian, llama.cpp's importance matrix; the torch reference on every device).
+    diagonal of the Hessian, llama.cpp's importance matrix; the Triton kernel where the plain sweep would
+    use Triton, with the same choices as the torch reference).
     ``hessian=True``: each block's error is weighted by its input Hessian (:mod:`nvfp4cal.numerics.hessian`,
     collected during calibration; the Triton kernel where the plain sweep would use Triton, else the
     torch reference), ``'fallback'`` lists the experts that got no token and kept the plain choices.

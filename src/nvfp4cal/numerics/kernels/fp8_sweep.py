@@ -90,39 +90,57 @@ def mse_sweep_baseline_kernel(x_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, n_blocks, 
 
 
 @triton.jit
-def _sq(x, s, r):
-    """(x - e2m1(x * r) * s)^2 for one element per lane (the same ops as :func:`_err`)."""
+def _sq(x, s, r, h, W: tl.constexpr):
+    """(x - e2m1(x * r) * s)^2 for one element per lane (the same ops as :func:`_err`), times the element's
+    weight ``h`` where ``W`` (the imatrix objective's ``(d * d) * h``)."""
     y = x * r
     m = tl.where(y < 2.0, 6291456.0, tl.where(y < 4.0, 12582912.0, 25165824.0))
     d = x - tl.minimum((y + m) - m, 6.0) * s
-    return d * d
+    e = d * d
+    if W:
+        e = e * h
+    return e
 
 
 @triton.jit
-def _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, s, r):
-    """err of a block held as 16 per-lane values, summed in the pairwise tree."""
-    a = (_sq(x0, s, r) + _sq(x1, s, r)) + (_sq(x2, s, r) + _sq(x3, s, r))
-    b = (_sq(x4, s, r) + _sq(x5, s, r)) + (_sq(x6, s, r) + _sq(x7, s, r))
-    c = (_sq(x8, s, r) + _sq(x9, s, r)) + (_sq(x10, s, r) + _sq(x11, s, r))
-    d = (_sq(x12, s, r) + _sq(x13, s, r)) + (_sq(x14, s, r) + _sq(x15, s, r))
+def _err16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+           h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15, s, r, W: tl.constexpr):  # fmt: skip
+    """err of a block held as 16 per-lane values (weights ``h`` where ``W``), summed in the pairwise tree."""
+    a = (_sq(x0, s, r, h0, W) + _sq(x1, s, r, h1, W)) + (_sq(x2, s, r, h2, W) + _sq(x3, s, r, h3, W))
+    b = (_sq(x4, s, r, h4, W) + _sq(x5, s, r, h5, W)) + (_sq(x6, s, r, h6, W) + _sq(x7, s, r, h7, W))
+    c = (_sq(x8, s, r, h8, W) + _sq(x9, s, r, h9, W)) + (_sq(x10, s, r, h10, W) + _sq(x11, s, r, h11, W))
+    d = (_sq(x12, s, r, h12, W) + _sq(x13, s, r, h13, W)) + (_sq(x14, s, r, h14, W) + _sq(x15, s, r, h15, W))
     return (a + b) + (c + d)
 
 
 @triton.jit
-def _cl(x, c6):
+def _cl(x, c6, h, W: tl.constexpr):
     d = tl.maximum(x - c6, 0.0)
-    return d * d
+    e = d * d
+    if W:
+        e = e * h
+    return e
 
 
 @triton.jit
-def _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, s):
-    """Clipping lower bound at scale s: the tree sum of max(0, x - 6 s)^2."""
+def _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+             h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15, s, W: tl.constexpr):  # fmt: skip
+    """Clipping lower bound at scale s: the tree sum of max(0, x - 6 s)^2 (times the weights where ``W``)."""
     c6 = 6.0 * s
-    a = (_cl(x0, c6) + _cl(x1, c6)) + (_cl(x2, c6) + _cl(x3, c6))
-    b = (_cl(x4, c6) + _cl(x5, c6)) + (_cl(x6, c6) + _cl(x7, c6))
-    c = (_cl(x8, c6) + _cl(x9, c6)) + (_cl(x10, c6) + _cl(x11, c6))
-    d = (_cl(x12, c6) + _cl(x13, c6)) + (_cl(x14, c6) + _cl(x15, c6))
+    a = (_cl(x0, c6, h0, W) + _cl(x1, c6, h1, W)) + (_cl(x2, c6, h2, W) + _cl(x3, c6, h3, W))
+    b = (_cl(x4, c6, h4, W) + _cl(x5, c6, h5, W)) + (_cl(x6, c6, h6, W) + _cl(x7, c6, h7, W))
+    c = (_cl(x8, c6, h8, W) + _cl(x9, c6, h9, W)) + (_cl(x10, c6, h10, W) + _cl(x11, c6, h11, W))
+    d = (_cl(x12, c6, h12, W) + _cl(x13, c6, h13, W)) + (_cl(x14, c6, h14, W) + _cl(x15, c6, h15, W))
     return (a + b) + (c + d)
+
+
+@triton.jit
+def _wcol(w_ptr, cols, mask, j: tl.constexpr, W: tl.constexpr, x):
+    """Weight of element ``j`` of each lane's block (its input channel's); ``x`` (unused) where not ``W``."""
+    if W:
+        return tl.load(w_ptr + cols + j, mask=mask, other=0.0)
+    else:
+        return x
 
 
 @triton.jit
@@ -166,13 +184,18 @@ def mse_sweep_fast_kernel(
     s_ptr,
     r_ptr,
     inv_ptr,
+    w_ptr,
     n_blocks,
     blocks_per_expert,
     n_experts,
+    nb,
     BLOCK_B: tl.constexpr,
     WINDOW: tl.constexpr,
+    WEIGHTED: tl.constexpr,
 ):
-    """Pruned sweep, one block of 16 per lane: window below K_top, then a walk down while the bound allows."""
+    """Pruned sweep, one block of 16 per lane: window below K_top, then a walk down while the bound allows.
+    ``WEIGHTED``: each element's error times its input channel's weight, ``w`` [E, nb * 16] fp32 (both
+    pruning facts hold for weights >= 0, :func:`nvfp4cal.numerics.mse.mse_amax_reference`)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = rows < n_blocks
     expert = tl.minimum(rows // blocks_per_expert, n_experts - 1)  # each expert has its own g and tables
@@ -212,6 +235,23 @@ def mse_sweep_fast_kernel(
             tl.maximum(tl.maximum(x8, x9), tl.maximum(x10, x11)), tl.maximum(tl.maximum(x12, x13), tl.maximum(x14, x15))
         ),
     )
+    cols = expert * (nb * 16) + ((rows - expert * blocks_per_expert) % nb) * 16  # the lane's weights
+    h0 = _wcol(w_ptr, cols, mask, 0, WEIGHTED, x0)
+    h1 = _wcol(w_ptr, cols, mask, 1, WEIGHTED, x0)
+    h2 = _wcol(w_ptr, cols, mask, 2, WEIGHTED, x0)
+    h3 = _wcol(w_ptr, cols, mask, 3, WEIGHTED, x0)
+    h4 = _wcol(w_ptr, cols, mask, 4, WEIGHTED, x0)
+    h5 = _wcol(w_ptr, cols, mask, 5, WEIGHTED, x0)
+    h6 = _wcol(w_ptr, cols, mask, 6, WEIGHTED, x0)
+    h7 = _wcol(w_ptr, cols, mask, 7, WEIGHTED, x0)
+    h8 = _wcol(w_ptr, cols, mask, 8, WEIGHTED, x0)
+    h9 = _wcol(w_ptr, cols, mask, 9, WEIGHTED, x0)
+    h10 = _wcol(w_ptr, cols, mask, 10, WEIGHTED, x0)
+    h11 = _wcol(w_ptr, cols, mask, 11, WEIGHTED, x0)
+    h12 = _wcol(w_ptr, cols, mask, 12, WEIGHTED, x0)
+    h13 = _wcol(w_ptr, cols, mask, 13, WEIGHTED, x0)
+    h14 = _wcol(w_ptr, cols, mask, 14, WEIGHTED, x0)
+    h15 = _wcol(w_ptr, cols, mask, 15, WEIGHTED, x0)
     k_top = _k_top(a, r_ptr, tl.load(inv_ptr + expert), mask, BLOCK_B)
     low = k_top - WINDOW + 1 < 15  # no half-scale shortcut near the subnormal floor: start at the top
     k = tl.where(low, 125, k_top)
@@ -219,43 +259,38 @@ def mse_sweep_fast_kernel(
     best_k = k
     for _ in range(0, WINDOW):  # going down: a later (lower) k wins ties
         e = _err16(
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, tl.load(s_ptr + k), tl.load(r_ptr + k)
-        )
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+            h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+            tl.load(s_ptr + k), tl.load(r_ptr + k), WEIGHTED,
+        )  # fmt: skip
         take = e <= best
         best = tl.where(take, e, best)
         best_k = tl.where(take, k, best_k)
         k -= 1
     kc = tl.maximum(k, 0)
-    bound = _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, tl.load(s_ptr + kc))
+    bound = _bound16(
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+        h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+        tl.load(s_ptr + kc), WEIGHTED,
+    )  # fmt: skip
     active = mask & (k >= 0) & (bound <= best)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         kc = tl.maximum(k, 0)
         e = _err16(
-            x0,
-            x1,
-            x2,
-            x3,
-            x4,
-            x5,
-            x6,
-            x7,
-            x8,
-            x9,
-            x10,
-            x11,
-            x12,
-            x13,
-            x14,
-            x15,
-            tl.load(s_ptr + kc),
-            tl.load(r_ptr + kc),
-        )
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+            h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+            tl.load(s_ptr + kc), tl.load(r_ptr + kc), WEIGHTED,
+        )  # fmt: skip
         take = active & (e <= best)
         best = tl.where(take, e, best)
         best_k = tl.where(take, k, best_k)
         k = tl.where(active, k - 1, k)
         kc = tl.maximum(k, 0)
-        bound = _bound16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, tl.load(s_ptr + kc))
+        bound = _bound16(
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+            h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+            tl.load(s_ptr + kc), WEIGHTED,
+        )  # fmt: skip
         active = active & (k >= 0) & (bound <= best)
     tl.store(out_ptr + rows, tl.load(amax_ptr + best_k), mask=mask)
 
@@ -274,7 +309,7 @@ def _tables(g: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
     return amax_k.contiguous(), s_k.contiguous(), rdiv(1.0, s_k).contiguous(), rdiv(896.0, g).reshape(-1)
 
 
-def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> torch.Tensor:
+def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, weights=None, **kw) -> torch.Tensor:
     g = torch.as_tensor(g, dtype=torch.float32, device=x.device).reshape(-1)
     xb = x.detach().reshape(-1, 16)
     if not xb.is_contiguous():
@@ -292,7 +327,14 @@ def _launch(kernel, x: torch.Tensor, g: torch.Tensor, block_b: int, **kw) -> tor
             raise ValueError("the baseline kernel takes one global amax")
         kernel[grid](xb, out, *tables[:3], n, BLOCK_B=block_b, enable_fp_fusion=False, **kw)
     else:
-        kernel[grid](xb, out, *tables, n, n // g.numel(), g.numel(), BLOCK_B=block_b, enable_fp_fusion=False, **kw)
+        wts = xb if weights is None else weights.to(device=xb.device, dtype=torch.float32).contiguous()
+        nb = 1 if weights is None else weights.shape[-1] // 16
+        if weights is not None and weights.numel() != g.numel() * nb * 16:
+            raise ValueError(f"weights {tuple(weights.shape)} do not match {g.numel()} experts")
+        kernel[grid](
+            xb, out, *tables, wts, n, n // g.numel(), g.numel(), nb, BLOCK_B=block_b, WEIGHTED=weights is not None,
+            enable_fp_fusion=False, **kw,
+        )  # fmt: skip
     # g == 0: every candidate amax is 0, and so is the answer (all blocks are zero)
     return out
 
@@ -303,14 +345,21 @@ def mse_amax_baseline(x: torch.Tensor, g: torch.Tensor, block_b: int = 128) -> t
 
 
 def mse_amax_triton(
-    x: torch.Tensor, g: torch.Tensor, block_b: int = 128, window: int = WINDOW, num_warps: int = 4
+    x: torch.Tensor,
+    g: torch.Tensor,
+    block_b: int = 128,
+    window: int = WINDOW,
+    num_warps: int = 4,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Best block amax per block of 16 (fp32 [n_blocks]); same choices as :func:`mse.mse_amax_reference`.
 
     ``g`` may hold one global amax per expert ([E]); then ``x`` is [E, ...] (all experts of a fused
     weight in one launch, no host synchronisation per expert) and expert ``e`` uses ``g[e]``.
+    ``weights`` [E, in] (or [in]): each element's error times its input channel's weight (the imatrix
+    sweep, the reference's ``weights``), ``x``'s last dim being ``in``.
     """
-    return _launch(mse_sweep_fast_kernel, x, g, block_b, WINDOW=window, num_warps=num_warps)
+    return _launch(mse_sweep_fast_kernel, x, g, block_b, weights, WINDOW=window, num_warps=num_warps)
 
 
 @triton.jit
