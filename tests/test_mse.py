@@ -84,3 +84,24 @@ def test_fact_clip_bound_from_below():
     lb = torch.stack([mse.clip_bound(x, s_k[k].expand(x.shape[0])) for k in range(126)], -1)
     assert (lb <= err).all()
     assert (lb[:, :-1] >= lb[:, 1:]).all()  # grows as the scale shrinks
+
+
+@pytest.mark.parametrize("g", [1.0, 3e-3, 1344.0, 1e-30, 7.3e12])
+def test_k_tops_equal_the_direct_count(g):
+    """K_top by binary search over exact fp32 thresholds equals the count of fl(a * r_k) > 3, also for amaxes
+    on a threshold, one ulp either side of it, zero, and the global amax itself."""
+    g = torch.tensor(g)
+    _, s_k = mse.candidate_scales(g)
+    r = nvfp4.rdiv(1.0, s_k)
+    t = (3.0 / r.double()).float()
+    a = torch.cat(
+        [
+            torch.rand(20000, generator=torch.Generator().manual_seed(0)) * g * 1.2,
+            t,
+            torch.nextafter(t, torch.zeros_like(t)),
+            torch.nextafter(t, torch.full_like(t, float("inf"))),
+            torch.zeros(2),
+            g.reshape(1),
+        ]
+    )
+    assert torch.equal(mse.k_tops(a, s_k), (a.unsqueeze(-1) * r > 3.0).sum(-1) - 1)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import torch
 
-from .mse import candidate_scales, mse_amax_reference, tree_sum
+from .mse import candidate_scales, k_tops, mse_amax_reference, tree_sum
 from .nvfp4 import BLOCK, FP4_MAX, e2m1_round, rdiv
 
 FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
@@ -113,7 +113,7 @@ def _pruned_blocks(x, col, s_k, h, hdiag, f):
     ``K_top`` first, then 8 more below or above wherever the bound (module docstring) leaves a side open."""
     inf = torch.tensor(float("inf"), device=x.device)
     a = x.abs().amax(-1)
-    k_top = (a.unsqueeze(-1) * rdiv(1.0, s_k) > 3.0).sum(-1) - 1  # fl(a*r) falls as k rises
+    k_top = k_tops(a, s_k)
     lo, hi = k_top - DOWN + 1, k_top + UP
     ks = lo.unsqueeze(-1) + torch.arange(DOWN + UP, device=x.device)
     hb, db, fb = h[col], hdiag[col], f[col]

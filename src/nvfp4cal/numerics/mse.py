@@ -53,6 +53,24 @@ def candidate_scales(g: torch.Tensor, device: torch.device | str = "cpu") -> tup
     return amax, div(amax, FP4_MAX)
 
 
+def k_tops(a: torch.Tensor, s_k: torch.Tensor) -> torch.Tensor:
+    """``K_top = max{k : fl(a * r_k) > 3}`` (-1 where none) for block amaxes ``a`` [n] (fp32): a binary search
+    over the exact thresholds ``T_k`` = the smallest fp32 ``t`` with ``fl(t * r_k) > 3`` (fp32 multiplication
+    is monotone in ``t``, and ``T_k`` does not fall as ``k`` rises), instead of 126 products per block."""
+    r = rdiv(1.0, s_k)
+    t = (3.0 / r.double()).float()
+    zero, inf = torch.zeros_like(t), torch.full_like(t, float("inf"))
+    for _ in range(4):  # settle each threshold on the exact fp32 step (the fp64 quotient is within an ulp or two)
+        t = torch.where(t * r > 3.0, t, torch.nextafter(t, inf))
+    for _ in range(4):
+        down = torch.nextafter(t, zero)
+        t = torch.where(down * r > 3.0, down, t)
+    exact = (t * r > 3.0) & ~(torch.nextafter(t, zero) * r > 3.0)
+    if not bool(exact.all()) or bool((t[1:] < t[:-1]).any()):  # never seen; the direct count is the definition
+        return (a.unsqueeze(-1) * r > 3.0).sum(-1) - 1
+    return torch.searchsorted(t, a.contiguous(), right=True) - 1
+
+
 def block_errors(ax: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """err for blocks ``ax = |x|`` [n, 16] (fp32) at scales ``s`` [n, m] -> [n, m]; ``h`` [n, 16]: each
     element's weight (``err = tree_sum(h * d * d)``), None: all ones (no multiply)."""
@@ -84,7 +102,7 @@ def _sweep_chunk(
 ) -> torch.Tensor:
     n = ax.shape[0]
     a = ax.amax(-1)
-    k_top = (a.unsqueeze(-1) * rdiv(1.0, s_k) > 3.0).sum(-1) - 1  # fl(a*r) falls as k rises
+    k_top = k_tops(a, s_k)
     best_k = torch.empty(n, dtype=torch.long, device=ax.device)
 
     low = k_top - WINDOW + 1 < _FIRST_WITH_HALF
