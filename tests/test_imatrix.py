@@ -77,10 +77,16 @@ def test_triton_kernel_under_weights_equals_the_reference():
         assert torch.equal(got[e], mse.mse_amax_reference(w[e], g[e], weights=h[e])), e
 
 
-def test_imatrix_sweep_through_the_kernel_equals_the_reference():
+def test_imatrix_sweep_through_the_kernel_equals_the_reference(monkeypatch):
     """The sweep driver through the (interpreted) kernel gives the reference's block amaxes: all live experts
-    of a fused weight in one launch, experts that got no token through the plain kernel."""
+    of a fused weight in one launch, experts that got no token through the plain kernel. (Programs of 1024
+    blocks: the interpreter's cost is per program; the choices do not depend on the program size.)"""
     import copy
+    import functools
+
+    from nvfp4cal.numerics.kernels import fp8_sweep
+
+    monkeypatch.setattr(fp8_sweep, "mse_amax_triton", functools.partial(fp8_sweep.mse_amax_triton, block_b=1024))
 
     from helpers import calibrated
     from nvfp4cal.model.sweep import mse_sweep
