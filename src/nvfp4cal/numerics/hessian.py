@@ -147,6 +147,22 @@ def _pruned_blocks(x, col, s_k, h, hdiag, f):
                 tail[i] = torch.where(ks > 125, inf, e)
 
 
+def _setup(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor):
+    """(best [out, nb] with the plain sweep's choices where ``H_b`` is zero, the live column blocks, the
+    candidates (amax_k, s_k), ``h`` in fp32 on ``w``'s device), or None where ``g`` is 0 (all zeros)."""
+    out_f, in_f = w.shape
+    nb = in_f // BLOCK
+    if float(g) == 0.0:
+        return None
+    h = h.to(device=w.device, dtype=torch.float32)
+    live = (h.flatten(1) != 0).any(-1)
+    if bool(live.all()):
+        best = torch.empty(out_f, nb, dtype=torch.float32, device=w.device)
+    else:  # the plain sweep's choice where H_b is zero
+        best = mse_amax_reference(w, g).reshape(out_f, nb)
+    return best, live.nonzero().squeeze(-1), candidate_scales(g, w.device), h
+
+
 def hessian_amax_reference(
     w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
@@ -157,28 +173,19 @@ def hessian_amax_reference(
     choices equal :func:`hessian_amax_exhaustive`'s (the same fp32 operations on every candidate it
     evaluates).
     """
-    out_f, in_f = w.shape
-    nb = in_f // BLOCK
-    if float(g) == 0.0:
-        return torch.zeros(out_f * nb, dtype=torch.float32, device=w.device)
-    amax_k, s_k = candidate_scales(g, w.device)
-    h = h.to(device=w.device, dtype=torch.float32)
-    live = (h.flatten(1) != 0).any(-1)
-    if not bool(live.all()):  # the plain sweep's choice where H_b is zero
-        best = mse_amax_reference(w, g).reshape(out_f, nb)
-    else:
-        best = torch.empty(out_f, nb, dtype=torch.float32, device=w.device)
-    idx = live.nonzero().squeeze(-1)
-    if not idx.numel():
-        return best.reshape(-1)
-    hdiag, f = pruning_factors(h)
-    x = w.detach().float().reshape(out_f, nb, BLOCK)[:, idx].reshape(-1, BLOCK)  # row-major live blocks
-    col = idx.repeat(out_f)
-    step = chunk * 8  # ~20 candidates a block here, 126 in the exhaustive sweep
-    k = torch.cat(
-        [_pruned_blocks(x[i : i + step], col[i : i + step], s_k, h, hdiag, f) for i in range(0, len(x), step)]
-    )
-    best[:, idx] = amax_k[k].reshape(out_f, -1)
+    setup = _setup(w, g, h)
+    if setup is None:
+        return torch.zeros(w.numel() // BLOCK, dtype=torch.float32, device=w.device)
+    best, idx, (amax_k, s_k), h = setup
+    if idx.numel():
+        hdiag, f = pruning_factors(h)
+        x = w.detach().float().reshape(w.shape[0], -1, BLOCK)[:, idx].reshape(-1, BLOCK)  # row-major live blocks
+        col = idx.repeat(w.shape[0])
+        step = chunk * 8  # ~20 candidates a block here, 126 in the exhaustive sweep
+        k = torch.cat(
+            [_pruned_blocks(x[i : i + step], col[i : i + step], s_k, h, hdiag, f) for i in range(0, len(x), step)]
+        )
+        best[:, idx] = amax_k[k].reshape(w.shape[0], -1)
     return best.reshape(-1)
 
 
@@ -186,22 +193,16 @@ def hessian_amax_exhaustive(
     w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
     """:func:`hessian_amax_reference` with all 126 candidates evaluated (the definition, for tests)."""
-    out_f, in_f = w.shape
-    nb = in_f // BLOCK
-    if float(g) == 0.0:
-        return torch.zeros(out_f * nb, dtype=torch.float32, device=w.device)
-    amax_k, s_k = candidate_scales(g, w.device)
-    h = h.to(device=w.device, dtype=torch.float32)
-    best = mse_amax_reference(w, g).reshape(out_f, nb)  # kept where H_b is zero
-    live = (h.flatten(1) != 0).any(-1).nonzero().squeeze(-1)
-    if not live.numel():
-        return best.reshape(-1)
-    xb = w.detach().float().reshape(out_f, nb, BLOCK)[:, live].transpose(0, 1)  # [nlive, out, 16]
-    hl = h[live]
-    rows = max(1, chunk // max(1, live.numel()))
-    for r in range(0, out_f, rows):
-        err = weighted_errors(xb[:, r : r + rows], s_k, hl)  # [nlive, rows, 126]
-        best[r : r + rows, live] = amax_k[err.argmin(-1)].transpose(0, 1)  # first minimum: smallest k
+    setup = _setup(w, g, h)
+    if setup is None:
+        return torch.zeros(w.numel() // BLOCK, dtype=torch.float32, device=w.device)
+    best, live, (amax_k, s_k), h = setup
+    if live.numel():
+        xb = w.detach().float().reshape(w.shape[0], -1, BLOCK)[:, live].transpose(0, 1)  # [nlive, out, 16]
+        rows = max(1, chunk // live.numel())
+        for r in range(0, w.shape[0], rows):
+            err = weighted_errors(xb[:, r : r + rows], s_k, h[live])  # [nlive, rows, 126]
+            best[r : r + rows, live] = amax_k[err.argmin(-1)].transpose(0, 1)  # first minimum: smallest k
     return best.reshape(-1)
 
 

@@ -39,10 +39,8 @@ NCAND = 126
 
 
 @triton.jit
-def hessian_sweep_baseline_kernel(
-    x_ptr, h_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, rows_total, nb, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr
-):  # fmt: skip
-    """x [E, rows, nb*16], h [E, nb, 16, 16] fp32, tables [E, 126] -> out [E, rows, nb] best amax."""
+def _tile(x_ptr, h_ptr, rows_total, nb, BLOCK_R: tl.constexpr):
+    """This program's rows of column block b of expert e: (rows, mask, cols, e64, b, x fp32 [R, 16], H_b)."""
     pid_r, b, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = rows < rows_total
@@ -50,8 +48,16 @@ def hessian_sweep_baseline_kernel(
     e64 = e.to(tl.int64)
     row_off = (e64 * rows_total + rows.to(tl.int64)) * (nb * 16) + b * 16
     x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    h_off = ((e64 * nb + b) * 16 + cols[:, None]) * 16 + cols[None, :]
-    h = tl.load(h_ptr + h_off)
+    h = tl.load(h_ptr + ((e64 * nb + b) * 16 + cols[:, None]) * 16 + cols[None, :])
+    return rows, mask, cols, e64, b, x, h
+
+
+@triton.jit
+def hessian_sweep_baseline_kernel(
+    x_ptr, h_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, rows_total, nb, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr
+):  # fmt: skip
+    """x [E, rows, nb*16], h [E, nb, 16, 16] fp32, tables [E, 126] -> out [E, rows, nb] best amax."""
+    rows, mask, cols, e64, b, x, h = _tile(x_ptr, h_ptr, rows_total, nb, BLOCK_R)
     ax = tl.abs(x)
     neg = x < 0
     best = tl.full((BLOCK_R,), float("inf"), tl.float32)
@@ -91,14 +97,7 @@ def hessian_sweep_kernel(
 ):  # fmt: skip
     """The pruned sweep: x [E, rows, nb*16], h [E, nb, 16, 16], hdiag [E, nb, 16], f [E, nb] fp32,
     tables [E, 126], inv [E] -> out [E, rows, nb] best amax."""
-    pid_r, b, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask = rows < rows_total
-    cols = tl.arange(0, 16)
-    e64 = e.to(tl.int64)
-    row_off = (e64 * rows_total + rows.to(tl.int64)) * (nb * 16) + b * 16
-    x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    h = tl.load(h_ptr + ((e64 * nb + b) * 16 + cols[:, None]) * 16 + cols[None, :])
+    rows, mask, cols, e64, b, x, h = _tile(x_ptr, h_ptr, rows_total, nb, BLOCK_R)
     hdiag = tl.load(hdiag_ptr + (e64 * nb + b) * 16 + cols)
     f = tl.load(f_ptr + e64 * nb + b)
     s_ptr += e64 * 126
