@@ -195,6 +195,9 @@ def hessian_amax_triton(
 
     Experts with ``g == 0`` get zeros; column blocks whose Hessian is zero are left to the caller
     (:func:`nvfp4cal.algorithms.sweeps` gives them the plain sweep's choice, as the reference does).
+    ``precision``: the dot's (``"ieee"``, or ``"tf32x3"`` on tensor cores; the bound's margin covers
+    both); ``gate``: skip a candidate's dot where no row of the tile needs it (same choices either way);
+    ``factors``: :func:`pruning_factors` of ``h`` if already computed.
     """
     squeeze, x, g1, h4, out = _prepare(w, g, h)
     n_exp, rows, nb = out.shape
