@@ -225,6 +225,13 @@ def test_the_bound_holds_on_hard_hessians(kind):
         assert (f > 0).all() and (f < 1).all()
 
 
+def test_non_finite_hessian_blocks_get_no_bound():
+    h = _hard_hessian("heavy")
+    h[0, 2, 5] = float("nan")
+    h[1, 0, 0] = float("inf")
+    assert (hessian.pruning_factors(h)[1] == 0).all()
+
+
 def test_pruned_kernel_equals_the_exhaustive_kernel():
     """The pruned kernel skips candidates by the bound and keeps every choice of the kernel that evaluates
     all 126 (same fp32 arithmetic: equal bytes), which is the reference's up to near ties. One column

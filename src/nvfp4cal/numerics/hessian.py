@@ -78,7 +78,9 @@ def pruning_factors(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h64, d64 = hf.double(), d.double()
     inv = torch.where(d64 > 0, d64.rsqrt(), torch.zeros_like(d64))
     c = inv.unsqueeze(-1) * h64 * inv.unsqueeze(-2) + torch.diag_embed((d64 <= 0).double())
-    mu = torch.linalg.eigvalsh(c)[..., 0] - 1e-12
+    finite = torch.isfinite(c).flatten(-2).all(-1)  # a non-finite H_b: no bound (eigvalsh would fail on it)
+    c = torch.where(finite[..., None, None], c, torch.eye(16, dtype=c.dtype, device=c.device))
+    mu = torch.where(finite, torch.linalg.eigvalsh(c)[..., 0] - 1e-12, torch.zeros_like(finite, dtype=c.dtype))
     u = 2.0**-24
     f = mu * (1 - 16 * u) / ((1 + 2.0**-12) * (1 + 4096 * u / mu.clamp_min(1e-6)))
     return d, torch.where(mu < 1e-6, torch.zeros_like(f), f).float()
