@@ -102,14 +102,15 @@ def test_a_wheel_runs_from_an_unrelated_directory(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
+    venv.EnvBuilder().create(env_dir)  # no pip of its own (ensurepip: ~3 s): this pip installs into it
     py = env_dir / "bin" / "python"
     # the dependencies come from the project's venv (no network); nvfp4cal itself only from the wheel
     deps = [p for p in map(Path, sys.path) if p.name == "site-packages"]
     site = next((env_dir / "lib").glob("python*/site-packages"))
     (site / "project_deps.pth").write_text("\n".join(str(p) for p in deps) + "\n")
     wheel = next(wheels.glob("nvfp4cal-*.whl"))
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                       capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
