@@ -77,7 +77,11 @@ def test_triton_kernel_under_weights_equals_the_reference():
         assert torch.equal(got[e], mse.mse_amax_reference(w[e], g[e], weights=h[e])), e
 
 
-def test_imatrix_sweep_through_the_kernel_equals_the_reference(monkeypatch):
+@pytest.mark.parametrize(
+    "model,recipe",
+    [("tiny_qwen3_moe", "nvfp4_experts_only_imatrix_mse_fp8_cast_kv"), ("tiny_llama", "nvfp4_imatrix_mse")],
+)
+def test_imatrix_sweep_through_the_kernel_equals_the_reference(monkeypatch, model, recipe):
     """The sweep driver through the (interpreted) kernel gives the reference's block amaxes: all live experts
     of a fused weight in one launch, experts that got no token through the plain kernel. (Programs of 1024
     blocks: the interpreter's cost is per program; the choices do not depend on the program size.)"""
@@ -94,7 +98,7 @@ def test_imatrix_sweep_through_the_kernel_equals_the_reference(monkeypatch):
     from nvfp4cal.numerics.comm import RunContext
 
     dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-    a = calibrated("tiny_qwen3_moe", "nvfp4_experts_only_imatrix_mse_fp8_cast_kv")
+    a = calibrated(model, recipe)
     b = copy.deepcopy(a)
     a.to(dev)
     ra = mse_sweep(a, RunContext.single(), "triton", diag=True)
