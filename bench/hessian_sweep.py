@@ -83,11 +83,11 @@ def bench_cuda(args) -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"# {torch.cuda.get_device_name(0)}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}")
     configs = []
-    for c in args.configs.split(","):  # BLOCK_RxWARPS[:precision][:nogate]
+    for c in args.configs.split(","):  # BLOCK_RxWARPS[:precision]
         size, *opts = c.split(":")
         b, nw = (int(v) for v in size.split("x"))
         prec = next((o for o in opts if o in ("ieee", "tf32x3", "tf32")), "ieee")
-        configs.append((c, dict(block_r=b, num_warps=nw, precision=prec, gate="nogate" not in opts)))
+        configs.append((c, dict(block_r=b, num_warps=nw, precision=prec)))
     print("| shape | blocks | median f | factors ms | plain fast ms | reference ms | exhaustive ieee ms |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -141,7 +141,7 @@ def interpreter_check() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=SHAPES)
-    ap.add_argument("--configs", default="16x2,32x4,32x4:tf32x3,32x4:tf32x3:nogate,16x2:tf32x3:nogate")
+    ap.add_argument("--configs", default="16x2,32x4,64x4,64x4:tf32x3")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():

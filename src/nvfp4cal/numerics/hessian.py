@@ -19,10 +19,10 @@ to the factor ``c``, so the choices are exactly the plain sweep's.
 The plain sweep's pruning facts do not carry over: with off-diagonal terms a candidate whose every
 element error is smaller can have a larger weighted error (``H = [[1, 1], [1, 1]]``:
 ``d = (0.1, -0.1)`` costs 0, ``d = (0.05, 0)`` costs 0.0025), and the clipped elements alone do not
-bound ``err_k`` from below. So the reference evaluates every candidate (one batched matmul per candidate set). Blocks whose
-``H_b`` is zero (input channels that never fired; dead experts) keep the plain sweep's choice.
+bound ``err_k`` from below (:func:`hessian_amax_exhaustive` evaluates every candidate: the definition).
+Blocks whose ``H_b`` is zero (input channels that never fired; dead experts) keep the plain sweep's choice.
 
-A bound that does hold (used by the Triton kernel to skip candidates, :func:`pruning_factors`): with
+A bound that does hold (the reference and the Triton kernel skip candidates by it, :func:`pruning_factors`): with
 ``D = diag(H_b)`` and ``mu`` the smallest eigenvalue of the correlation matrix ``C = D^-1/2 H_b D^-1/2``
 (channels whose ``H_ii`` is 0 get ``C_ii = 1``; their rows of ``H_b`` are zero, so they add nothing),
 
@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import torch
 
-from .mse import candidate_scales, k_tops, mse_amax_reference, tree_sum
+from .mse import FIRST_WITH_HALF, candidate_scales, k_tops, mse_amax_reference, tree_sum
 from .nvfp4 import BLOCK, FP4_MAX, e2m1_round, rdiv
-
-FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
 
 DEFAULT_CHUNK = 1 << 11  # blocks per step: 2048 x 126 x 16 fp32 = 16 MiB per temporary
 

@@ -36,7 +36,7 @@ import torch
 from .nvfp4 import BLOCK, FP4_MAX, div, e2m1_round, fp8_candidates, rdiv
 
 WINDOW = 10
-_FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
+FIRST_WITH_HALF = 15  # k >= 15: candidate k - 8 has exactly half the value
 DEFAULT_CHUNK = 1 << 14  # ~10 MB of temporaries per candidate window: stays in cache
 
 
@@ -105,7 +105,7 @@ def _sweep_chunk(
     k_top = k_tops(a, s_k)
     best_k = torch.empty(n, dtype=torch.long, device=ax.device)
 
-    low = k_top - WINDOW + 1 < _FIRST_WITH_HALF
+    low = k_top - WINDOW + 1 < FIRST_WITH_HALF
     if low.any():  # near the subnormal floor: no half-scale shortcut, evaluate everything
         err = block_errors(ax[low], s_k.expand(int(low.sum()), -1), None if h is None else h[low])
         best_k[low] = err.argmin(-1)

@@ -24,9 +24,6 @@ import triton.language as tl
 from ..mse import WINDOW
 from ..nvfp4 import FP4_MAX, div, fp8_candidates, rdiv
 
-NCAND = 126
-FIRST_WITH_HALF = 15
-
 
 @triton.jit
 def _e2m1(y):

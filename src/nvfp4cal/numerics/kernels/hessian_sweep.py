@@ -35,8 +35,6 @@ import triton.language as tl
 from ..hessian import pruning_factors
 from .fp8_sweep import _e2m1, _k_top, _tables, _tree_sum16
 
-NCAND = 126
-
 
 @triton.jit
 def _tile(x_ptr, h_ptr, rows_total, nb, BLOCK_R: tl.constexpr):
@@ -93,7 +91,7 @@ def _diag(d, hdiag, BLOCK_R: tl.constexpr):
 @triton.jit
 def hessian_sweep_kernel(
     x_ptr, h_ptr, hdiag_ptr, f_ptr, out_ptr, amax_ptr, s_ptr, r_ptr, inv_ptr, rows_total, nb,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, GATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The pruned sweep: x [E, rows, nb*16], h [E, nb, 16, 16], hdiag [E, nb, 16], f [E, nb] fp32,
     tables [E, 126], inv [E] -> out [E, rows, nb] best amax."""
@@ -113,16 +111,10 @@ def hessian_sweep_kernel(
     active = mask & (k >= 0)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         d = _diff(x, ax, neg, s_ptr, r_ptr, k)
-        if GATE:
-            need = active & (f * _diag(d, hdiag, BLOCK_R) <= best)
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                err = _tree_sum16(d * tl.dot(d, h, input_precision=PRECISION), BLOCK_R)
-                take = need & (err <= best)
-                best = tl.where(take, err, best)
-                best_k = tl.where(take, k, best_k)
-        else:  # err >= f E: a candidate the gate would skip cannot be taken
+        need = active & (f * _diag(d, hdiag, BLOCK_R) <= best)
+        if tl.max(need.to(tl.int32), axis=0) > 0:
             err = _tree_sum16(d * tl.dot(d, h, input_precision=PRECISION), BLOCK_R)
-            take = active & (err <= best)
+            take = need & (err <= best)
             best = tl.where(take, err, best)
             best_k = tl.where(take, k, best_k)
         k = tl.where(active, k - 1, k)
@@ -146,14 +138,7 @@ def hessian_sweep_kernel(
     active = mask & (k <= 125) & ((best > 0.0) | (tl.zeros_like(best) + f == 0.0)) & ((k < 15) | (f * low <= best))
     while tl.max(active.to(tl.int32), axis=0) > 0:
         need = active & (f * e0 <= best)
-        if GATE:
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                d = _diff(x, ax, neg, s_ptr, r_ptr, k)
-                err = _tree_sum16(d * tl.dot(d, h, input_precision=PRECISION), BLOCK_R)
-                take = need & (err < best)
-                best = tl.where(take, err, best)
-                best_k = tl.where(take, k, best_k)
-        else:
+        if tl.max(need.to(tl.int32), axis=0) > 0:
             d = _diff(x, ax, neg, s_ptr, r_ptr, k)
             err = _tree_sum16(d * tl.dot(d, h, input_precision=PRECISION), BLOCK_R)
             take = need & (err < best)
@@ -188,7 +173,7 @@ def _finish(out: torch.Tensor, g1: torch.Tensor, squeeze: bool) -> torch.Tensor:
 
 def hessian_amax_triton(
     w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, block_r: int = 64, num_warps: int = 4,
-    precision: str = "ieee", gate: bool = True, factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    precision: str = "ieee", factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):  # fmt: skip
     """Best block amax per block: ``w`` [E, out, in] (or [out, in]), ``g`` [E] (or []), ``h``
     [E, in/16, 16, 16] (or [in/16, 16, 16]) -> fp32 [E, out, in/16] (or [out, in/16]).
@@ -196,8 +181,7 @@ def hessian_amax_triton(
     Experts with ``g == 0`` get zeros; column blocks whose Hessian is zero are left to the caller
     (:func:`nvfp4cal.algorithms.sweeps` gives them the plain sweep's choice, as the reference does).
     ``precision``: the dot's (``"ieee"``, or ``"tf32x3"`` on tensor cores; the bound's margin covers
-    both); ``gate``: skip a candidate's dot where no row of the tile needs it (same choices either way);
-    ``factors``: :func:`pruning_factors` of ``h`` if already computed.
+    both); ``factors``: :func:`pruning_factors` of ``h`` if already computed.
     """
     squeeze, x, g1, h4, out = _prepare(w, g, h)
     n_exp, rows, nb = out.shape
@@ -206,7 +190,7 @@ def hessian_amax_triton(
     grid = (triton.cdiv(rows, block_r), nb, n_exp)
     hessian_sweep_kernel[grid](
         x, h4, hdiag, f.contiguous(), out, amax, s, r, inv, rows, nb,
-        BLOCK_R=block_r, PRECISION=precision, GATE=gate, num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK_R=block_r, PRECISION=precision, num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return _finish(out, g1, squeeze)
 
