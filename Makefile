@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+INSTALL_GIB ?= 4
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -17,6 +18,7 @@ help: ## list the targets
 install: $(STAMP) ## create .venv and install nvfp4cal with its dependencies (torch first)
 
 $(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -c "import shutil, sys; f = shutil.disk_usage('.').free / 2**30; f < $(INSTALL_GIB) and sys.exit(f'make install: {f:.1f} GiB free on this disk; the environment needs about $(INSTALL_GIB) GiB (torch, triton, the rest): free some space')"
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 	  echo "keeping the CUDA torch already installed"; \
