@@ -62,6 +62,34 @@ def test_worse_than_max_is_said_only_when_it_is():
     assert worse_than_max({"recipe": "r", "evaluation": ev}) == []
 
 
+def test_worse_than_max_says_how_far_outside_the_noise():
+    ev = {"code": {"perplexity": {"original": 5.0, "max_calibrated": 6.0, "quantized": 6.03},
+                   "vs_max": {"mean_nll_difference": math.log(6.03 / 6.0), "standard_error": 0.01}}}  # fmt: skip
+    (line,) = worse_than_max({"recipe": "r", "evaluation": ev})
+    assert line.endswith("6.030 > 6.000 (0.5 standard errors of the per-token difference: within noise)")
+    ev["code"]["vs_max"]["standard_error"] = 0.001
+    (line,) = worse_than_max({"recipe": "r", "evaluation": ev})
+    assert line.endswith("(5.0 standard errors of the per-token difference)")
+
+
+def test_the_paired_difference_against_max_is_per_token():
+    g = torch.Generator().manual_seed(2)
+    p_logits, q_logits = torch.randn(2, 12, 30, generator=g), torch.randn(2, 12, 30, generator=g)
+    ids = torch.randint(0, 30, (2, 12), generator=g)
+    c = Comparison()
+    c.add(p_logits, q_logits, ids)
+    lq = torch.log_softmax(q_logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1).reshape(-1)
+    max_nll = -lq.float() - torch.linspace(-0.5, 1.0, 22)  # max better on some tokens, worse on others
+    r = c.result(math.exp(float(max_nll.double().mean())), max_nll)
+    d = -lq - max_nll.double()
+    assert r["vs_max"]["mean_nll_difference"] == pytest.approx(float(d.mean()), abs=1e-6)
+    assert r["vs_max"]["mean_nll_difference"] == pytest.approx(
+        math.log(r["perplexity"]["quantized"] / r["perplexity"]["max_calibrated"]), abs=1e-6
+    )
+    assert r["vs_max"]["standard_error"] == pytest.approx(float(d.std() / math.sqrt(22)), rel=1e-5)
+    assert "vs_max" not in c.result(6.0, max_nll[:-1])  # other tokens: no pairing
+
+
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
 def test_both_schedules_report_the_same_figures(tmp_path, model):
     args = [f"model={model}", "recipe=nvfp4_max", *SMALL, "+model.init=per_param", "eval.sets.code.rows=2",
@@ -153,3 +181,18 @@ def test_the_evaluate_command_refuses_bad_input_in_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and message in err[0], err
+
+
+def test_a_run_pairs_its_tokens_with_max(tmp_path):
+    """The run keeps max calibration's per-token losses and compares the quantized model with them on the same
+    tokens: the mean difference is log(ppl_quantized / ppl_max) on every set."""
+    res = run_calibrate(tmp_path, ["model=tiny_llama", "recipe=nvfp4_mse", *SMALL, "eval.sets.code.rows=2",
+                                   "eval.sets.code.seq_len=32"])  # fmt: skip
+    ev = res.report["evaluation"]
+    assert set(ev) == {"corpus", "code"}
+    for e in ev.values():
+        ppl = e["perplexity"]
+        assert e["vs_max"]["mean_nll_difference"] == pytest.approx(
+            math.log(ppl["quantized"] / ppl["max_calibrated"]), abs=1e-6
+        )
+        assert e["vs_max"]["standard_error"] > 0

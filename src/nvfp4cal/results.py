@@ -8,6 +8,10 @@ layer state for a resume) is a dict of the same shape, read back with :meth:`Res
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Results:
     exports: list[dict] = field(default_factory=list)
     perplexity: dict[str, float] = field(default_factory=dict)  # the corpus's held-out rows (top line)
     max_perplexity: dict[str, float] = field(default_factory=dict)  # evaluation set -> the max-calibrated ppl
+    max_token_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # set -> per-token losses under max
     evaluation: dict[str, dict] = field(default_factory=dict)  # evaluation set -> compare.Comparison.result()
     sharding: dict | None = None  # trainer=fsdp: what each rank holds
     gpu_peak_gib_per_rank: list[float] | None = None  # several GPUs: each rank's highest stage peak

@@ -18,7 +18,7 @@ import torch
 from .algorithms import Algorithm, Unit, UnitInputs, UnitRun
 from .checkpoint.targets import Export, early_writers, export_checkpoints
 from .evaluation.compare import compare
-from .evaluation.metrics import perplexity
+from .evaluation.metrics import perplexity_of, token_nll
 from .evaluation.sets import CORPUS
 from .model.bootstrap import bootstrap_dead_experts, check_inputs_calibrated
 from .numerics.comm import RunContext
@@ -67,8 +67,9 @@ EvalSets = dict  # set name -> a callable giving its batches ({"input_ids": [b, 
 
 
 class MaxPerplexity(Step):
-    """Perplexity of the max-calibrated model on every evaluation set (``results.max_perplexity[set]``),
-    before the algorithm changes anything."""
+    """Perplexity of the max-calibrated model on every evaluation set (``results.max_perplexity[set]``, and
+    each token's loss, ``results.max_token_nll[set]``, for the paired comparison), before the algorithm
+    changes anything."""
 
     name = "perplexity_max"
 
@@ -77,7 +78,9 @@ class MaxPerplexity(Step):
 
     def run(self, unit, inputs, run):
         for name, batches in self.sets.items():
-            run.results.max_perplexity[name] = perplexity(unit.module, batches(), "quant")
+            nll = token_nll(unit.module, batches(), "quant")
+            run.results.max_perplexity[name] = perplexity_of(nll)
+            run.results.max_token_nll[name] = nll
 
 
 class Evaluate(Step):
@@ -94,7 +97,8 @@ class Evaluate(Step):
             found = self.streamed(unit.module, self.sets, run.ctx)
         else:
             found = {name: compare(unit.module, batches()) for name, batches in self.sets.items()}
-        ev = {n: c.result(run.results.max_perplexity.get(n)) for n, c in found.items()}
+        res = run.results
+        ev = {n: c.result(res.max_perplexity.get(n), res.max_token_nll.get(n)) for n, c in found.items()}
         run.results.evaluation = ev
         if CORPUS in ev:  # the report's top-line perplexities: the corpus's held-out rows
             run.results.perplexity.update(ev[CORPUS]["perplexity"])

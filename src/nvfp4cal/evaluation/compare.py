@@ -7,7 +7,11 @@
 * top-1 agreement: the share of tokens where ``argmax p == argmax q``;
 * RMS change of the correct token's probability: ``sqrt(mean_t (q_t(y_t) - p_t(y_t))^2)``;
 * the share of max calibration's perplexity increase a recipe removed:
-  ``(ppl_max - ppl_quant) / (ppl_max - ppl_orig)`` (where the run measured the max-calibrated model).
+  ``(ppl_max - ppl_quant) / (ppl_max - ppl_orig)`` (where the run measured the max-calibrated model);
+* against max, token by token (where the run kept max's losses on the same tokens): ``d_t = nll_quant,t -
+  nll_max,t``, its mean (``log ppl_quant - log ppl_max``) and standard error ``std(d) / sqrt(n)``, so that
+  "worse than max" can say how far outside the set's sampling noise it is (tokens of one row are not
+  independent: a rough scale, not a test).
 
 Logits are compared in fp32; a batch's two logit tensors are used once and dropped (no copy is kept).
 """
@@ -34,6 +38,7 @@ class Comparison:
     agree: int = 0
     dp_sq: float = 0.0
     kl: list[torch.Tensor] = field(default_factory=list)  # per token, fp32 on the CPU (small: rows x seq_len)
+    nll: list[torch.Tensor] = field(default_factory=list)  # the quantized side's -log q_t(y_t), likewise
 
     @torch.no_grad()
     def add(self, original: torch.Tensor, quantized: torch.Tensor, ids: torch.Tensor) -> None:
@@ -42,13 +47,16 @@ class Comparison:
         v = original.shape[-1]
         o, q = original[:, :-1].reshape(-1, v), quantized[:, :-1].reshape(-1, v)
         y = ids[:, 1:].reshape(-1).to(o.device)
-        kl = []
+        kl, nll = [], []
         for i in range(0, y.numel(), CHUNK):
-            kl.append(self._add_positions(o[i : i + CHUNK], q[i : i + CHUNK], y[i : i + CHUNK]))
+            k, n = self._add_positions(o[i : i + CHUNK], q[i : i + CHUNK], y[i : i + CHUNK])
+            kl.append(k), nll.append(n)
         self.kl.append(torch.cat(kl).cpu())
+        self.nll.append(torch.cat(nll).cpu())
 
-    def _add_positions(self, o: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Logits [n, vocab] of both models at n positions with next tokens ``y`` [n]; returns KL per position."""
+    def _add_positions(self, o: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [n, vocab] of both models at n positions with next tokens ``y`` [n]; returns KL per position and
+        the quantized side's loss per position."""
         lp = torch.log_softmax(o.float(), -1)
         lq = torch.log_softmax(q.float(), -1)
         tp, tq = lp.gather(-1, y[:, None]).squeeze(-1), lq.gather(-1, y[:, None]).squeeze(-1)
@@ -57,10 +65,13 @@ class Comparison:
         self.tokens += y.numel()
         self.agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
         self.dp_sq += float((tq.exp() - tp.exp()).double().pow(2).sum())
+        nll = tq.neg()
         d = lq.neg_().add_(lp)  # log p - log q, in lq's storage
-        return d.mul_(lp.exp_()).sum(-1).clamp_min(0.0)
+        return d.mul_(lp.exp_()).sum(-1).clamp_min(0.0), nll
 
-    def result(self, max_calibrated: float | None = None) -> dict:
+    def result(self, max_calibrated: float | None = None, max_nll: torch.Tensor | None = None) -> dict:
+        """The set's figures; ``max_calibrated``: max's perplexity on the set, ``max_nll``: its per-token losses
+        on the same tokens in the same order (``vs_max``; ignored when the counts differ)."""
         if not self.tokens:
             return {}
         kl = torch.cat(self.kl).double()
@@ -81,6 +92,10 @@ class Comparison:
             ppl["max_calibrated"] = max_calibrated
             rise = max_calibrated - ppl["original"]
             out["share_of_max_increase_removed"] = (max_calibrated - ppl["quantized"]) / rise if rise > 0 else None
+        if max_nll is not None and max_nll.numel() == self.tokens:
+            d = torch.cat(self.nll).double() - max_nll.double()
+            se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
+            out["vs_max"] = {"mean_nll_difference": float(d.mean()), "standard_error": se}
         return out
 
 

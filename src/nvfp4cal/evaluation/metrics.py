@@ -25,23 +25,33 @@ from ..numerics.nvfp4 import block_steps, row_chunks
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, batches: Iterable[dict], mode: str) -> float:
-    """Held-out perplexity with every quantizer in ``mode``; the model is left in mode ``off``."""
+def token_nll(model: nn.Module, batches: Iterable[dict], mode: str) -> torch.Tensor:
+    """``-log q_t(y_t)`` of every predicted token (each row's positions but the last, rows in batch order),
+    fp32 on the CPU, with every quantizer in ``mode`` (from an fp32 log-softmax, as
+    :class:`..compare.Comparison` takes the quantized side); the model is left in mode ``off``.
+    The held-out perplexity is ``exp(mean_t nll_t)``."""
     device = next(model.parameters()).device
     set_mode(model, mode)
-    total, count = 0.0, 0
+    out = []
     try:
         for batch in batches:
             ids = batch["input_ids"].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            count += ids[:, 1:].numel()
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            y = ids[:, 1:].reshape(-1, 1)
+            for i in range(0, y.shape[0], NLL_CHUNK):  # a large vocabulary: a few positions' fp32 at a time
+                part = logits.reshape(-1, logits.shape[-1])[i : i + NLL_CHUNK].float()
+                out.append(torch.log_softmax(part, -1).gather(-1, y[i : i + NLL_CHUNK]).squeeze(-1).neg().cpu())
     finally:
         set_mode(model, "off")
-    return math.exp(total / count) if count else float("nan")
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+NLL_CHUNK = 1024
+
+
+def perplexity_of(nll: torch.Tensor) -> float:
+    """``exp(mean_t nll_t)`` (fp64 sum), nan without tokens."""
+    return math.exp(float(nll.double().mean())) if nll.numel() else float("nan")
 
 
 @torch.no_grad()

@@ -39,13 +39,21 @@ def worst_modules(report: dict, n: int = 10) -> list[tuple[str, float, float | N
 
 def worse_than_max(report: dict) -> list[str]:
     """The evaluation sets where the quantized model scores worse than max calibration (one line each;
-    a difference below 1e-5 relative, fp32 summation noise of a recipe that changed nothing, is not worse)."""
+    a difference below 1e-5 relative, fp32 summation noise of a recipe that changed nothing, is not worse).
+    Where the run compared the two token by token (``vs_max``), the line says how many standard errors of
+    the per-token loss difference the gap is, and "within noise" below two."""
     out = []
     for name, e in (report.get("evaluation") or {}).items():
         p = e.get("perplexity", {})
         if "max_calibrated" in p and p["quantized"] > p["max_calibrated"] * (1 + 1e-5):
-            out.append(f"{report['recipe']} is worse than max calibration on {name}: perplexity "
-                       f"{p['quantized']:.3f} > {p['max_calibrated']:.3f}")  # fmt: skip
+            line = f"{report['recipe']} is worse than max calibration on {name}: perplexity "
+            line += f"{p['quantized']:.3f} > {p['max_calibrated']:.3f}"
+            vs = e.get("vs_max") or {}
+            se = vs.get("standard_error")
+            if se is not None and math.isfinite(se) and se > 0:
+                z = vs["mean_nll_difference"] / se
+                line += f" ({z:.1f} standard errors of the per-token difference{': within noise' if z < 2 else ''})"
+            out.append(line)
     return out
 
 
