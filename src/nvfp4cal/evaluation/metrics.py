@@ -36,11 +36,12 @@ def token_nll(model: nn.Module, batches: Iterable[dict], mode: str) -> torch.Ten
     try:
         for batch in batches:
             ids = batch["input_ids"].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            logits = model(input_ids=ids, use_cache=False).logits
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
             y = ids[:, 1:].reshape(-1, 1)
             for i in range(0, y.shape[0], NLL_CHUNK):  # a large vocabulary: a few positions' fp32 at a time
-                part = logits.reshape(-1, logits.shape[-1])[i : i + NLL_CHUNK].float()
-                out.append(torch.log_softmax(part, -1).gather(-1, y[i : i + NLL_CHUNK]).squeeze(-1).neg().cpu())
+                part = torch.log_softmax(flat[i : i + NLL_CHUNK].float(), -1)
+                out.append(part.gather(-1, y[i : i + NLL_CHUNK]).squeeze(-1).neg().cpu())
     finally:
         set_mode(model, "off")
     return torch.cat(out) if out else torch.zeros(0)
