@@ -162,6 +162,33 @@ def test_the_evaluate_command_scores_both_layouts_alike(tmp_path, capsys):
     assert a["corpus"]["perplexity"]["quantized"] == pytest.approx(run_ppl["quantized"], rel=1e-3)
 
 
+def test_the_evaluate_command_pairs_two_checkpoints_token_by_token(tmp_path, capsys):
+    """``baseline=``: a second checkpoint's losses on the same tokens; the mean difference is the log of the
+    two perplexities' ratio, zero with a standard error of zero against itself."""
+    from nvfp4cal.cli.evaluate import main
+
+    orig = _original_dir(tmp_path)
+    data = ["data.num_samples=6", "data.seq_len=32", "data.batch_size=2", "data.eval_samples=2",
+            "eval.sets.code.rows=2", "eval.sets.code.seq_len=32"]  # fmt: skip
+    for recipe in ("nvfp4_max", "nvfp4_imatrix_mse"):
+        run_calibrate(tmp_path / recipe, ["model=hf", f"model.path={orig}", f"recipe={recipe}", *data])
+    a, b = (tmp_path / r / "ckpt" for r in ("nvfp4_imatrix_mse", "nvfp4_max"))
+    reports = {}
+    for name, argv in (("alone", [str(b)]), ("paired", [str(a), f"baseline={b}"]), ("self", [str(a), f"baseline={a}"])):
+        assert main([*argv, f"original={orig}", f"report={tmp_path / name}", *data]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())["evaluation"]
+    out = capsys.readouterr().out
+    assert "vs base code  : perplexity x1.0000 (log +0.0000 +- 0.0000: within noise)" in out
+    for name in ("corpus", "code"):
+        vs, ppl = reports["paired"][name]["vs_baseline"], reports["paired"][name]["perplexity"]["quantized"]
+        want = math.log(ppl / reports["alone"][name]["perplexity"]["quantized"])
+        assert vs["mean_nll_difference"] == pytest.approx(want, abs=1e-6) and vs["mean_nll_difference"] != 0
+        assert vs["standard_error"] > 0
+        assert reports["self"][name]["vs_baseline"] == {"mean_nll_difference": 0.0, "standard_error": 0.0}
+    assert "vs_baseline" not in reports["alone"]["corpus"]
+    assert "Against the baseline" in (tmp_path / "paired" / "report.md").read_text()
+
+
 def test_the_evaluate_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     from nvfp4cal.cli.evaluate import main
 
@@ -177,6 +204,8 @@ def test_the_evaluate_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"architectures": ["X"], "vocab_size": 7}))
     cases.append(([str(other), f"original={orig}"], "does not match"))
+    cases.append(([str(orig), f"original={orig}", f"baseline={tmp_path / 'none'}"], "baseline="))
+    cases.append(([str(orig), f"original={orig}", f"baseline={other}"], "does not match"))
     for argv, message in cases:
         assert main(argv) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

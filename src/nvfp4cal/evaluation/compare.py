@@ -93,10 +93,20 @@ class Comparison:
             rise = max_calibrated - ppl["original"]
             out["share_of_max_increase_removed"] = (max_calibrated - ppl["quantized"]) / rise if rise > 0 else None
         if max_nll is not None and max_nll.numel() == self.tokens:
-            d = torch.cat(self.nll).double() - max_nll.double()
-            se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
-            out["vs_max"] = {"mean_nll_difference": float(d.mean()), "standard_error": se}
+            out["vs_max"] = paired(self.token_nll(), max_nll)
         return out
+
+    def token_nll(self) -> torch.Tensor:
+        """The quantized side's ``-log q_t(y_t)`` of every token compared, in order."""
+        return torch.cat(self.nll) if self.nll else torch.zeros(0)
+
+
+def paired(nll: torch.Tensor, other: torch.Tensor) -> dict:
+    """Two models' losses on the same tokens: ``d_t = nll_t - other_t``, its mean (the log of the perplexity
+    ratio) and standard error ``std(d) / sqrt(n)`` (nan for one token)."""
+    d = nll.double() - other.double()
+    se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
+    return {"mean_nll_difference": float(d.mean()), "standard_error": se}
 
 
 @torch.no_grad()

@@ -57,6 +57,21 @@ def worse_than_max(report: dict) -> list[str]:
     return out
 
 
+def baseline_lines(report: dict) -> list[str]:
+    """``nvfp4cal-evaluate ... baseline=``: one line per set, the checkpoint's loss against the baseline's on
+    the same tokens (negative: the checkpoint is better), in standard errors of the per-token difference."""
+    out = []
+    for name, e in (report.get("evaluation") or {}).items():
+        vs = e.get("vs_baseline")
+        if not vs:
+            continue
+        d, se = vs["mean_nll_difference"], vs["standard_error"]
+        z = f", {d / se:+.1f} standard errors" if math.isfinite(se) and se > 0 else ""
+        verdict = "within noise" if not z or abs(d / se) < 2 else ("better" if d < 0 else "worse")
+        out.append(f"  vs base {name:<6}: perplexity x{math.exp(d):.4f} (log {d:+.4f} +- {se:.4f}{z}: {verdict})")
+    return out
+
+
 def eval_lines(report: dict) -> list[str]:
     """One console line per evaluation set."""
     lines = []
@@ -86,6 +101,9 @@ def evaluation_markdown(report: dict) -> str:
     """report.md of ``nvfp4cal-evaluate``: the checkpoint against its original, one row per set."""
     lines = [f"# nvfp4cal-evaluate: {report['checkpoint']}", "", f"Original: `{report['original']}`, "
              f"{report['dtype']} on {report['device']}, {report['seconds']:.1f} s.", "", *_eval_table(report)]  # fmt: skip
+    if report.get("baseline"):
+        lines += ["", f"Against the baseline `{report['baseline']}`, token by token:", "", "```",
+                  *(ln.strip() for ln in baseline_lines(report)), "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
