@@ -5,6 +5,7 @@
     .venv/bin/python bench/quality.py --trainer gpu                     # on a CUDA GPU
     .venv/bin/python bench/quality.py --dump-tokens T.safetensors       # the tokens, for a peer tool
     .venv/bin/python bench/quality.py --judge DIR [DIR ...]             # any checkpoints, one judge
+    .venv/bin/python bench/quality.py --judge A B --baseline C          # ... each paired with C token by token
 
 Every recipe runs the real pipeline (``nvfp4cal.calibrate.run`` on the composed config) with the same
 model, calibration samples and held-out samples (``data.seed``); the quantized perplexity is what the
@@ -80,12 +81,14 @@ def original_dir(model: str) -> str:
     return str(dirs[name](".cache"))
 
 
-def judge_sets(ckpt: str, model: str, data: list[str], device: str = "cpu") -> dict:
-    """Every evaluation set's figures for ``ckpt`` against the original (nvfp4cal-evaluate, fp32)."""
+def judge_sets(ckpt: str, model: str, data: list[str], device: str = "cpu", baseline: str | None = None) -> dict:
+    """Every evaluation set's figures for ``ckpt`` against the original (nvfp4cal-evaluate, fp32); with
+    ``baseline`` (a checkpoint) also its per-token loss difference from that one (``vs_baseline``)."""
     from nvfp4cal.cli.evaluate import evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
-        return evaluate(ckpt, original_dir(model), data, report=tmp, dtype="float32", device=device)["evaluation"]
+        rep = evaluate(ckpt, original_dir(model), data, report=tmp, dtype="float32", device=device, baseline=baseline)
+        return rep["evaluation"]
 
 
 def tokens(model: str, data: list[str]):
@@ -115,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-tokens", help="write the calibration and held-out tokens (safetensors) and stop")
     ap.add_argument("--judge", nargs="*", help="score these checkpoint dirs with our reader instead of calibrating")
     ap.add_argument("--keep", help="keep each recipe's export under this dir (for --judge)")
+    ap.add_argument(
+        "--baseline", help="with --judge: pair every checkpoint's losses with this checkpoint's, token by token"
+    )
     ap.add_argument("--max-row", default="nvfp4_max", help="the row that is max calibration's reference")
     ap.add_argument("--judge-all", action="store_true", help="score every row's export with the judge (fp32)")
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
@@ -133,13 +139,16 @@ def main(argv=None) -> int:
             save_file({"calib": calib.contiguous(), "held_out": held_out.contiguous()}, args.dump_tokens)
             print(f"{args.dump_tokens}: calib {tuple(calib.shape)}, held-out {tuple(held_out.shape)}")
             return 0
-        judged = {c: judge_sets(c, args.model, data, device="cuda" if args.trainer == "gpu" else "cpu")
-                  for c in args.judge}  # fmt: skip
+        device = "cuda" if args.trainer == "gpu" else "cpu"
+        judged = {c: judge_sets(c, args.model, data, device, args.baseline) for c in args.judge}
         names = list(next(iter(judged.values())))
-        head = "| checkpoint | " + " | ".join(f"{n}: ppl | {n}: KL mean" for n in names) + " |"
-        rows = ["| " + c + " | " + " | ".join(f"{e[n]['perplexity']['quantized']:.3f} | {e[n]['kl_mean']:.4f}"
-                                             for n in names) + " |" for c, e in judged.items()]  # fmt: skip
-        table = "\n".join([head, "|" + "---|" * (1 + 2 * len(names)), *rows])
+        vs = bool(args.baseline)
+        head = "| checkpoint | " + " | ".join(f"{n}: ppl | {n}: KL mean" + (f" | {n}: vs baseline" if vs else "")
+                                             for n in names) + " |"  # fmt: skip
+        rows = ["| " + c + " | " + " | ".join(_judged_cells(e[n], vs) for n in names) + " |" for c, e in judged.items()]
+        table = "\n".join([head, "|" + "---|" * (1 + (2 + vs) * len(names)), *rows])
+        if vs:
+            table += f"\n\nvs baseline ({args.baseline}): mean per-token loss difference (log of the perplexity ratio) +- its standard error"
         print(table)
         if args.out:
             Path(args.out).write_text(table + "\n")
@@ -201,6 +210,15 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(table + "\n")
     return 0
+
+
+def _judged_cells(e: dict, vs: bool) -> str:
+    """``ppl | KL mean`` of one set (and ``log ratio +- standard error`` against the baseline)."""
+    cells = f"{e['perplexity']['quantized']:.3f} | {e['kl_mean']:.4f}"
+    if vs:
+        d = e["vs_baseline"]
+        cells += f" | {d['mean_nll_difference']:+.4f} +- {d['standard_error']:.4f}"
+    return cells
 
 
 def judged_table(rows: list[dict], max_row: str) -> list[str]:
