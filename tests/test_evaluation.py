@@ -8,7 +8,7 @@ import torch
 
 from helpers import SMALL, compose, run_calibrate, user_message
 from nvfp4cal.evaluation.compare import Comparison
-from nvfp4cal.evaluation.report import worse_than_max
+from nvfp4cal.evaluation.report import eval_lines, worse_than_max
 
 
 def test_the_original_against_itself():
@@ -87,6 +87,10 @@ def test_the_paired_difference_against_max_is_per_token():
         math.log(r["perplexity"]["quantized"] / r["perplexity"]["max_calibrated"]), abs=1e-6
     )
     assert r["vs_max"]["standard_error"] == pytest.approx(float(d.std() / math.sqrt(22)), rel=1e-5)
+    ppl = r["perplexity"]
+    assert ppl["max_calibrated"] > ppl["original"]  # so the share removed and its standard error exist
+    want = ppl["quantized"] * r["vs_max"]["standard_error"] / (ppl["max_calibrated"] - ppl["original"])
+    assert r["share_removed_standard_error"] == pytest.approx(want, rel=1e-9)
     assert "vs_max" not in c.result(6.0, max_nll[:-1])  # other tokens: no pairing
 
 
@@ -225,3 +229,5 @@ def test_a_run_pairs_its_tokens_with_max(tmp_path):
             math.log(ppl["quantized"] / ppl["max_calibrated"]), abs=1e-6
         )
         assert e["vs_max"]["standard_error"] > 0
+    lines = [ln for ln in eval_lines(res.report) if "increase removed" in ln]
+    assert lines and all(" +- " in ln for ln in lines), lines

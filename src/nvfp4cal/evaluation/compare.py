@@ -11,7 +11,8 @@
 * against max, token by token (where the run kept max's losses on the same tokens): ``d_t = nll_quant,t -
   nll_max,t``, its mean (``log ppl_quant - log ppl_max``) and standard error ``std(d) / sqrt(n)``, so that
   "worse than max" can say how far outside the set's sampling noise it is (tokens of one row are not
-  independent: a rough scale, not a test).
+  independent: a rough scale, not a test); the share removed then carries ``ppl_quant se / (ppl_max -
+  ppl_orig)`` as its standard error (first order in the mean difference).
 
 Logits are compared in fp32; a batch's two logit tensors are used once and dropped (no copy is kept).
 """
@@ -93,7 +94,11 @@ class Comparison:
             rise = max_calibrated - ppl["original"]
             out["share_of_max_increase_removed"] = (max_calibrated - ppl["quantized"]) / rise if rise > 0 else None
         if max_nll is not None and max_nll.numel() == self.tokens:
-            out["vs_max"] = paired(self.token_nll(), max_nll)
+            out["vs_max"] = vs = paired(self.token_nll(), max_nll)
+            ppl = out["perplexity"]
+            rise = ppl["max_calibrated"] - ppl["original"] if "max_calibrated" in ppl else 0.0
+            if rise > 0:  # ppl_quant = ppl_max exp(d): the share's standard error to first order in d
+                out["share_removed_standard_error"] = ppl["quantized"] * vs["standard_error"] / rise
         return out
 
     def token_nll(self) -> torch.Tensor:

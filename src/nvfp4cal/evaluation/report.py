@@ -72,14 +72,22 @@ def baseline_lines(report: dict) -> list[str]:
     return out
 
 
+def _share(e: dict) -> str:
+    """The share of max's increase removed, with its standard error where the run paired the tokens."""
+    se = e.get("share_removed_standard_error")
+    share = f"{e['share_of_max_increase_removed']:.0%}"
+    return share if se is None or not math.isfinite(se) else f"{share} +- {se:.0%}"
+
+
 def eval_lines(report: dict) -> list[str]:
     """One console line per evaluation set."""
     lines = []
     for name, e in (report.get("evaluation") or {}).items():
         p = e["perplexity"]
         chain = " -> ".join(f"{p[k]:.2f}" for k in ("original", "max_calibrated", "quantized") if k in p)
-        share = e.get("share_of_max_increase_removed")
-        removed = f" ({share:.0%} of max's increase removed)" if share is not None else ""
+        removed = (
+            f" ({_share(e)} of max's increase removed)" if e.get("share_of_max_increase_removed") is not None else ""
+        )
         lines.append(f"  eval {name:<6}: ppl {chain}{removed}; KL mean {e['kl_mean']:.4g} p99 {e['kl_p99']:.4g}, "
                      f"top-1 {e['top1_agreement']:.1%} ({e['tokens']} tokens)")  # fmt: skip
     return lines
@@ -92,7 +100,7 @@ def _eval_table(report: dict) -> list[str]:
         p, share = e["perplexity"], e.get("share_of_max_increase_removed")
         mx = f"{p['max_calibrated']:.3f}" if "max_calibrated" in p else "-"
         lines.append(f"| {name} | {e['tokens']} | {p['original']:.3f} | {mx} | {p['quantized']:.3f} | "
-                     f"{'-' if share is None else f'{share:.0%}'} | {e['kl_mean']:.4g} | {e['kl_median']:.4g} | "
+                     f"{'-' if share is None else _share(e)} | {e['kl_mean']:.4g} | {e['kl_median']:.4g} | "
                      f"{e['kl_p99']:.4g} | {e['top1_agreement']:.1%} | {e['rms_delta_p']:.4g} |")  # fmt: skip
     return lines
 
