@@ -56,7 +56,7 @@ PLAIN_MSE_BASELINES = {"nvfp4_mse", "nvfp4_experts_only_mse_fp8_cast_kv"}
 
 
 def test_plain_weight_mse_ships_only_in_its_baselines():
-    """Plain weight MSE was worse than max calibration on MLP weights wherever measured (bench/RESULTS.md,
+    """Plain weight MSE was no better than max calibration on MLP weights wherever measured (bench/RESULTS.md,
     session 14): only its two baseline recipes use it; every other sweep weighs by the calibration data."""
     for recipe in RECIPES:
         method = compose([f"recipe={recipe}"]).recipe.algorithm.method
