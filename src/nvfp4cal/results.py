@@ -101,7 +101,6 @@ class Results:
     sections: dict[str, SweepSummary | GptqSummary | TuneSummary] = field(default_factory=dict)  # algorithms' summaries
     exports: list[dict] = field(default_factory=list)
     perplexity: dict[str, float] = field(default_factory=dict)  # the corpus's held-out rows (top line)
-    max_perplexity: dict[str, float] = field(default_factory=dict)  # evaluation set -> the max-calibrated ppl
     max_token_nll: dict[str, torch.Tensor] = field(default_factory=dict)  # set -> per-token losses under max
     evaluation: dict[str, dict] = field(default_factory=dict)  # evaluation set -> compare.Comparison.result()
     sharding: dict | None = None  # trainer=fsdp: what each rank holds

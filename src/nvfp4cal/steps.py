@@ -67,9 +67,8 @@ EvalSets = dict  # set name -> a callable giving its batches ({"input_ids": [b, 
 
 
 class MaxPerplexity(Step):
-    """Perplexity of the max-calibrated model on every evaluation set (``results.max_perplexity[set]``, and
-    each token's loss, ``results.max_token_nll[set]``, for the paired comparison), before the algorithm
-    changes anything."""
+    """Each token's loss under the max-calibrated model on every evaluation set (``results.max_token_nll[set]``:
+    its perplexity and the paired comparison), before the algorithm changes anything."""
 
     name = "perplexity_max"
 
@@ -78,9 +77,7 @@ class MaxPerplexity(Step):
 
     def run(self, unit, inputs, run):
         for name, batches in self.sets.items():
-            nll = token_nll(unit.module, batches(), "quant")
-            run.results.max_perplexity[name] = perplexity_of(nll)
-            run.results.max_token_nll[name] = nll
+            run.results.max_token_nll[name] = token_nll(unit.module, batches(), "quant")
 
 
 class Evaluate(Step):
@@ -97,8 +94,10 @@ class Evaluate(Step):
             found = self.streamed(unit.module, self.sets, run.ctx)
         else:
             found = {name: compare(unit.module, batches()) for name, batches in self.sets.items()}
-        res = run.results
-        ev = {n: c.result(res.max_perplexity.get(n), res.max_token_nll.get(n)) for n, c in found.items()}
+        ev = {}
+        for n, c in found.items():
+            max_nll = run.results.max_token_nll.get(n)
+            ev[n] = c.result(None if max_nll is None else perplexity_of(max_nll), max_nll)
         run.results.evaluation = ev
         if CORPUS in ev:  # the report's top-line perplexities: the corpus's held-out rows
             run.results.perplexity.update(ev[CORPUS]["perplexity"])

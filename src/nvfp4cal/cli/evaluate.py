@@ -11,8 +11,8 @@ held-out rows, ``code``, your own); the figures are those of :mod:`nvfp4cal.eval
 line per set to the console. ``baseline=``: a second checkpoint of the same model (another recipe, another
 tool) read the same way; each set then also says, token by token, how the checkpoint's loss differs from the
 baseline's (``vs_baseline``: the mean difference, the log of the perplexity ratio, and its standard error),
-so that two close recipes can be told apart from the set's sampling noise. A mistake is one line on stderr and exit code 2, before any model loads
-where it can be checked.
+so that two close recipes can be told apart from the set's sampling noise. A mistake is one line on stderr
+and exit code 2, before any model loads where it can be checked.
 """
 
 from __future__ import annotations

@@ -88,15 +88,13 @@ class Comparison:
             "top1_agreement": self.agree / self.tokens,
             "rms_delta_p": math.sqrt(self.dp_sq / self.tokens),
         }
+        ppl, rise = out["perplexity"], 0.0
         if max_calibrated is not None:
-            ppl = out["perplexity"]
             ppl["max_calibrated"] = max_calibrated
             rise = max_calibrated - ppl["original"]
             out["share_of_max_increase_removed"] = (max_calibrated - ppl["quantized"]) / rise if rise > 0 else None
         if max_nll is not None and max_nll.numel() == self.tokens:
             out["vs_max"] = vs = paired(self.token_nll(), max_nll)
-            ppl = out["perplexity"]
-            rise = ppl["max_calibrated"] - ppl["original"] if "max_calibrated" in ppl else 0.0
             if rise > 0:  # ppl_quant = ppl_max exp(d): the share's standard error to first order in d
                 out["share_removed_standard_error"] = ppl["quantized"] * vs["standard_error"] / rise
         return out

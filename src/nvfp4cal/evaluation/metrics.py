@@ -23,6 +23,8 @@ from ..model.view import weight_quantizers
 from ..numerics.comm import RunContext, local
 from ..numerics.nvfp4 import block_steps, row_chunks
 
+NLL_CHUNK = 1024  # positions per fp32 log-softmax in token_nll (a 50k vocabulary: 200 MB)
+
 
 @torch.no_grad()
 def token_nll(model: nn.Module, batches: Iterable[dict], mode: str) -> torch.Tensor:
@@ -45,9 +47,6 @@ def token_nll(model: nn.Module, batches: Iterable[dict], mode: str) -> torch.Ten
     finally:
         set_mode(model, "off")
     return torch.cat(out) if out else torch.zeros(0)
-
-
-NLL_CHUNK = 1024
 
 
 def perplexity_of(nll: torch.Tensor) -> float:

@@ -66,9 +66,10 @@ def baseline_lines(report: dict) -> list[str]:
         if not vs:
             continue
         d, se = vs["mean_nll_difference"], vs["standard_error"]
-        z = f", {d / se:+.1f} standard errors" if math.isfinite(se) and se > 0 else ""
-        verdict = "within noise" if not z or abs(d / se) < 2 else ("better" if d < 0 else "worse")
-        out.append(f"  vs base {name:<6}: perplexity x{math.exp(d):.4f} (log {d:+.4f} +- {se:.4f}{z}: {verdict})")
+        z = d / se if math.isfinite(se) and se > 0 else None
+        verdict = "within noise" if z is None or abs(z) < 2 else ("better" if d < 0 else "worse")
+        in_se = "" if z is None else f", {z:+.1f} standard errors"
+        out.append(f"  vs base {name:<6}: perplexity x{math.exp(d):.4f} (log {d:+.4f} +- {se:.4f}{in_se}: {verdict})")
     return out
 
 

@@ -199,9 +199,9 @@ def hessian_amax_exhaustive(
     best, live, (amax_k, s_k), h = setup
     if live.numel():
         xb = w.detach().float().reshape(w.shape[0], -1, BLOCK)[:, live].transpose(0, 1)  # [nlive, out, 16]
-        rows = max(1, chunk // live.numel())
+        hl, rows = h[live], max(1, chunk // live.numel())
         for r in range(0, w.shape[0], rows):
-            err = weighted_errors(xb[:, r : r + rows], s_k, h[live])  # [nlive, rows, 126]
+            err = weighted_errors(xb[:, r : r + rows], s_k, hl)  # [nlive, rows, 126]
             best[r : r + rows, live] = amax_k[err.argmin(-1)].transpose(0, 1)  # first minimum: smallest k
     return best.reshape(-1)
 
